@@ -1,0 +1,53 @@
+//! grpc-guard: a proxy-wasm HTTP filter for Envoy and Istio that makes gRPC
+//! failures visible — the final gRPC status of every call as a metric label,
+//! a log field and a filter-state value; per-method call, message, latency and
+//! size metrics under go-grpc-prometheus names; one JSON log line per call.
+//!
+//! The modules below are plain Rust with no knowledge of proxy-wasm, tested
+//! natively. `plugin` is the only glue: it moves data between Envoy's
+//! callbacks and these modules, and is compiled for wasm only.
+//!
+//! What it is not: a gRPC-Web or transcoding filter (`application/grpc-web*`
+//! passes through untouched), nor a replacement for Envoy's router timeouts.
+
+// Untrusted bytes must never trap the VM: a trap takes down every stream on
+// that worker. Tests may unwrap.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
+
+pub mod config;
+pub mod frames;
+pub mod method;
+pub mod metrics;
+pub mod record;
+pub mod status;
+
+#[cfg(target_arch = "wasm32")]
+mod plugin;
+
+/// True for the content types of gRPC over HTTP/2 (`application/grpc`,
+/// `application/grpc+proto`, `application/grpc;…`). gRPC-Web frames trailers
+/// into the body and is left alone.
+pub fn is_grpc_content_type(value: &[u8]) -> bool {
+    const GRPC: &[u8] = b"application/grpc";
+    match value.get(..GRPC.len()) {
+        Some(prefix) if prefix.eq_ignore_ascii_case(GRPC) => {
+            matches!(value.get(GRPC.len()), None | Some(b'+') | Some(b';'))
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_grpc_content_type;
+
+    #[test]
+    fn grpc_content_types_are_recognised_and_grpc_web_is_not() {
+        for ct in ["application/grpc", "application/grpc+proto", "application/grpc;charset=utf-8", "Application/GRPC"] {
+            assert!(is_grpc_content_type(ct.as_bytes()), "{ct}");
+        }
+        for ct in ["application/grpc-web", "application/grpc-web+proto", "application/json", "", "application/grp"] {
+            assert!(!is_grpc_content_type(ct.as_bytes()), "{ct}");
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Stat names for the metrics, in the shape that Envoy's `stats_tags` turn into
+//! Prometheus labels.
+//!
+//! Envoy stores a wasm metric `NAME` as the stat `wasmcustom.NAME` and prints it
+//! in `/stats/prometheus` without the namespace. Labels are carried inside the
+//! name as `.label=value;` segments; the `stats_tags` in `envoy/envoy.yaml` (and
+//! `extraStatTags` under Istio) match each segment with a regex whose first
+//! capture group (the whole segment) is cut from the name and whose second is
+//! the label value. What is left is the go-grpc-prometheus metric name:
+//!
+//! `grpc_server_handled_total.grpc_service=pkg.Svc;.grpc_method=Get;.grpc_type=unary;.grpc_code=OK;`
+//! → `grpc_server_handled_total{grpc_service="pkg.Svc",grpc_method="Get",grpc_type="unary",grpc_code="OK"}`
+//!
+//! Label values never contain `;` or `=`: method names are validated
+//! ([`crate::method::MethodPath`]) and the rest are fixed words.
+
+use crate::config::Direction;
+use crate::status::GrpcStatus;
+
+/// Labels every per-method metric carries.
+pub const LABELS: [&str; 4] = ["grpc_service", "grpc_method", "grpc_type", "grpc_code"];
+
+/// The per-method metrics, one family each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// Counter: calls started.
+    Started,
+    /// Counter with `grpc_code`: calls finished.
+    Handled,
+    /// Counter: messages from the client.
+    MsgFromClient,
+    /// Counter: messages to the client.
+    MsgToClient,
+    /// Histogram (ms): from request headers to end of the call.
+    HandlingMs,
+    /// Histogram (bytes): size of each request message.
+    RequestBytes,
+    /// Histogram (bytes): size of each response message.
+    ResponseBytes,
+}
+
+impl Family {
+    pub const ALL: [Family; 7] = [
+        Family::Started,
+        Family::Handled,
+        Family::MsgFromClient,
+        Family::MsgToClient,
+        Family::HandlingMs,
+        Family::RequestBytes,
+        Family::ResponseBytes,
+    ];
+
+    pub fn is_histogram(self) -> bool {
+        matches!(self, Family::HandlingMs | Family::RequestBytes | Family::ResponseBytes)
+    }
+
+    /// The Prometheus name. go-grpc-prometheus counts from the process's side:
+    /// a server receives the client's messages, a client sends them.
+    pub fn name(self, direction: Direction) -> &'static str {
+        use Direction::{Inbound, Outbound};
+        match (self, direction) {
+            (Family::Started, Inbound) => "grpc_server_started_total",
+            (Family::Started, Outbound) => "grpc_client_started_total",
+            (Family::Handled, Inbound) => "grpc_server_handled_total",
+            (Family::Handled, Outbound) => "grpc_client_handled_total",
+            (Family::MsgFromClient, Inbound) => "grpc_server_msg_received_total",
+            (Family::MsgFromClient, Outbound) => "grpc_client_msg_sent_total",
+            (Family::MsgToClient, Inbound) => "grpc_server_msg_sent_total",
+            (Family::MsgToClient, Outbound) => "grpc_client_msg_received_total",
+            (Family::HandlingMs, Inbound) => "grpc_server_handling_milliseconds",
+            (Family::HandlingMs, Outbound) => "grpc_client_handling_milliseconds",
+            (Family::RequestBytes, Inbound) => "grpc_server_request_bytes",
+            (Family::RequestBytes, Outbound) => "grpc_client_request_bytes",
+            (Family::ResponseBytes, Inbound) => "grpc_server_response_bytes",
+            (Family::ResponseBytes, Outbound) => "grpc_client_response_bytes",
+        }
+    }
+}
+
+/// The label values of one method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MethodLabels<'a> {
+    pub service: &'a str,
+    pub method: &'a str,
+    pub grpc_type: &'a str,
+}
+
+/// The stat name for `family` of a method; `code` only for [`Family::Handled`].
+pub fn stat_name(direction: Direction, family: Family, labels: MethodLabels<'_>, code: Option<GrpcStatus>) -> String {
+    let mut name = String::with_capacity(96);
+    name.push_str(family.name(direction));
+    let values = [Some(labels.service), Some(labels.method), Some(labels.grpc_type), code.map(GrpcStatus::go_name)];
+    for (label, value) in LABELS.iter().zip(values) {
+        if let Some(value) = value {
+            name.push('.');
+            name.push_str(label);
+            name.push('=');
+            name.push_str(value);
+            name.push(';');
+        }
+    }
+    name
+}
+
+/// Guard counters without labels.
+pub mod guard {
+    /// Configurations the plugin refused (it logs the field and does not start).
+    pub const CONFIG_REJECTED: &str = "grpc_guard_config_rejected_total";
+    /// Request bodies that were not gRPC frames (answered INTERNAL).
+    pub const BAD_FRAMES: &str = "grpc_guard_bad_frames_total";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LABELS_ECHO: MethodLabels<'static> =
+        MethodLabels { service: "grpcguard.demo.v1.Demo", method: "Echo", grpc_type: "unary" };
+
+    #[test]
+    fn handled_stat_name_carries_every_label_as_a_segment() {
+        assert_eq!(
+            stat_name(Direction::Inbound, Family::Handled, LABELS_ECHO, Some(GrpcStatus::Unavailable)),
+            "grpc_server_handled_total.grpc_service=grpcguard.demo.v1.Demo;.grpc_method=Echo;.grpc_type=unary;.grpc_code=Unavailable;"
+        );
+    }
+
+    #[test]
+    fn outbound_uses_client_names_and_swaps_message_direction() {
+        assert_eq!(Family::MsgFromClient.name(Direction::Outbound), "grpc_client_msg_sent_total");
+        assert_eq!(Family::MsgToClient.name(Direction::Outbound), "grpc_client_msg_received_total");
+        assert_eq!(
+            stat_name(Direction::Outbound, Family::Started, LABELS_ECHO, None),
+            "grpc_client_started_total.grpc_service=grpcguard.demo.v1.Demo;.grpc_method=Echo;.grpc_type=unary;"
+        );
+    }
+
+    #[test]
+    fn every_family_has_distinct_names_per_direction() {
+        let mut names: Vec<&str> =
+            Family::ALL.iter().flat_map(|f| [f.name(Direction::Inbound), f.name(Direction::Outbound)]).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Family::ALL.len() * 2);
+    }
+}

@@ -1,0 +1,419 @@
+//! The proxy-wasm adapter: Envoy's callbacks in, host calls out. Decisions are
+//! made by the host-free modules; this file only fetches what they need and
+//! carries out what they decide.
+//!
+//! Host calls cost a VM crossing each, so per call it reads only the headers it
+//! uses, frame prefixes (never whole bodies), and defines each metric once per
+//! method per worker.
+//!
+//! The SDK's `hostcalls` panic on host statuses they do not expect; every call
+//! here is made only in the callbacks where Envoy accepts it, and header values
+//! are read as bytes (the `String` variants unwrap UTF-8 from the network).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::UNIX_EPOCH;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+
+use crate::config::{Config, Direction, MethodType};
+use crate::frames::{Frame, FrameReader};
+use crate::method::{Admission, AdmittedMethods, MethodPath, OTHER};
+use crate::metrics::{guard, stat_name, Family, MethodLabels};
+use crate::record::{cap, CallRecord, Sampler};
+use crate::status::{GrpcStatus, ResetSide, ResponseSeen};
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { worker: None }) });
+}}
+
+/// Filter-state key (`%FILTER_STATE(wasm.grpc_guard.grpc_code:PLAIN)%` in an
+/// Envoy access log) holding the final status name of the call.
+const STATUS_PROPERTY: &str = "grpc_guard.grpc_code";
+
+/// How often a worker retries the compare-and-swap of the method table before
+/// folding the method into `other` for this call.
+const CAS_ATTEMPTS: usize = 8;
+
+struct Root {
+    worker: Option<Rc<Worker>>,
+}
+
+/// Per-VM (per Envoy worker thread) state shared by all its streams.
+struct Worker {
+    config: Config,
+    methods: RefCell<Methods>,
+    sampler: RefCell<Sampler>,
+}
+
+/// The metric ids of one labelled method (or of `other`).
+struct Slot {
+    service: String,
+    method: String,
+    grpc_type: MethodType,
+    ids: [Option<u32>; Family::ALL.len()],
+    handled: [Option<u32>; GrpcStatus::ALL.len()],
+}
+
+impl Slot {
+    fn new(service: &str, method: &str, grpc_type: MethodType) -> Slot {
+        Slot {
+            service: service.to_owned(),
+            method: method.to_owned(),
+            grpc_type,
+            ids: [None; Family::ALL.len()],
+            handled: [None; GrpcStatus::ALL.len()],
+        }
+    }
+
+    /// The metric id for `family` (and `code` for `Handled`), defined on first use.
+    fn metric(&mut self, direction: Direction, family: Family, code: Option<GrpcStatus>) -> Option<u32> {
+        let cell = match code {
+            Some(code) => self.handled.get_mut(code.code() as usize)?,
+            None => self.ids.get_mut(Family::ALL.iter().position(|f| *f == family)?)?,
+        };
+        if cell.is_none() {
+            let labels =
+                MethodLabels { service: &self.service, method: &self.method, grpc_type: self.grpc_type.as_str() };
+            let kind = if family.is_histogram() { MetricType::Histogram } else { MetricType::Counter };
+            *cell = hostcalls::define_metric(kind, &stat_name(direction, family, labels, code)).ok();
+        }
+        *cell
+    }
+}
+
+/// The worker's view of which methods have their own labels. Slot 0 is `other`.
+struct Methods {
+    by_path: HashMap<String, usize>,
+    slots: Vec<Slot>,
+    /// The shared table was full when last read: it only grows, so no new
+    /// method can be admitted any more and misses need no host call.
+    full: bool,
+}
+
+impl Methods {
+    fn new() -> Methods {
+        Methods { by_path: HashMap::new(), slots: vec![Slot::new(OTHER, OTHER, MethodType::Unary)], full: false }
+    }
+
+    /// The slot for a request path: its own, or `other` (0).
+    fn slot_for(&mut self, config: &Config, path: &str) -> usize {
+        if let Some(&slot) = self.by_path.get(path) {
+            return slot;
+        }
+        let Some(parsed) = MethodPath::parse(path) else { return 0 };
+        let full_name = parsed.full_name();
+        if self.full || !config.method_allowed(&full_name) || !self.admit(config, &full_name) {
+            return 0;
+        }
+        let grpc_type = config.method_type(&full_name);
+        self.slots.push(Slot::new(parsed.service, parsed.method, grpc_type));
+        let slot = self.slots.len() - 1;
+        self.by_path.insert(path.to_owned(), slot);
+        slot
+    }
+
+    /// Admits `full_name` into the table all workers share (compare-and-swap).
+    fn admit(&mut self, config: &Config, full_name: &str) -> bool {
+        let key = match config.direction {
+            Direction::Inbound => "grpc_guard.methods.inbound",
+            Direction::Outbound => "grpc_guard.methods.outbound",
+        };
+        for _ in 0..CAS_ATTEMPTS {
+            let Ok((bytes, cas)) = hostcalls::get_shared_data(key) else { return false };
+            let table = AdmittedMethods::from_bytes(bytes.as_deref().unwrap_or_default());
+            match table.admit(full_name, config.max_methods) {
+                Admission::Known => return true,
+                Admission::Full => {
+                    self.full = true;
+                    return false;
+                }
+                // A missing key has no cas; 0 would mean "no check", so a race
+                // on the very first method is settled by the next read.
+                Admission::Store(new) => match hostcalls::set_shared_data(key, Some(&new), cas) {
+                    Ok(()) => return true,
+                    Err(Status::CasMismatch) => continue,
+                    Err(_) => return false,
+                },
+            }
+        }
+        false
+    }
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        let bytes =
+            hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten().unwrap_or_default();
+        match Config::parse(&bytes) {
+            Ok(config) => {
+                let sampler = Sampler::new(config.ok_sample);
+                self.worker = Some(Rc::new(Worker {
+                    config,
+                    methods: RefCell::new(Methods::new()),
+                    sampler: RefCell::new(sampler),
+                }));
+                true
+            }
+            Err(e) => {
+                let _ = hostcalls::log(LogLevel::Error, &e.to_string());
+                if let Ok(id) = hostcalls::define_metric(MetricType::Counter, guard::CONFIG_REJECTED) {
+                    let _ = hostcalls::increment_metric(id, 1);
+                }
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let worker = self.worker.clone()?;
+        Some(Box::new(Stream { worker, call: None }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+/// One HTTP stream. `call` is `None` for non-gRPC traffic, which every
+/// callback then passes straight through.
+struct Stream {
+    worker: Rc<Worker>,
+    call: Option<Call>,
+}
+
+/// The per-call state, created at request headers and consumed at log time.
+struct Call {
+    path: String,
+    slot: usize,
+    streaming: bool,
+    start_ns: u64,
+    request_id: Option<String>,
+    request: FrameReader,
+    response: FrameReader,
+    /// Messages already added to the message counters (streams flush as they go).
+    counted_req: u64,
+    counted_resp: u64,
+    seen: ResponseSeen,
+    status_tagged: bool,
+}
+
+fn now_ns() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+fn header(map: MapType, name: &str) -> Option<Vec<u8>> {
+    hostcalls::get_map_value_bytes(map, name).ok().flatten()
+}
+
+fn header_text(map: MapType, name: &str) -> Option<String> {
+    header(map, name).map(|v| String::from_utf8_lossy(&v).into_owned())
+}
+
+impl Stream {
+    fn with_slot<T>(&self, slot: usize, f: impl FnOnce(&mut Slot, Direction) -> T) -> Option<T> {
+        let mut methods = self.worker.methods.borrow_mut();
+        let direction = self.worker.config.direction;
+        methods.slots.get_mut(slot).map(|s| f(s, direction))
+    }
+
+    fn increment(&self, slot: usize, family: Family, code: Option<GrpcStatus>, by: u64) {
+        if by == 0 {
+            return;
+        }
+        if let Some(Some(id)) = self.with_slot(slot, |s, d| s.metric(d, family, code)) {
+            let _ = hostcalls::increment_metric(id, i64::try_from(by).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn record(&self, slot: usize, family: Family, value: u64) {
+        if let Some(Some(id)) = self.with_slot(slot, |s, d| s.metric(d, family, None)) {
+            let _ = hostcalls::record_metric(id, value);
+        }
+    }
+
+    /// Adds the messages read since the last flush to the message counters.
+    fn flush_message_counts(&mut self) {
+        let Some(call) = self.call.as_mut() else { return };
+        let (slot, req, resp) = (call.slot, call.request.messages(), call.response.messages());
+        let (new_req, new_resp) = (req - call.counted_req, resp - call.counted_resp);
+        call.counted_req = req;
+        call.counted_resp = resp;
+        self.increment(slot, Family::MsgFromClient, None, new_req);
+        self.increment(slot, Family::MsgToClient, None, new_resp);
+    }
+
+    /// Writes the final status name into filter state as soon as it is known,
+    /// so an access log running before this filter's own log callback sees it.
+    fn tag_status(&mut self) {
+        let Some(call) = self.call.as_mut() else { return };
+        if call.status_tagged {
+            return;
+        }
+        let status = call.seen.trailer_status.or(call.seen.header_status);
+        if let Some(status) = status {
+            call.status_tagged = true;
+            let _ = hostcalls::set_property(vec![STATUS_PROPERTY], Some(status.go_name().as_bytes()));
+        }
+    }
+
+    /// Reads the next body chunk of one direction.
+    fn read_frames(&mut self, buffer: BufferType, chunk_len: usize) -> Result<(), crate::frames::FrameError> {
+        let Some(call) = self.call.as_mut() else { return Ok(()) };
+        let (reader, family) = match buffer {
+            BufferType::HttpRequestBody => (&mut call.request, Family::RequestBytes),
+            _ => (&mut call.response, Family::ResponseBytes),
+        };
+        let mut sizes: Vec<u32> = Vec::new();
+        let result = reader.advance(
+            chunk_len,
+            |offset, len| hostcalls::get_buffer(buffer, offset, len).ok().flatten(),
+            |frame: Frame| sizes.push(frame.len),
+        );
+        let (slot, streaming) = (call.slot, call.streaming);
+        for size in sizes {
+            self.record(slot, family, u64::from(size));
+        }
+        if streaming {
+            self.flush_message_counts();
+        }
+        result
+    }
+
+    fn finish(&mut self) {
+        self.flush_message_counts();
+        let Some(call) = self.call.take() else { return };
+        let (status, source) = call.seen.final_status(|| {
+            let details = hostcalls::get_property(vec!["response", "code_details"]).ok().flatten();
+            ResetSide::from_code_details(&String::from_utf8_lossy(&details.unwrap_or_default()))
+        });
+        if !call.status_tagged {
+            let _ = hostcalls::set_property(vec![STATUS_PROPERTY], Some(status.go_name().as_bytes()));
+        }
+        let duration_ms = now_ns().saturating_sub(call.start_ns) / 1_000_000;
+        self.increment(call.slot, Family::Handled, Some(status), 1);
+        self.record(call.slot, Family::HandlingMs, duration_ms);
+
+        let log = status != GrpcStatus::Ok || self.worker.sampler.borrow_mut().sample();
+        if !log {
+            return;
+        }
+        let config = &self.worker.config;
+        let (service, method, full_name) = match MethodPath::parse(&call.path) {
+            Some(m) => (m.service.to_owned(), m.method.to_owned(), m.full_name()),
+            None => (String::new(), cap(&call.path), String::new()),
+        };
+        let record = CallRecord {
+            direction: config.direction,
+            service,
+            method,
+            grpc_type: config.method_type(&full_name).as_str(),
+            status,
+            status_source: source,
+            http_status: call.seen.http_status.unwrap_or(0),
+            duration_ms,
+            req_msgs: call.request.messages(),
+            req_bytes: call.request.message_bytes(),
+            resp_msgs: call.response.messages(),
+            resp_bytes: call.response.message_bytes(),
+            request_id: call.request_id,
+        };
+        let _ = hostcalls::log(LogLevel::Info, &record.to_json());
+    }
+}
+
+impl Context for Stream {}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let is_grpc =
+            header(MapType::HttpRequestHeaders, "content-type").is_some_and(|ct| crate::is_grpc_content_type(&ct));
+        if !is_grpc {
+            return Action::Continue;
+        }
+        let path = header_text(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
+        let config = &self.worker.config;
+        let slot = self.worker.methods.borrow_mut().slot_for(config, &path);
+        let streaming = self.with_slot(slot, |s, _| s.grpc_type != MethodType::Unary).unwrap_or(false);
+        let request_id = header_text(MapType::HttpRequestHeaders, &config.request_id_header).map(|v| cap(&v));
+        self.call = Some(Call {
+            path,
+            slot,
+            streaming,
+            start_ns: now_ns(),
+            request_id,
+            request: FrameReader::default(),
+            response: FrameReader::default(),
+            counted_req: 0,
+            counted_resp: 0,
+            seen: ResponseSeen::default(),
+            status_tagged: false,
+        });
+        self.increment(slot, Family::Started, None, 1);
+        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+        if self.call.is_none() {
+            return Action::Continue;
+        }
+        if let Err(e) = self.read_frames(BufferType::HttpRequestBody, body_size) {
+            if let Ok(id) = hostcalls::define_metric(MetricType::Counter, guard::BAD_FRAMES) {
+                let _ = hostcalls::increment_metric(id, 1);
+            }
+            let message = format!("grpc-guard: request body is not gRPC: {e}");
+            let _ = hostcalls::send_http_response(
+                200,
+                vec![("content-type", "application/grpc"), ("grpc-status", "13"), ("grpc-message", message.as_str())],
+                None,
+            );
+            return Action::Pause;
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let Some(call) = self.call.as_mut() else { return Action::Continue };
+        call.seen.http_status = header(MapType::HttpResponseHeaders, ":status")
+            .and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()));
+        call.seen.header_status =
+            header(MapType::HttpResponseHeaders, "grpc-status").and_then(|v| GrpcStatus::from_header(&v));
+        call.seen.complete |= end_of_stream;
+        self.tag_status();
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.call.is_none() {
+            return Action::Continue;
+        }
+        // A response that is not framed is not ours to fix; counting stops.
+        let _ = self.read_frames(BufferType::HttpResponseBody, body_size);
+        if let Some(call) = self.call.as_mut() {
+            call.seen.complete |= end_of_stream;
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        let Some(call) = self.call.as_mut() else { return Action::Continue };
+        call.seen.trailer_status =
+            header(MapType::HttpResponseTrailers, "grpc-status").and_then(|v| GrpcStatus::from_header(&v));
+        call.seen.complete = true;
+        self.tag_status();
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        self.finish();
+    }
+}
