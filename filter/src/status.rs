@@ -146,11 +146,18 @@ pub enum ResetSide {
 
 impl ResetSide {
     /// Classifies Envoy's `response.code_details` for a stream that ended
-    /// without a final status. Envoy writes `downstream_remote_disconnect` (and
-    /// similar `downstream_*` details) when the client left, and
-    /// `upstream_reset_*` / `no_healthy_upstream` / `via_upstream` otherwise.
+    /// without a final status. Upstream failures carry `upstream` in their
+    /// details (`upstream_reset_before_response_started{…}`,
+    /// `upstream_reset_after_response_started{…}`, `no_healthy_upstream`).
+    /// A client that resets its stream shows up as the downstream codec's
+    /// details (observed on Envoy 1.40: `http2.remote_reset`, flag `DR`) or as
+    /// `downstream_*`. Anything else counts against the upstream, the side a
+    /// client would retry.
     pub fn from_code_details(details: &str) -> ResetSide {
-        if details.starts_with("downstream") || details.contains("client_disconnected") {
+        const DOWNSTREAM: [&str; 5] = ["downstream", "http1.", "http2.", "http3.", "codec"];
+        if details.contains("upstream") {
+            ResetSide::Upstream
+        } else if DOWNSTREAM.iter().any(|prefix| details.starts_with(prefix)) {
             ResetSide::Downstream
         } else {
             ResetSide::Upstream
@@ -294,6 +301,11 @@ mod tests {
     #[test]
     fn envoy_code_details_tell_who_reset() {
         assert_eq!(ResetSide::from_code_details("downstream_remote_disconnect"), ResetSide::Downstream);
+        assert_eq!(ResetSide::from_code_details("http2.remote_reset"), ResetSide::Downstream);
+        assert_eq!(
+            ResetSide::from_code_details("upstream_reset_after_response_started{remote_reset}"),
+            ResetSide::Upstream
+        );
         assert_eq!(
             ResetSide::from_code_details("upstream_reset_before_response_started{connection_failure}"),
             ResetSide::Upstream

@@ -1,0 +1,59 @@
+# grpc-guard: the one entry point. What CI runs (`make test`) is what a user runs.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# Build outputs live outside the clone so a fresh clone reuses earlier builds.
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/grpc-guard/target
+CARGO ?= cargo
+WASM := $(CARGO_TARGET_DIR)/wasm32-wasip1/release/grpc_guard.wasm
+ENVOY := $(CURDIR)/.venv/bin/envoy
+# Seconds `make run` keeps serving after the demo traffic; empty = until Ctrl-C.
+RUN_SECONDS ?=
+PLUGIN_CONFIG ?= {}
+
+export GRPC_GUARD_WASM := $(WASM)
+export GRPC_GUARD_ENVOY := $(ENVOY)
+
+.PHONY: help setup wasm run demo test lint unit e2e clean
+
+help:
+	@echo "make run     build the filter, start the demo service behind Envoy, send demo traffic, show metrics and logs"
+	@echo "make demo    the same, for 10 seconds, then exit (non-interactive)"
+	@echo "make test    install what is missing, then lint and run every test"
+	@echo "make wasm    build the release filter: $(WASM)"
+	@echo "make clean   remove build outputs and .venv"
+
+setup:
+	@scripts/setup.sh
+
+wasm: setup
+	$(CARGO) build -p grpc-guard-filter --target wasm32-wasip1 --release
+	@echo "filter: $(WASM) ($$(stat -c %s $(WASM)) bytes)"
+
+run: wasm
+	$(CARGO) build -p grpc-guard-demo --bins
+	$(CARGO_TARGET_DIR)/debug/grpc-guard-run --envoy $(ENVOY) --wasm $(WASM) \
+		--plugin-config '$(PLUGIN_CONFIG)' $(if $(RUN_SECONDS),--seconds $(RUN_SECONDS))
+
+demo:
+	$(MAKE) run RUN_SECONDS=10
+
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p grpc-guard-filter --target wasm32-wasip1 --release -- -D warnings
+
+unit: setup
+	$(CARGO) test -p grpc-guard-filter -p grpc-guard-demo
+
+# The wasmtime host tests and the end-to-end tests load the release .wasm.
+e2e: wasm
+	$(CARGO) test -p grpc-guard-tests
+
+test: lint wasm
+	$(CARGO) test --workspace
+	@echo "make test: all passed"
+
+clean:
+	$(CARGO) clean
+	rm -rf .venv .run

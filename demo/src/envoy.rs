@@ -1,0 +1,260 @@
+//! Runs the real Envoy with grpc-guard from `envoy/envoy.yaml`: renders the
+//! template, starts the process, waits until it is ready, reads its admin
+//! endpoint and its logs, and stops it when dropped. Used by `make run` and by
+//! the end-to-end tests, so both run exactly the configuration a user deploys.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+/// The shipped Envoy configuration template.
+pub const TEMPLATE: &str = include_str!("../../envoy/envoy.yaml");
+
+/// Marker Envoy puts in front of every message a wasm plugin logs.
+const WASM_LOG_MARKER: &str = "wasm log grpc_guard grpc_guard grpc_guard: ";
+
+#[derive(Debug, Error)]
+pub enum EnvoyError {
+    #[error("envoy template placeholder {0} was left unfilled")]
+    Unfilled(String),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("envoy exited with {status} before it was ready; last log lines:\n{log_tail}")]
+    Exited { status: String, log_tail: String },
+    #[error("envoy was not ready after {0:?}; last log lines:\n{1}")]
+    NotReady(Duration, String),
+    #[error("admin endpoint {path}: {reason}")]
+    Admin { path: String, reason: String },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> EnvoyError {
+    let what = what.into();
+    move |source| EnvoyError::Io { what, source }
+}
+
+/// The values filled into the template.
+#[derive(Clone, Debug)]
+pub struct EnvoyParams {
+    pub listen_port: u16,
+    pub admin_port: u16,
+    pub upstream: SocketAddr,
+    /// A port where nothing listens, for the demo's "upstream down" route.
+    pub down_port: u16,
+    pub wasm: PathBuf,
+    /// The filter's JSON configuration.
+    pub plugin_config: String,
+}
+
+impl EnvoyParams {
+    /// Parameters on free loopback ports for an upstream at `upstream`.
+    pub fn on_free_ports(upstream: SocketAddr, wasm: PathBuf, plugin_config: &str) -> Result<EnvoyParams, EnvoyError> {
+        Ok(EnvoyParams {
+            listen_port: free_port()?,
+            admin_port: free_port()?,
+            upstream,
+            down_port: free_port()?,
+            wasm,
+            plugin_config: plugin_config.to_owned(),
+        })
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.listen_port))
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.admin_port))
+    }
+
+    /// The template with every placeholder filled.
+    pub fn render(&self, template: &str) -> Result<String, EnvoyError> {
+        // The plugin configuration sits in a single-quoted YAML scalar, where a
+        // quote is written twice.
+        let plugin_config = self.plugin_config.replace('\'', "''");
+        let values = [
+            ("{{LISTEN_PORT}}", self.listen_port.to_string()),
+            ("{{ADMIN_PORT}}", self.admin_port.to_string()),
+            ("{{UPSTREAM_HOST}}", self.upstream.ip().to_string()),
+            ("{{UPSTREAM_PORT}}", self.upstream.port().to_string()),
+            ("{{DOWN_PORT}}", self.down_port.to_string()),
+            ("{{WASM_PATH}}", self.wasm.display().to_string()),
+            ("{{PLUGIN_CONFIG}}", plugin_config),
+        ];
+        let mut out = template.to_owned();
+        for (key, value) in values {
+            out = out.replace(key, &value);
+        }
+        match out.find("{{") {
+            Some(at) => Err(EnvoyError::Unfilled(out[at..].chars().take_while(|c| *c != '}').collect())),
+            None => Ok(out),
+        }
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> Result<u16, EnvoyError> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("binding a free port"))?;
+    Ok(listener.local_addr().map_err(io("reading a bound port"))?.port())
+}
+
+/// A running Envoy, killed on drop.
+pub struct Envoy {
+    child: Child,
+    params: EnvoyParams,
+    dir: PathBuf,
+}
+
+impl Envoy {
+    /// Writes the rendered config and starts `binary` with `concurrency` worker
+    /// threads; waits until `/ready` answers, or fails with the log's tail.
+    pub fn start(binary: &Path, params: EnvoyParams, concurrency: u32, dir: &Path) -> Result<Envoy, EnvoyError> {
+        fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        let config = dir.join("envoy.yaml");
+        fs::write(&config, params.render(TEMPLATE)?).map_err(io(format!("writing {}", config.display())))?;
+        let stdout = fs::File::create(dir.join("access.log")).map_err(io("creating access.log"))?;
+        let stderr = fs::File::create(dir.join("envoy.log")).map_err(io("creating envoy.log"))?;
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&config)
+            .args(["--concurrency", &concurrency.to_string()])
+            .arg("--disable-hot-restart")
+            .args(["--log-level", "info"])
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .map_err(io(format!("starting {}", binary.display())))?;
+        let mut envoy = Envoy { child, params, dir: dir.to_owned() };
+        envoy.wait_ready(Duration::from_secs(60))?;
+        Ok(envoy)
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<(), EnvoyError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(EnvoyError::Exited { status: status.to_string(), log_tail: self.log_tail(20) });
+            }
+            if self.admin_get("/ready").is_ok_and(|body| body.trim() == "LIVE") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(EnvoyError::NotReady(timeout, self.log_tail(20)));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn params(&self) -> &EnvoyParams {
+        &self.params
+    }
+
+    /// `http://127.0.0.1:LISTEN_PORT`, for gRPC clients.
+    pub fn grpc_uri(&self) -> String {
+        format!("http://{}", self.params.listen_addr())
+    }
+
+    /// GET on the admin endpoint; the body of a 200 answer.
+    pub fn admin_get(&self, path: &str) -> Result<String, EnvoyError> {
+        let err = |reason: String| EnvoyError::Admin { path: path.to_owned(), reason };
+        let mut stream = TcpStream::connect(self.params.admin_addr()).map_err(|e| err(e.to_string()))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| err(e.to_string()))?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .map_err(|e| err(e.to_string()))?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).map_err(|e| err(e.to_string()))?;
+        let text = String::from_utf8_lossy(&response);
+        let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| err("no HTTP header end".into()))?;
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(err(head.lines().next().unwrap_or_default().to_owned()));
+        }
+        let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+        Ok(if chunked { dechunk(body) } else { body.to_owned() })
+    }
+
+    /// The Prometheus exposition Envoy serves.
+    pub fn prometheus(&self) -> Result<String, EnvoyError> {
+        self.admin_get("/stats/prometheus")
+    }
+
+    /// Every JSON line grpc-guard logged so far.
+    pub fn call_logs(&self) -> Vec<String> {
+        self.log_lines().filter_map(|l| l.split_once(WASM_LOG_MARKER).map(|(_, json)| json.to_owned())).collect()
+    }
+
+    /// Envoy's own log (stderr).
+    pub fn log_lines(&self) -> impl Iterator<Item = String> {
+        fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default().lines().map(str::to_owned).collect::<Vec<_>>().into_iter()
+    }
+
+    /// The access log (stdout).
+    pub fn access_log_lines(&self) -> Vec<String> {
+        fs::read_to_string(self.dir.join("access.log")).unwrap_or_default().lines().map(str::to_owned).collect()
+    }
+
+    fn log_tail(&self, n: usize) -> String {
+        let lines: Vec<String> = self.log_lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Decodes an HTTP/1.1 chunked body.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> EnvoyParams {
+        EnvoyParams {
+            listen_port: 1,
+            admin_port: 2,
+            upstream: "127.0.0.1:3".parse().unwrap(),
+            down_port: 4,
+            wasm: "/x/grpc_guard.wasm".into(),
+            plugin_config: r#"{"log":{"request_id_header":"it's"}}"#.into(),
+        }
+    }
+
+    #[test]
+    fn template_renders_with_every_placeholder_filled() {
+        let yaml = params().render(TEMPLATE).unwrap();
+        assert!(!yaml.contains("{{"));
+        assert!(yaml.contains(r#"value: '{"log":{"request_id_header":"it''s"}}'"#));
+        assert!(yaml.contains("port_value: 2 }"));
+    }
+
+    #[test]
+    fn unknown_placeholder_is_reported() {
+        let err = params().render("a: {{NOPE}}").unwrap_err();
+        assert!(err.to_string().contains("{{NOPE"), "{err}");
+    }
+
+    #[test]
+    fn chunked_bodies_are_joined() {
+        assert_eq!(dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");
+    }
+}

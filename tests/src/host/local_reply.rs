@@ -1,0 +1,147 @@
+//! What Envoy answers the client when a filter calls
+//! `proxy_send_local_response` (Envoy `Http::Utility::sendLocalReply`).
+
+use super::abi::Pairs;
+use super::stream::{add, first_value};
+
+/// A reply the filter sent instead of letting the stream reach the upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    /// The HTTP status the filter asked for (a gRPC reply still goes out as
+    /// `:status: 200`, see [`LocalReply::response_headers`]).
+    pub http_status: u32,
+    /// The response code details, with whitespace replaced by `_` as Envoy
+    /// does before recording them.
+    pub details: String,
+    pub body: Vec<u8>,
+    /// The extra headers the filter passed, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    /// `None` when the filter passed a value outside 0..=16 (the SDK's `-1`).
+    pub grpc_status: Option<i32>,
+}
+
+impl LocalReply {
+    pub(crate) fn new(http_status: u32, details: &[u8], body: &[u8], headers: &Pairs, grpc_status: i32) -> LocalReply {
+        let details =
+            String::from_utf8_lossy(details).chars().map(|c| if c.is_whitespace() { '_' } else { c }).collect();
+        LocalReply {
+            http_status,
+            details,
+            body: body.to_vec(),
+            headers: headers
+                .iter()
+                .map(|(name, value)| {
+                    (String::from_utf8_lossy(name).to_ascii_lowercase(), String::from_utf8_lossy(value).into_owned())
+                })
+                .collect(),
+            grpc_status: (0..=16).contains(&grpc_status).then_some(grpc_status),
+        }
+    }
+
+    /// The response Envoy sends: for a gRPC request a trailers-only response
+    /// (`:status: 200`, `grpc-status`, `grpc-message` carrying the body) with
+    /// no body; otherwise the HTTP status with the body as `text/plain`.
+    pub(crate) fn response(&self, request_headers: &Pairs) -> (Pairs, Vec<u8>) {
+        let mut headers = Pairs::new();
+        let body = if is_grpc(request_headers) {
+            let grpc_status = self.grpc_status.unwrap_or_else(|| grpc_status_for_http(self.http_status));
+            add(&mut headers, b":status", b"200");
+            add(&mut headers, b"content-type", b"application/grpc");
+            add(&mut headers, b"grpc-status", grpc_status.to_string().as_bytes());
+            if !self.body.is_empty() {
+                add(&mut headers, b"grpc-message", &percent_encode(&self.body));
+            }
+            Vec::new()
+        } else {
+            add(&mut headers, b":status", self.http_status.to_string().as_bytes());
+            if !self.body.is_empty() {
+                add(&mut headers, b"content-length", self.body.len().to_string().as_bytes());
+                add(&mut headers, b"content-type", b"text/plain");
+            }
+            self.body.clone()
+        };
+        for (name, value) in &self.headers {
+            add(&mut headers, name.as_bytes(), value.as_bytes());
+        }
+        (headers, body)
+    }
+}
+
+/// Envoy `Grpc::Common::hasGrpcContentType`.
+fn is_grpc(request_headers: &Pairs) -> bool {
+    first_value(request_headers, b"content-type").is_some_and(|value| {
+        value == b"application/grpc"
+            || value.starts_with(b"application/grpc+")
+            || value.starts_with(b"application/grpc;")
+    })
+}
+
+/// Envoy `Grpc::Utility::httpToGrpcStatus`, after gRPC's
+/// doc/http-grpc-status-mapping.md.
+fn grpc_status_for_http(http_status: u32) -> i32 {
+    match http_status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
+/// gRPC PROTOCOL-HTTP2: `grpc-message` is percent-encoded outside
+/// printable ASCII, and `%` itself.
+fn percent_encode(message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len());
+    for byte in message {
+        if (0x20..=0x7e).contains(byte) && *byte != b'%' {
+            out.push(*byte);
+        } else {
+            out.extend_from_slice(format!("%{byte:02X}").as_bytes());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(list: &[(&str, &str)]) -> Pairs {
+        list.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect()
+    }
+
+    #[test]
+    fn a_grpc_request_gets_a_trailers_only_reply() {
+        let reply = LocalReply::new(200, b"denied by guard", b"no 100%", &map(&[("X-Why", "t")]), 7);
+        let (headers, body) = reply.response(&map(&[("content-type", "application/grpc")]));
+        assert_eq!(
+            headers,
+            map(&[
+                (":status", "200"),
+                ("content-type", "application/grpc"),
+                ("grpc-status", "7"),
+                ("grpc-message", "no 100%25"),
+                ("x-why", "t"),
+            ])
+        );
+        assert!(body.is_empty());
+        assert_eq!(reply.details, "denied_by_guard");
+    }
+
+    #[test]
+    fn a_grpc_reply_without_a_grpc_status_maps_the_http_status() {
+        let reply = LocalReply::new(503, b"", b"", &Pairs::new(), -1);
+        assert_eq!(reply.grpc_status, None);
+        let (headers, _) = reply.response(&map(&[("content-type", "application/grpc+proto")]));
+        assert_eq!(first_value(&headers, b"grpc-status"), Some(&b"14"[..]));
+    }
+
+    #[test]
+    fn a_plain_http_request_gets_the_status_and_a_text_body() {
+        let reply = LocalReply::new(403, b"", b"denied", &Pairs::new(), -1);
+        let (headers, body) = reply.response(&map(&[("content-type", "text/plain")]));
+        assert_eq!(headers, map(&[(":status", "403"), ("content-length", "6"), ("content-type", "text/plain")]));
+        assert_eq!(body, b"denied");
+    }
+}

@@ -1,0 +1,29 @@
+//! A configuration mistake stops the plugin, loudly, naming the field.
+
+use grpc_guard_demo::envoy::EnvoyError;
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_config_field_makes_the_plugin_refuse_to_start_naming_the_field() {
+    let upstream = Upstream::start().await;
+    let result = start_envoy("badconfig", upstream.addr, r#"{"metrics":{"max_methodz":3}}"#);
+    match result {
+        Err(EnvoyError::Exited { log_tail, .. }) => {
+            assert!(
+                log_tail.contains("invalid grpc-guard configuration: metrics.max_methodz: unknown field"),
+                "{log_tail}"
+            );
+        }
+        Err(other) => panic!("expected Envoy to exit, got {other}"),
+        Ok(_) => panic!("Envoy started with an unknown config field"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_range_value_is_refused_naming_the_field() {
+    let upstream = Upstream::start().await;
+    let result = start_envoy("badvalue", upstream.addr, r#"{"log":{"ok_sample":2}}"#);
+    let Err(EnvoyError::Exited { log_tail, .. }) = result else { panic!("Envoy must refuse ok_sample 2") };
+    assert!(log_tail.contains("log.ok_sample: must be between 0.0 and 1.0"), "{log_tail}");
+}

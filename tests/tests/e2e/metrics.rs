@@ -1,0 +1,146 @@
+//! What Prometheus scrapes and what the log shows, for streams, floods of
+//! method names, and traffic that is not gRPC.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::str::FromStr;
+
+use grpc_guard_demo::pb::{CountRequest, EchoReply, EchoRequest};
+use grpc_guard_demo::scenario::{self, Call, PlannedCall};
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::Code;
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_streaming_call_counts_every_message_under_its_configured_type() {
+    let upstream = Upstream::start().await;
+    let config = r#"{"metrics":{"method_types":{"grpcguard.demo.v1.Demo/Count":"server_stream"}}}"#;
+    let envoy = start_envoy("stream", upstream.addr, config).unwrap();
+    let channel = grpc_guard_demo::lazy_channel(&envoy.grpc_uri()).unwrap();
+    let planned = PlannedCall {
+        call: Call::Count(CountRequest { count: 7, interval_ms: 5, fail_code: Code::DataLoss as i32 }),
+        expected: Code::DataLoss,
+    };
+    let outcome = scenario::run(&channel, planned, None).await;
+    assert_eq!(outcome.code, Code::DataLoss, "{outcome}");
+    assert!(outcome.detail.contains('7'), "client should have read 7 messages first: {outcome}");
+
+    let count = [("grpc_service", DEMO_SERVICE), ("grpc_method", "Count"), ("grpc_type", "server_stream")];
+    let samples = scrape_until(&envoy, |s| value(s, "grpc_server_response_bytes_count", &count) == Some(7.0)).await;
+    assert_eq!(value(&samples, "grpc_server_msg_sent_total", &count), Some(7.0));
+    assert_eq!(value(&samples, "grpc_server_msg_received_total", &count), Some(1.0));
+    assert_eq!(value(&samples, "grpc_server_response_bytes_count", &count), Some(7.0));
+    let mut handled = count.to_vec();
+    handled.push(("grpc_code", "DataLoss"));
+    assert_eq!(value(&samples, "grpc_server_handled_total", &handled), Some(1.0));
+
+    let logs = call_logs(&envoy, 1).await;
+    let line = &logs[0];
+    assert_eq!(line["method"], "Count");
+    assert_eq!(line["grpc_type"], "server_stream");
+    assert_eq!(line["resp_msgs"], 7);
+    assert_eq!(line["status_source"], "trailers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_random_method_paths_keep_grpc_method_values_bounded() {
+    const MAX_METHODS: usize = 5;
+    let upstream = Upstream::start().await;
+    let config = format!(r#"{{"metrics":{{"max_methods":{MAX_METHODS}}}}}"#);
+    let envoy = start_envoy("cardinality", upstream.addr, &config).unwrap();
+    let channel = grpc_guard_demo::lazy_channel(&envoy.grpc_uri()).unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    for i in 0..1000u32 {
+        // Well-formed and malformed paths alike; the server answers Unimplemented.
+        let path = match i % 4 {
+            0 => format!("/flood.v{i}.Svc/M{i}"),
+            1 => format!("/flood.Svc/Method{i}"),
+            2 => format!("/x{i}/y;grpc_code=OK"),
+            _ => format!("/{i}"),
+        };
+        let Ok(path) = PathAndQuery::from_str(&path) else { continue };
+        grpc.ready().await.unwrap();
+        let codec = tonic_prost::ProstCodec::<EchoRequest, EchoReply>::default();
+        let status = grpc.unary(tonic::Request::new(EchoRequest::default()), path, codec).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unimplemented);
+    }
+    let samples = scrape_until(&envoy, |s| {
+        s.iter().filter(|x| x.name == "grpc_server_handled_total").map(|x| x.value).sum::<f64>() >= 1000.0
+    })
+    .await;
+    let mut methods: Vec<&str> = samples
+        .iter()
+        .filter(|s| s.name.starts_with("grpc_server_"))
+        .filter_map(|s| s.labels.get("grpc_method").map(String::as_str))
+        .collect();
+    methods.sort_unstable();
+    methods.dedup();
+    assert!(methods.len() <= MAX_METHODS + 1, "{} grpc_method values: {methods:?}", methods.len());
+    assert!(methods.contains(&"other"), "{methods:?}");
+    let handled: f64 =
+        samples.iter().filter(|s| s.name == "grpc_server_handled_total").map(|s| s.value).sum();
+    assert_eq!(handled, 1000.0, "every call is still counted, folded or not");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_logs_one_json_line_with_the_documented_fields() {
+    let upstream = Upstream::start().await;
+    let envoy = start_envoy("logs", upstream.addr, "{}").unwrap();
+    let channel = grpc_guard_demo::lazy_channel(&envoy.grpc_uri()).unwrap();
+    let mut client = grpc_guard_demo::client(channel);
+    let mut request = tonic::Request::new(EchoRequest { message: "log me".into(), reply_padding: 100, ..Default::default() });
+    request.metadata_mut().insert("x-request-id", "req-\"42\"".parse().unwrap());
+    client.echo(request).await.unwrap();
+
+    let logs = call_logs(&envoy, 1).await;
+    assert_eq!(logs.len(), 1, "one line per call: {logs:?}");
+    let line = &logs[0];
+    for field in [
+        "direction", "service", "method", "grpc_type", "grpc_code", "grpc_status", "status_source", "http_status",
+        "duration_ms", "req_msgs", "req_bytes", "resp_msgs", "resp_bytes", "request_id",
+    ] {
+        assert!(line.get(field).is_some(), "missing field {field}: {line}");
+    }
+    assert_eq!(line["service"], DEMO_SERVICE);
+    assert_eq!(line["method"], "Echo");
+    assert_eq!(line["grpc_code"], "OK");
+    assert_eq!(line["grpc_status"], 0);
+    assert_eq!(line["http_status"], 200);
+    assert_eq!(line["req_msgs"], 1);
+    assert_eq!(line["resp_msgs"], 1);
+    assert!(line["resp_bytes"].as_u64().unwrap() > 100, "{line}");
+    assert_eq!(line["request_id"], "req-\"42\"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_grpc_request_passes_byte_for_byte_and_is_not_counted() {
+    let plain = start_plain_http(200).await;
+    let envoy = start_envoy("passthrough", plain, "{}").unwrap();
+    let body: Vec<u8> = (0u8..=255).chain(*b"\x00\x00\x00\x00\x05hello").collect();
+    let addr = envoy.params().listen_addr();
+    let response = tokio::task::spawn_blocking(move || {
+        let mut tcp = TcpStream::connect(addr).unwrap();
+        let head = format!(
+            "POST /grpcguard.demo.v1.Demo/Echo HTTP/1.1\r\nHost: x\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        tcp.write_all(head.as_bytes()).unwrap();
+        tcp.write_all(&body).unwrap();
+        let mut response = Vec::new();
+        tcp.read_to_end(&mut response).unwrap();
+        (response, body)
+    })
+    .await
+    .unwrap();
+    let (response, body) = response;
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&response[..split]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("x-seen-content-type: application/octet-stream"), "{head}");
+    assert_eq!(&response[split..], &body[..], "body must come back byte for byte");
+
+    let samples = parse_exposition(&envoy.prometheus().unwrap());
+    assert!(samples.iter().all(|s| !s.name.starts_with("grpc_server_")), "non-gRPC traffic must not be counted");
+    assert!(envoy.call_logs().is_empty(), "non-gRPC traffic must not be logged");
+}
