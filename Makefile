@@ -9,18 +9,20 @@ WASM := $(CARGO_TARGET_DIR)/wasm32-wasip1/release/grpc_guard.wasm
 ENVOY := $(CURDIR)/.venv/bin/envoy
 # Seconds `make run` keeps serving after the demo traffic; empty = until Ctrl-C.
 RUN_SECONDS ?=
-PLUGIN_CONFIG ?= {}
+# The filter configuration `make run` uses: the demo's streaming methods typed.
+PLUGIN_CONFIG ?= $(shell cat envoy/demo-plugin-config.json)
 
 export GRPC_GUARD_WASM := $(WASM)
 export GRPC_GUARD_ENVOY := $(ENVOY)
 
-.PHONY: help setup wasm run demo test lint unit e2e clean
+.PHONY: help setup wasm run demo render test lint unit e2e clean
 
 help:
 	@echo "make run     build the filter, start the demo service behind Envoy, send demo traffic, show metrics and logs"
 	@echo "make demo    the same, for 10 seconds, then exit (non-interactive)"
 	@echo "make test    install what is missing, then lint and run every test"
 	@echo "make wasm    build the release filter: $(WASM)"
+	@echo "make render  write the Envoy config for running Envoy yourself: .run/envoy.rendered.yaml"
 	@echo "make clean   remove build outputs and .venv"
 
 setup:
@@ -37,6 +39,18 @@ run: wasm
 
 demo:
 	$(MAKE) run RUN_SECONDS=10
+
+# The Envoy config for `docker run envoyproxy/envoy` (README). RENDER_WASM is
+# where the .wasm will be inside the container; RENDER_ARGS takes
+# grpc-guard-run's port flags, e.g. RENDER_ARGS='--upstream-port 8080'.
+RENDER_WASM ?= /etc/grpc-guard/grpc_guard.wasm
+RENDER_ARGS ?=
+render: setup
+	$(CARGO) build -p grpc-guard-demo --bins
+	@mkdir -p .run
+	$(CARGO_TARGET_DIR)/debug/grpc-guard-run --wasm $(RENDER_WASM) --plugin-config '$(PLUGIN_CONFIG)' \
+		$(RENDER_ARGS) render > .run/envoy.rendered.yaml
+	@echo "wrote .run/envoy.rendered.yaml"
 
 lint: setup
 	$(CARGO) fmt --all -- --check

@@ -15,16 +15,12 @@ pub enum DurationError {
 /// types on the command line for a per-call deadline.
 pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     let trimmed = text.trim();
-    let split = trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(trimmed.len());
+    let split = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
     let (number, unit) = trimmed.split_at(split);
     if number.is_empty() {
         return Err(DurationError::MissingNumber(text.to_owned()));
     }
-    let value: u64 = number
-        .parse()
-        .map_err(|_| DurationError::TooLarge(text.to_owned()))?;
+    let value: u64 = number.parse().map_err(|_| DurationError::TooLarge(text.to_owned()))?;
     let millis_per_unit = match unit {
         "ms" => 1,
         "s" => 1_000,
@@ -50,18 +46,12 @@ mod tests {
 
     #[test]
     fn a_bare_number_is_rejected_for_want_of_a_unit() {
-        assert_eq!(
-            parse_duration("2"),
-            Err(DurationError::UnknownUnit("2".into()))
-        );
+        assert_eq!(parse_duration("2"), Err(DurationError::UnknownUnit("2".into())));
     }
 
     #[test]
     fn a_unit_without_a_number_is_rejected() {
-        assert_eq!(
-            parse_duration("s"),
-            Err(DurationError::MissingNumber("s".into()))
-        );
+        assert_eq!(parse_duration("s"), Err(DurationError::MissingNumber("s".into())));
     }
 
     #[test]

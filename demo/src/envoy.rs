@@ -189,7 +189,12 @@ impl Envoy {
 
     /// Envoy's own log (stderr).
     pub fn log_lines(&self) -> impl Iterator<Item = String> {
-        fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default().lines().map(str::to_owned).collect::<Vec<_>>().into_iter()
+        fs::read_to_string(self.dir.join("envoy.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+            .into_iter()
     }
 
     /// The access log (stdout).

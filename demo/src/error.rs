@@ -17,6 +17,8 @@ pub enum DemoError {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error("target {uri:?} needs a scheme and a host, e.g. http://127.0.0.1:50051")]
+    NotAbsolute { uri: String },
     #[error("cannot connect to {uri}: {source} (is the server running?)")]
     Connect {
         uri: String,

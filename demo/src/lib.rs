@@ -49,13 +49,8 @@ pub async fn serve(
 
 /// Connects to `uri` now, failing if nothing answers there.
 pub async fn connect(uri: &str) -> Result<pb::demo_client::DemoClient<Channel>, DemoError> {
-    let channel = endpoint(uri)?
-        .connect()
-        .await
-        .map_err(|source| DemoError::Connect {
-            uri: uri.to_owned(),
-            source,
-        })?;
+    let channel =
+        endpoint(uri)?.connect().await.map_err(|source| DemoError::Connect { uri: uri.to_owned(), source })?;
     Ok(client(channel))
 }
 
@@ -73,8 +68,12 @@ pub fn client(channel: Channel) -> pb::demo_client::DemoClient<Channel> {
 }
 
 fn endpoint(uri: &str) -> Result<Endpoint, DemoError> {
-    Endpoint::from_shared(uri.to_owned()).map_err(|source| DemoError::InvalidUri {
-        uri: uri.to_owned(),
-        source,
-    })
+    let endpoint = Endpoint::from_shared(uri.to_owned())
+        .map_err(|source| DemoError::InvalidUri { uri: uri.to_owned(), source })?;
+    // A bare `host:port` parses as a URI too, but every call on it would fail
+    // with an opaque transport error; say what is wrong before the first call.
+    if endpoint.uri().scheme().is_none() || endpoint.uri().authority().is_none() {
+        return Err(DemoError::NotAbsolute { uri: uri.to_owned() });
+    }
+    Ok(endpoint)
 }

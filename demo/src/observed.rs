@@ -39,10 +39,7 @@ impl Observed {
 
     /// An ASCII request metadata value of the last call.
     pub fn last_metadata(&self, key: &str) -> Option<String> {
-        self.record()
-            .last_metadata
-            .get(&key.to_ascii_lowercase())
-            .cloned()
+        self.record().last_metadata.get(&key.to_ascii_lowercase()).cloned()
     }
 
     /// Records a handler entry and returns how many times `method` has now
@@ -62,9 +59,7 @@ impl Observed {
     fn record(&self) -> MutexGuard<'_, Record> {
         // A handler that panicked mid-update leaves counters that are still
         // meaningful; keep serving them rather than failing every later call.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -72,10 +67,9 @@ fn ascii_metadata(metadata: &MetadataMap) -> HashMap<String, String> {
     metadata
         .iter()
         .filter_map(|entry| match entry {
-            KeyAndValueRef::Ascii(key, value) => value
-                .to_str()
-                .ok()
-                .map(|value| (key.as_str().to_owned(), value.to_owned())),
+            KeyAndValueRef::Ascii(key, value) => {
+                value.to_str().ok().map(|value| (key.as_str().to_owned(), value.to_owned()))
+            }
             KeyAndValueRef::Binary(..) => None,
         })
         .collect()

@@ -37,14 +37,22 @@ pub enum Scenario {
     /// OK and failing unary calls, a slow call, both streaming kinds and an
     /// unimplemented method.
     Mix,
-    /// Calls to a target whose upstream is down: every one must be Unavailable.
+    /// Calls to an upstream that is down: every one must be Unavailable. The
+    /// calls carry [`DOWN_ROUTE_HEADER`], which the shipped Envoy config routes
+    /// to a port where nothing listens; a target that is itself down answers
+    /// the same.
     Down,
 }
+
+/// Request header that `envoy/envoy.yaml` routes to its "upstream down" cluster.
+pub const DOWN_ROUTE_HEADER: (&str, &str) = ("x-grpc-guard-demo", "upstream-down");
 
 /// One call a scenario makes.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Call {
     Echo(EchoRequest),
+    /// Echo carrying [`DOWN_ROUTE_HEADER`].
+    EchoToDownUpstream(EchoRequest),
     Count(CountRequest),
     /// Client streaming: one `CollectRequest` per value.
     Collect(Vec<u32>),
@@ -64,7 +72,7 @@ impl Scenario {
             Scenario::Mix => mix(),
             Scenario::Down => (1..=3)
                 .map(|i| PlannedCall {
-                    call: Call::Echo(EchoRequest {
+                    call: Call::EchoToDownUpstream(EchoRequest {
                         message: format!("hello {i}"),
                         ..EchoRequest::default()
                     }),
@@ -76,44 +84,24 @@ impl Scenario {
 }
 
 fn mix() -> Vec<PlannedCall> {
-    let ok_echoes = (1..=3).map(|i| EchoRequest {
-        message: format!("hello {i}"),
-        ..EchoRequest::default()
-    });
+    let ok_echoes = (1..=3).map(|i| EchoRequest { message: format!("hello {i}"), ..EchoRequest::default() });
     let failing_echoes = MIX_FAILURES.iter().map(|&code| EchoRequest {
         message: "please fail".to_owned(),
         fail_code: code as i32,
         ..EchoRequest::default()
     });
-    let slow_echo = EchoRequest {
-        message: "slow".to_owned(),
-        delay_ms: SLOW_CALL_DELAY_MS,
-        ..EchoRequest::default()
-    };
+    let slow_echo = EchoRequest { message: "slow".to_owned(), delay_ms: SLOW_CALL_DELAY_MS, ..EchoRequest::default() };
     let mut calls: Vec<PlannedCall> = ok_echoes
         .chain(failing_echoes)
         .chain(std::iter::once(slow_echo))
-        .map(|request| PlannedCall {
-            expected: Code::from(request.fail_code),
-            call: Call::Echo(request),
-        })
+        .map(|request| PlannedCall { expected: Code::from(request.fail_code), call: Call::Echo(request) })
         .collect();
     calls.push(PlannedCall {
-        call: Call::Count(CountRequest {
-            count: 5,
-            interval_ms: 10,
-            fail_code: 0,
-        }),
+        call: Call::Count(CountRequest { count: 5, interval_ms: 10, fail_code: 0 }),
         expected: Code::Ok,
     });
-    calls.push(PlannedCall {
-        call: Call::Collect(vec![1, 2, 3, 4]),
-        expected: Code::Ok,
-    });
-    calls.push(PlannedCall {
-        call: Call::Missing,
-        expected: Code::Unimplemented,
-    });
+    calls.push(PlannedCall { call: Call::Collect(vec![1, 2, 3, 4]), expected: Code::Ok });
+    calls.push(PlannedCall { call: Call::Missing, expected: Code::Unimplemented });
     calls
 }
 
@@ -130,11 +118,8 @@ impl fmt::Display for Call {
                 }
                 Ok(())
             }
-            Call::Count(request) => write!(
-                f,
-                "Count  count={} fail_code={}",
-                request.count, request.fail_code
-            ),
+            Call::EchoToDownUpstream(_) => write!(f, "Echo  to an upstream that is down"),
+            Call::Count(request) => write!(f, "Count  count={} fail_code={}", request.count, request.fail_code),
             Call::Collect(values) => write!(f, "Collect  values={}", values.len()),
             Call::Missing => write!(f, "Missing  {MISSING_METHOD}"),
         }
@@ -159,14 +144,11 @@ impl Outcome {
 
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}  -> {:?} {}  ({} ms)",
-            self.planned.call,
-            self.code,
-            self.detail,
-            self.elapsed.as_millis()
-        )?;
+        write!(f, "{}  -> {:?}", self.planned.call, self.code)?;
+        if !self.detail.is_empty() {
+            write!(f, " {}", self.detail)?;
+        }
+        write!(f, "  ({} ms)", self.elapsed.as_millis())?;
         if !self.is_expected() {
             write!(f, "  EXPECTED {:?}", self.planned.expected)?;
         }
@@ -178,17 +160,18 @@ impl fmt::Display for Outcome {
 pub async fn run(channel: &Channel, planned: PlannedCall, timeout: Option<Duration>) -> Outcome {
     let started = Instant::now();
     let (code, detail) = match &planned.call {
-        Call::Echo(request) => echo(channel, request.clone(), timeout).await,
+        Call::Echo(request) => echo(channel, with_deadline(request.clone(), timeout)).await,
+        Call::EchoToDownUpstream(request) => {
+            let mut request = with_deadline(request.clone(), timeout);
+            let (name, value) = DOWN_ROUTE_HEADER;
+            request.metadata_mut().insert(name, tonic::metadata::MetadataValue::from_static(value));
+            echo(channel, request).await
+        }
         Call::Count(request) => count(channel, *request, timeout).await,
         Call::Collect(values) => collect(channel, values.clone(), timeout).await,
         Call::Missing => missing(channel, timeout).await,
     };
-    Outcome {
-        planned,
-        code,
-        detail,
-        elapsed: started.elapsed(),
-    }
+    Outcome { planned, code, detail, elapsed: started.elapsed() }
 }
 
 fn with_deadline<T>(message: T, timeout: Option<Duration>) -> Request<T> {
@@ -200,32 +183,22 @@ fn with_deadline<T>(message: T, timeout: Option<Duration>) -> Request<T> {
 }
 
 fn failed(status: &Status) -> (Code, String) {
-    (status.code(), format!("{:?}", status.message()))
+    let detail = if status.message().is_empty() { String::new() } else { format!("{:?}", status.message()) };
+    (status.code(), detail)
 }
 
-async fn echo(
-    channel: &Channel,
-    request: EchoRequest,
-    timeout: Option<Duration>,
-) -> (Code, String) {
+async fn echo(channel: &Channel, request: Request<EchoRequest>) -> (Code, String) {
     let mut client = crate::client(channel.clone());
-    match client.echo(with_deadline(request, timeout)).await {
+    match client.echo(request).await {
         Ok(reply) => {
             let reply = reply.into_inner();
-            (
-                Code::Ok,
-                format!("{:?} execution={}", reply.message, reply.execution),
-            )
+            (Code::Ok, format!("{:?} execution={}", reply.message, reply.execution))
         }
         Err(status) => failed(&status),
     }
 }
 
-async fn count(
-    channel: &Channel,
-    request: CountRequest,
-    timeout: Option<Duration>,
-) -> (Code, String) {
+async fn count(channel: &Channel, request: CountRequest, timeout: Option<Duration>) -> (Code, String) {
     let mut client = crate::client(channel.clone());
     let mut stream = match client.count(with_deadline(request, timeout)).await {
         Ok(response) => response.into_inner(),
@@ -265,10 +238,7 @@ async fn missing(channel: &Channel, timeout: Option<Duration>) -> (Code, String)
     }
     let codec = tonic_prost::ProstCodec::<EchoRequest, EchoReply>::default();
     let request = with_deadline(EchoRequest::default(), timeout);
-    match grpc
-        .unary(request, PathAndQuery::from_static(MISSING_METHOD), codec)
-        .await
-    {
+    match grpc.unary(request, PathAndQuery::from_static(MISSING_METHOD), codec).await {
         Ok(_) => (Code::Ok, "answered a method it does not have".to_owned()),
         Err(status) => failed(&status),
     }
@@ -297,16 +267,10 @@ mod tests {
     #[test]
     fn mix_covers_a_slow_call_both_streams_and_an_unimplemented_method() {
         let calls = Scenario::Mix.calls();
-        assert!(calls
-            .iter()
-            .any(|p| matches!(&p.call, Call::Echo(r) if r.delay_ms > 0 && p.expected == Code::Ok)));
-        assert!(calls
-            .iter()
-            .any(|p| matches!(p.call, Call::Count(r) if r.count == 5)));
+        assert!(calls.iter().any(|p| matches!(&p.call, Call::Echo(r) if r.delay_ms > 0 && p.expected == Code::Ok)));
+        assert!(calls.iter().any(|p| matches!(p.call, Call::Count(r) if r.count == 5)));
         assert!(calls.iter().any(|p| matches!(p.call, Call::Collect(_))));
-        assert!(calls
-            .iter()
-            .any(|p| p.call == Call::Missing && p.expected == Code::Unimplemented));
+        assert!(calls.iter().any(|p| p.call == Call::Missing && p.expected == Code::Unimplemented));
     }
 
     #[test]
@@ -320,29 +284,20 @@ mod tests {
     fn outcome_line_names_call_code_message_and_time() {
         let outcome = Outcome {
             planned: PlannedCall {
-                call: Call::Echo(EchoRequest {
-                    fail_code: 5,
-                    ..EchoRequest::default()
-                }),
+                call: Call::Echo(EchoRequest { fail_code: 5, ..EchoRequest::default() }),
                 expected: Code::NotFound,
             },
             code: Code::NotFound,
             detail: "\"demo failure: NotFound\"".to_owned(),
             elapsed: Duration::from_millis(3),
         };
-        assert_eq!(
-            outcome.to_string(),
-            "Echo  fail_code=5  -> NotFound \"demo failure: NotFound\"  (3 ms)"
-        );
+        assert_eq!(outcome.to_string(), "Echo  fail_code=5  -> NotFound \"demo failure: NotFound\"  (3 ms)");
     }
 
     #[test]
     fn outcome_line_names_the_expected_code_when_it_differs() {
         let outcome = Outcome {
-            planned: PlannedCall {
-                call: Call::Missing,
-                expected: Code::Unimplemented,
-            },
+            planned: PlannedCall { call: Call::Missing, expected: Code::Unimplemented },
             code: Code::Unavailable,
             detail: "\"no healthy upstream\"".to_owned(),
             elapsed: Duration::from_millis(1),

@@ -6,9 +6,7 @@ use tokio_stream::StreamExt;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::observed::Observed;
-use crate::pb::{
-    self, CollectReply, CollectRequest, CountReply, CountRequest, EchoReply, EchoRequest,
-};
+use crate::pb::{self, CollectReply, CollectRequest, CountReply, CountRequest, EchoReply, EchoRequest};
 
 /// The largest message either side of the demo accepts: big enough for the
 /// size tests' `reply_padding`, small enough that a typo cannot exhaust memory.
@@ -60,11 +58,7 @@ impl pb::demo_server::Demo for DemoServer {
             return Err(status);
         }
         let padding = usize::try_from(request.reply_padding).unwrap_or(usize::MAX);
-        let reply_bytes = request
-            .message
-            .len()
-            .saturating_add(padding)
-            .saturating_add(ECHO_REPLY_FRAMING);
+        let reply_bytes = request.message.len().saturating_add(padding).saturating_add(ECHO_REPLY_FRAMING);
         if reply_bytes > MAX_MESSAGE_BYTES {
             return Err(Status::invalid_argument(format!(
                 "reply_padding {padding} would make the reply larger than {MAX_MESSAGE_BYTES} bytes"
@@ -77,10 +71,7 @@ impl pb::demo_server::Demo for DemoServer {
 
     type CountStream = ReceiverStream<Result<CountReply, Status>>;
 
-    async fn count(
-        &self,
-        request: Request<CountRequest>,
-    ) -> Result<Response<Self::CountStream>, Status> {
+    async fn count(&self, request: Request<CountRequest>) -> Result<Response<Self::CountStream>, Status> {
         self.observed.entered("Count", request.metadata());
         let request = request.into_inner();
         let observed = self.observed.clone();
@@ -107,10 +98,7 @@ impl pb::demo_server::Demo for DemoServer {
         Ok(Response::new(ReceiverStream::new(stream)))
     }
 
-    async fn collect(
-        &self,
-        request: Request<Streaming<CollectRequest>>,
-    ) -> Result<Response<CollectReply>, Status> {
+    async fn collect(&self, request: Request<Streaming<CollectRequest>>) -> Result<Response<CollectReply>, Status> {
         self.observed.entered("Collect", request.metadata());
         let mut values = request.into_inner();
         let mut reply = CollectReply::default();

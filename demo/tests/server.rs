@@ -14,14 +14,7 @@ async fn echo_ok_returns_the_message_and_counts_one_execution() {
     let server = RunningServer::start().await;
     let mut client = connect(&server.uri()).await.unwrap();
 
-    let reply = client
-        .echo(EchoRequest {
-            message: "hi".into(),
-            ..EchoRequest::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let reply = client.echo(EchoRequest { message: "hi".into(), ..EchoRequest::default() }).await.unwrap().into_inner();
 
     assert_eq!(reply.message, "hi");
     assert_eq!(reply.execution, 1);
@@ -36,13 +29,7 @@ async fn every_fail_code_comes_back_unchanged_with_a_message_naming_it() {
     let mut client = connect(&server.uri()).await.unwrap();
 
     for fail_code in 1..=16 {
-        let status = client
-            .echo(EchoRequest {
-                fail_code,
-                ..EchoRequest::default()
-            })
-            .await
-            .unwrap_err();
+        let status = client.echo(EchoRequest { fail_code, ..EchoRequest::default() }).await.unwrap_err();
         let code = Code::from(fail_code);
         assert_eq!(status.code(), code);
         assert_eq!(status.message(), format!("demo failure: {code:?}"));
@@ -56,11 +43,7 @@ async fn reply_padding_lengthens_the_reply_by_that_many_bytes() {
     let mut client = connect(&server.uri()).await.unwrap();
 
     let reply = client
-        .echo(EchoRequest {
-            message: "x".into(),
-            reply_padding: 5 * 1024 * 1024,
-            ..EchoRequest::default()
-        })
+        .echo(EchoRequest { message: "x".into(), reply_padding: 5 * 1024 * 1024, ..EchoRequest::default() })
         .await
         .unwrap()
         .into_inner();
@@ -72,18 +55,12 @@ async fn reply_padding_lengthens_the_reply_by_that_many_bytes() {
 async fn a_call_past_its_deadline_is_executed_but_never_completed() {
     let server = RunningServer::start().await;
     let mut client = connect(&server.uri()).await.unwrap();
-    let mut request = Request::new(EchoRequest {
-        delay_ms: 2_000,
-        ..EchoRequest::default()
-    });
+    let mut request = Request::new(EchoRequest { delay_ms: 2_000, ..EchoRequest::default() });
     request.set_timeout(Duration::from_millis(50));
 
     let status = client.echo(request).await.unwrap_err();
 
-    assert!(
-        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
-        "{status:?}"
-    );
+    assert!(matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled), "{status:?}");
     assert_eq!(server.observed.executions("Echo"), 1);
     assert_eq!(server.observed.completions("Echo"), 0);
 }
@@ -94,11 +71,7 @@ async fn count_streams_n_messages_then_ends_with_the_requested_code() {
     let mut client = connect(&server.uri()).await.unwrap();
 
     let mut stream = client
-        .count(CountRequest {
-            count: 4,
-            interval_ms: 1,
-            fail_code: Code::Aborted as i32,
-        })
+        .count(CountRequest { count: 4, interval_ms: 1, fail_code: Code::Aborted as i32 })
         .await
         .unwrap()
         .into_inner();
@@ -135,18 +108,10 @@ async fn last_grpc_timeout_reflects_the_client_deadline_and_is_none_without_one(
 
     let mut request = Request::new(EchoRequest::default());
     request.set_timeout(Duration::from_secs(2));
-    request
-        .metadata_mut()
-        .insert("x-demo-tag", "deadline".parse().unwrap());
+    request.metadata_mut().insert("x-demo-tag", "deadline".parse().unwrap());
     client.echo(request).await.unwrap();
-    assert_eq!(
-        server.observed.last_grpc_timeout().as_deref(),
-        Some("2000000u")
-    );
-    assert_eq!(
-        server.observed.last_metadata("x-demo-tag").as_deref(),
-        Some("deadline")
-    );
+    assert_eq!(server.observed.last_grpc_timeout().as_deref(), Some("2000000u"));
+    assert_eq!(server.observed.last_metadata("x-demo-tag").as_deref(), Some("deadline"));
 
     client.echo(EchoRequest::default()).await.unwrap();
     assert_eq!(server.observed.last_grpc_timeout(), None);
@@ -176,4 +141,11 @@ async fn the_down_scenario_sees_unavailable_when_nothing_listens() {
         let outcome = scenario::run(&channel, planned, Some(Duration::from_secs(2))).await;
         assert!(outcome.is_expected(), "{outcome}");
     }
+}
+
+#[tokio::test]
+async fn a_target_without_scheme_is_rejected_before_any_call() {
+    let error = lazy_channel("127.0.0.1:50051").unwrap_err();
+
+    assert!(error.to_string().contains("http://"), "{error}");
 }

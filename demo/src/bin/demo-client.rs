@@ -54,10 +54,7 @@ async fn main() -> ExitCode {
         println!("demo-client: all {total} calls got the expected status");
         return ExitCode::SUCCESS;
     }
-    eprintln!(
-        "demo-client: {} of {total} calls got an unexpected status:",
-        unexpected.len()
-    );
+    eprintln!("demo-client: {} of {total} calls got an unexpected status:", unexpected.len());
     for outcome in &unexpected {
         eprintln!("  {outcome}");
     }

@@ -28,10 +28,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), DemoError> {
-    let bind_error = |source| DemoError::Bind {
-        addr: args.listen,
-        source,
-    };
+    let bind_error = |source| DemoError::Bind { addr: args.listen, source };
     let listener = TcpListener::bind(args.listen).await.map_err(bind_error)?;
     let addr = listener.local_addr().map_err(bind_error)?;
     // Scripts and tests wait for this exact line before sending traffic;

@@ -29,12 +29,7 @@ impl RunningServer {
                 serve(listener, observed, shutdown).await.expect("serve");
             }
         });
-        Self {
-            addr,
-            observed,
-            stop: Some(stop),
-            task,
-        }
+        Self { addr, observed, stop: Some(stop), task }
     }
 
     pub fn uri(&self) -> String {

@@ -78,8 +78,7 @@ async fn a_thousand_random_method_paths_keep_grpc_method_values_bounded() {
     methods.dedup();
     assert!(methods.len() <= MAX_METHODS + 1, "{} grpc_method values: {methods:?}", methods.len());
     assert!(methods.contains(&"other"), "{methods:?}");
-    let handled: f64 =
-        samples.iter().filter(|s| s.name == "grpc_server_handled_total").map(|s| s.value).sum();
+    let handled: f64 = samples.iter().filter(|s| s.name == "grpc_server_handled_total").map(|s| s.value).sum();
     assert_eq!(handled, 1000.0, "every call is still counted, folded or not");
 }
 
@@ -89,7 +88,8 @@ async fn every_call_logs_one_json_line_with_the_documented_fields() {
     let envoy = start_envoy("logs", upstream.addr, "{}").unwrap();
     let channel = grpc_guard_demo::lazy_channel(&envoy.grpc_uri()).unwrap();
     let mut client = grpc_guard_demo::client(channel);
-    let mut request = tonic::Request::new(EchoRequest { message: "log me".into(), reply_padding: 100, ..Default::default() });
+    let mut request =
+        tonic::Request::new(EchoRequest { message: "log me".into(), reply_padding: 100, ..Default::default() });
     request.metadata_mut().insert("x-request-id", "req-\"42\"".parse().unwrap());
     client.echo(request).await.unwrap();
 
@@ -97,8 +97,20 @@ async fn every_call_logs_one_json_line_with_the_documented_fields() {
     assert_eq!(logs.len(), 1, "one line per call: {logs:?}");
     let line = &logs[0];
     for field in [
-        "direction", "service", "method", "grpc_type", "grpc_code", "grpc_status", "status_source", "http_status",
-        "duration_ms", "req_msgs", "req_bytes", "resp_msgs", "resp_bytes", "request_id",
+        "direction",
+        "service",
+        "method",
+        "grpc_type",
+        "grpc_code",
+        "grpc_status",
+        "status_source",
+        "http_status",
+        "duration_ms",
+        "req_msgs",
+        "req_bytes",
+        "resp_msgs",
+        "resp_bytes",
+        "request_id",
     ] {
         assert!(line.get(field).is_some(), "missing field {field}: {line}");
     }

@@ -54,12 +54,21 @@ async fn each_demo_code_reaches_the_client_unchanged_and_is_counted_under_its_la
             assert_eq!(outcome.code, code, "client saw {outcome}");
         }
     }
-    let missing = scenario::run(&channel, PlannedCall { call: Call::Missing, expected: Code::Unimplemented }, None).await;
+    let missing =
+        scenario::run(&channel, PlannedCall { call: Call::Missing, expected: Code::Unimplemented }, None).await;
     assert_eq!(missing.code, Code::Unimplemented);
 
-    let samples = scrape_until(&envoy, |s| value(s, "grpc_server_handling_milliseconds_count", &[("grpc_method", "Echo")]) == Some(16.0)).await;
+    let samples = scrape_until(&envoy, |s| {
+        value(s, "grpc_server_handling_milliseconds_count", &[("grpc_method", "Echo")]) == Some(16.0)
+    })
+    .await;
     for code in CODES {
-        let labels = [("grpc_service", DEMO_SERVICE), ("grpc_method", "Echo"), ("grpc_type", "unary"), ("grpc_code", go_name(code))];
+        let labels = [
+            ("grpc_service", DEMO_SERVICE),
+            ("grpc_method", "Echo"),
+            ("grpc_type", "unary"),
+            ("grpc_code", go_name(code)),
+        ];
         assert_eq!(value(&samples, "grpc_server_handled_total", &labels), Some(2.0), "grpc_code={}", go_name(code));
     }
     let echo = [("grpc_service", DEMO_SERVICE), ("grpc_method", "Echo"), ("grpc_type", "unary")];
@@ -130,7 +139,8 @@ async fn client_that_gives_up_is_counted_as_canceled_while_the_server_keeps_work
     let gave_up = tokio::time::timeout(Duration::from_millis(300), scenario::run(&channel, slow, None)).await;
     assert!(gave_up.is_err(), "the call should still be running when the client leaves");
 
-    let samples = scrape_until(&envoy, |s| value(s, "grpc_server_handled_total", &[("grpc_method", "Echo")]).is_some()).await;
+    let samples =
+        scrape_until(&envoy, |s| value(s, "grpc_server_handled_total", &[("grpc_method", "Echo")]).is_some()).await;
     assert_eq!(
         value(&samples, "grpc_server_handled_total", &[("grpc_method", "Echo"), ("grpc_code", "Canceled")]),
         Some(1.0),

@@ -26,7 +26,8 @@ pub fn wasm_path() -> PathBuf {
     if let Some(p) = std::env::var_os("GRPC_GUARD_WASM") {
         return PathBuf::from(p);
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
     let path = target.join("wasm32-wasip1/release/grpc_guard.wasm");
     assert!(path.exists(), "{} is missing: run `make wasm` (or `make test`) first", path.display());
     path
@@ -34,7 +35,9 @@ pub fn wasm_path() -> PathBuf {
 
 /// The Envoy that `make setup` installs into `.venv/`.
 pub fn envoy_binary() -> PathBuf {
-    let path = std::env::var_os("GRPC_GUARD_ENVOY").map(PathBuf::from).unwrap_or_else(|| workspace_root().join(".venv/bin/envoy"));
+    let path = std::env::var_os("GRPC_GUARD_ENVOY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".venv/bin/envoy"));
     assert!(path.exists(), "{} is missing: run `make setup` (or `make test`) first", path.display());
     path
 }
