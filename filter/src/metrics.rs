@@ -20,7 +20,7 @@ use crate::status::GrpcStatus;
 /// Labels every per-method metric carries.
 pub const LABELS: [&str; 4] = ["grpc_service", "grpc_method", "grpc_type", "grpc_code"];
 
-/// The per-method metrics, one family each.
+/// The per-method metrics, one family each; `family as usize` indexes `ALL`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
     /// Counter: calls started.
@@ -133,6 +133,13 @@ mod tests {
             stat_name(Direction::Outbound, Family::Started, LABELS_ECHO, None),
             "grpc_client_started_total.grpc_service=grpcguard.demo.v1.Demo;.grpc_method=Echo;.grpc_type=unary;"
         );
+    }
+
+    #[test]
+    fn family_discriminant_indexes_all() {
+        for (i, family) in Family::ALL.iter().enumerate() {
+            assert_eq!(*family as usize, i);
+        }
     }
 
     #[test]

@@ -35,6 +35,14 @@ proxy_wasm::main! {{
 /// Envoy access log) holding the final status name of the call.
 const STATUS_PROPERTY: &str = "grpc_guard.grpc_code";
 
+/// Shared-data keys of the method tables, one per direction.
+fn methods_key(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Inbound => "grpc_guard.methods.inbound",
+        Direction::Outbound => "grpc_guard.methods.outbound",
+    }
+}
+
 /// How often a worker retries the compare-and-swap of the method table before
 /// folding the method into `other` for this call.
 const CAS_ATTEMPTS: usize = 8;
@@ -74,7 +82,7 @@ impl Slot {
     fn metric(&mut self, direction: Direction, family: Family, code: Option<GrpcStatus>) -> Option<u32> {
         let cell = match code {
             Some(code) => self.handled.get_mut(code.code() as usize)?,
-            None => self.ids.get_mut(Family::ALL.iter().position(|f| *f == family)?)?,
+            None => self.ids.get_mut(family as usize)?,
         };
         if cell.is_none() {
             let labels =
@@ -119,10 +127,7 @@ impl Methods {
 
     /// Admits `full_name` into the table all workers share (compare-and-swap).
     fn admit(&mut self, config: &Config, full_name: &str) -> bool {
-        let key = match config.direction {
-            Direction::Inbound => "grpc_guard.methods.inbound",
-            Direction::Outbound => "grpc_guard.methods.outbound",
-        };
+        let key = methods_key(config.direction);
         for _ in 0..CAS_ATTEMPTS {
             let Ok((bytes, cas)) = hostcalls::get_shared_data(key) else { return false };
             let table = AdmittedMethods::from_bytes(bytes.as_deref().unwrap_or_default());
@@ -132,8 +137,8 @@ impl Methods {
                     self.full = true;
                     return false;
                 }
-                // A missing key has no cas; 0 would mean "no check", so a race
-                // on the very first method is settled by the next read.
+                // Envoy accepts any cas for a missing key; `on_configure` creates
+                // the key so that admissions are always checked.
                 Admission::Store(new) => match hostcalls::set_shared_data(key, Some(&new), cas) {
                     Ok(()) => return true,
                     Err(Status::CasMismatch) => continue,
@@ -153,6 +158,10 @@ impl RootContext for Root {
             hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten().unwrap_or_default();
         match Config::parse(&bytes) {
             Ok(config) => {
+                let key = methods_key(config.direction);
+                if matches!(hostcalls::get_shared_data(key), Ok((None, _))) {
+                    let _ = hostcalls::set_shared_data(key, Some(b""), None);
+                }
                 let sampler = Sampler::new(config.ok_sample);
                 self.worker = Some(Rc::new(Worker {
                     config,
@@ -194,7 +203,6 @@ struct Call {
     slot: usize,
     streaming: bool,
     start_ns: u64,
-    request_id: Option<String>,
     request: FrameReader,
     response: FrameReader,
     /// Messages already added to the message counters (streams flush as they go).
@@ -325,7 +333,9 @@ impl Stream {
             req_bytes: call.request.message_bytes(),
             resp_msgs: call.response.messages(),
             resp_bytes: call.response.message_bytes(),
-            request_id: call.request_id,
+            // Request headers stay readable in the log callback; reading the id
+            // only for calls that are logged saves a host call on sampled-out ones.
+            request_id: header_text(MapType::HttpRequestHeaders, &config.request_id_header).map(|v| cap(&v)),
         };
         let _ = hostcalls::log(LogLevel::Info, &record.to_json());
     }
@@ -344,13 +354,11 @@ impl HttpContext for Stream {
         let config = &self.worker.config;
         let slot = self.worker.methods.borrow_mut().slot_for(config, &path);
         let streaming = self.with_slot(slot, |s, _| s.grpc_type != MethodType::Unary).unwrap_or(false);
-        let request_id = header_text(MapType::HttpRequestHeaders, &config.request_id_header).map(|v| cap(&v));
         self.call = Some(Call {
             path,
             slot,
             streaming,
             start_ns: now_ns(),
-            request_id,
             request: FrameReader::default(),
             response: FrameReader::default(),
             counted_req: 0,

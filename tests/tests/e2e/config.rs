@@ -27,3 +27,24 @@ async fn out_of_range_value_is_refused_naming_the_field() {
     let Err(EnvoyError::Exited { log_tail, .. }) = result else { panic!("Envoy must refuse ok_sample 2") };
     assert!(log_tail.contains("log.ok_sample: must be between 0.0 and 1.0"), "{log_tail}");
 }
+
+#[test]
+fn rendered_config_for_docker_run_passes_envoy_validate() {
+    let params = grpc_guard_demo::envoy::EnvoyParams {
+        listen_port: 10000,
+        admin_port: 9901,
+        upstream: "127.0.0.1:50051".parse().unwrap(),
+        down_port: 50099,
+        wasm: wasm_path(),
+        plugin_config: r#"{"log":{"ok_sample":0.5}}"#.into(),
+    };
+    let dir = scratch_dir("validate");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("envoy.rendered.yaml");
+    std::fs::write(&file, params.render(grpc_guard_demo::envoy::TEMPLATE).unwrap()).unwrap();
+    let out =
+        std::process::Command::new(envoy_binary()).arg("--mode").arg("validate").arg("-c").arg(&file).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "envoy --mode validate failed:\n{log}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK") || log.contains("OK"), "{log}");
+}
