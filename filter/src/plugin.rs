@@ -17,7 +17,7 @@ use std::time::UNIX_EPOCH;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+use proxy_wasm::types::{Action, BufferType, ContextType, GrpcStatusCode, LogLevel, MapType, MetricType, Status};
 
 use crate::config::{Config, Direction, MethodType};
 use crate::frames::{Frame, FrameReader};
@@ -98,14 +98,15 @@ impl Slot {
 struct Methods {
     by_path: HashMap<String, usize>,
     slots: Vec<Slot>,
-    /// The shared table was full when last read: it only grows, so no new
-    /// method can be admitted any more and misses need no host call.
-    full: bool,
+    /// The shared table as read once it was full: it never changes after
+    /// that, so a miss is answered from this copy without a host call, and a
+    /// method another worker admitted still gets its label here.
+    full: Option<AdmittedMethods>,
 }
 
 impl Methods {
     fn new() -> Methods {
-        Methods { by_path: HashMap::new(), slots: vec![Slot::new(OTHER, OTHER, MethodType::Unary)], full: false }
+        Methods { by_path: HashMap::new(), slots: vec![Slot::new(OTHER, OTHER, MethodType::Unary)], full: None }
     }
 
     /// The slot for a request path: its own, or `other` (0).
@@ -115,7 +116,14 @@ impl Methods {
         }
         let Some(parsed) = MethodPath::parse(path) else { return 0 };
         let full_name = parsed.full_name();
-        if self.full || !config.method_allowed(&full_name) || !self.admit(config, &full_name) {
+        if !config.method_allowed(&full_name) {
+            return 0;
+        }
+        let labelled = match &self.full {
+            Some(table) => table.contains(&full_name),
+            None => self.admit(config, &full_name),
+        };
+        if !labelled {
             return 0;
         }
         let grpc_type = config.method_type(&full_name);
@@ -134,7 +142,7 @@ impl Methods {
             match table.admit(full_name, config.max_methods) {
                 Admission::Known => return true,
                 Admission::Full => {
-                    self.full = true;
+                    self.full = Some(table);
                     return false;
                 }
                 // Envoy accepts any cas for a missing key; `on_configure` creates
@@ -209,7 +217,8 @@ struct Call {
     counted_req: u64,
     counted_resp: u64,
     seen: ResponseSeen,
-    status_tagged: bool,
+    /// The status last written to filter state.
+    tagged: Option<GrpcStatus>,
 }
 
 fn now_ns() -> u64 {
@@ -260,17 +269,22 @@ impl Stream {
         self.increment(slot, Family::MsgToClient, None, new_resp);
     }
 
-    /// Writes the final status name into filter state as soon as it is known,
-    /// so an access log running before this filter's own log callback sees it.
-    fn tag_status(&mut self) {
+    /// Writes the status name into filter state as soon as it is known, so an
+    /// access log running before this filter's own log callback sees it, and
+    /// again if trailers overrule a status the headers carried.
+    fn tag_status(&mut self, status: GrpcStatus) {
         let Some(call) = self.call.as_mut() else { return };
-        if call.status_tagged {
-            return;
-        }
-        let status = call.seen.trailer_status.or(call.seen.header_status);
-        if let Some(status) = status {
-            call.status_tagged = true;
+        if call.tagged != Some(status) {
+            call.tagged = Some(status);
             let _ = hostcalls::set_property(vec![STATUS_PROPERTY], Some(status.go_name().as_bytes()));
+        }
+    }
+
+    /// Tags the status the response carries so far, if it carries one.
+    fn tag_seen_status(&mut self) {
+        let seen = self.call.as_ref().and_then(|c| c.seen.trailer_status.or(c.seen.header_status));
+        if let Some(status) = seen {
+            self.tag_status(status);
         }
     }
 
@@ -304,7 +318,7 @@ impl Stream {
             let details = hostcalls::get_property(vec!["response", "code_details"]).ok().flatten();
             ResetSide::from_code_details(&String::from_utf8_lossy(&details.unwrap_or_default()))
         });
-        if !call.status_tagged {
+        if call.tagged != Some(status) {
             let _ = hostcalls::set_property(vec![STATUS_PROPERTY], Some(status.go_name().as_bytes()));
         }
         let duration_ms = now_ns().saturating_sub(call.start_ns) / 1_000_000;
@@ -364,7 +378,7 @@ impl HttpContext for Stream {
             counted_req: 0,
             counted_resp: 0,
             seen: ResponseSeen::default(),
-            status_tagged: false,
+            tagged: None,
         });
         self.increment(slot, Family::Started, None, 1);
         Action::Continue
@@ -379,11 +393,7 @@ impl HttpContext for Stream {
                 let _ = hostcalls::increment_metric(id, 1);
             }
             let message = format!("grpc-guard: request body is not gRPC: {e}");
-            let _ = hostcalls::send_http_response(
-                200,
-                vec![("content-type", "application/grpc"), ("grpc-status", "13"), ("grpc-message", message.as_str())],
-                None,
-            );
+            let _ = hostcalls::send_grpc_response(GrpcStatusCode::Internal, Some(&message), vec![]);
             return Action::Pause;
         }
         Action::Continue
@@ -396,7 +406,7 @@ impl HttpContext for Stream {
         call.seen.header_status =
             header(MapType::HttpResponseHeaders, "grpc-status").and_then(|v| GrpcStatus::from_header(&v));
         call.seen.complete |= end_of_stream;
-        self.tag_status();
+        self.tag_seen_status();
         Action::Continue
     }
 
@@ -417,7 +427,7 @@ impl HttpContext for Stream {
         call.seen.trailer_status =
             header(MapType::HttpResponseTrailers, "grpc-status").and_then(|v| GrpcStatus::from_header(&v));
         call.seen.complete = true;
-        self.tag_status();
+        self.tag_seen_status();
         Action::Continue
     }
 

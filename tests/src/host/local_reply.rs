@@ -2,7 +2,7 @@
 //! `proxy_send_local_response` (Envoy `Http::Utility::sendLocalReply`).
 
 use super::abi::Pairs;
-use super::stream::{add, first_value};
+use super::stream::{add, first_value, replace};
 
 /// A reply the filter sent instead of letting the stream reach the upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,32 +38,38 @@ impl LocalReply {
         }
     }
 
-    /// The response Envoy sends: for a gRPC request a trailers-only response
-    /// (`:status: 200`, `grpc-status`, `grpc-message` carrying the body) with
-    /// no body; otherwise the HTTP status with the body as `text/plain`.
+    /// The response Envoy sends (`Http::Utility::encodeLocalReply`): the
+    /// filter's headers go in first; for a gRPC request Envoy then forces
+    /// `:status: 200` and `content-type: application/grpc`, adds `grpc-status`
+    /// only when the filter set none (from the call's gRPC status, else mapped
+    /// from the HTTP status), and carries the body in `grpc-message`: a
+    /// trailers-only response with no body. Otherwise the HTTP status with the
+    /// body as `text/plain`.
     pub(crate) fn response(&self, request_headers: &Pairs) -> (Pairs, Vec<u8>) {
         let mut headers = Pairs::new();
-        let body = if is_grpc(request_headers) {
-            let grpc_status = self.grpc_status.unwrap_or_else(|| grpc_status_for_http(self.http_status));
-            add(&mut headers, b":status", b"200");
-            add(&mut headers, b"content-type", b"application/grpc");
-            add(&mut headers, b"grpc-status", grpc_status.to_string().as_bytes());
-            if !self.body.is_empty() {
-                add(&mut headers, b"grpc-message", &percent_encode(&self.body));
+        let grpc = is_grpc(request_headers);
+        let status = if grpc { "200".to_owned() } else { self.http_status.to_string() };
+        add(&mut headers, b":status", status.as_bytes());
+        for (name, value) in &self.headers {
+            add(&mut headers, name.as_bytes(), value.as_bytes());
+        }
+        if grpc {
+            replace(&mut headers, b"content-type", b"application/grpc");
+            if first_value(&headers, b"grpc-status").is_none() {
+                let grpc_status = self.grpc_status.unwrap_or_else(|| grpc_status_for_http(self.http_status));
+                add(&mut headers, b"grpc-status", grpc_status.to_string().as_bytes());
             }
-            Vec::new()
+            if !self.body.is_empty() {
+                replace(&mut headers, b"grpc-message", &percent_encode(&self.body));
+            }
+            (headers, Vec::new())
         } else {
-            add(&mut headers, b":status", self.http_status.to_string().as_bytes());
             if !self.body.is_empty() {
                 add(&mut headers, b"content-length", self.body.len().to_string().as_bytes());
                 add(&mut headers, b"content-type", b"text/plain");
             }
-            self.body.clone()
-        };
-        for (name, value) in &self.headers {
-            add(&mut headers, name.as_bytes(), value.as_bytes());
+            (headers, self.body.clone())
         }
-        (headers, body)
     }
 }
 

@@ -161,7 +161,7 @@ pub const DEMO_SERVICE: &str = "grpcguard.demo.v1.Demo";
 /// produces: an HTTP error without `grpc-status`, and non-gRPC traffic.
 pub async fn start_plain_http(status: u16) -> SocketAddr {
     use http_body_util::{BodyExt, Full};
-    use hyper::body::{Bytes, Incoming};
+    use hyper::body::Incoming;
     use hyper::service::service_fn;
     use hyper_util::rt::{TokioExecutor, TokioIo};
 
@@ -177,7 +177,7 @@ pub async fn start_plain_http(status: u16) -> SocketAddr {
                     if let Some(ct) = seen_type {
                         response = response.header("x-seen-content-type", ct);
                     }
-                    Ok::<_, hyper::Error>(response.body(Full::new(Bytes::from(body))).unwrap())
+                    Ok::<_, hyper::Error>(response.body(Full::new(body)).unwrap())
                 });
                 let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tcp), service)

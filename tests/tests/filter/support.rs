@@ -1,0 +1,183 @@
+//! Loading the filter, driving whole calls through it, and reading back what a
+//! user would see: stat names, JSON log lines, the filter-state status.
+
+use std::path::PathBuf;
+
+use grpc_guard_tests::host::{Action, Host, LogLevel, Stream, Vm};
+use serde_json::Value;
+
+/// A well-formed method path and its labels.
+pub const PATH: &str = "/pkg.Svc/Get";
+pub const SERVICE: &str = "pkg.Svc";
+pub const METHOD: &str = "Get";
+
+/// The filter-state key an Envoy access log prints.
+pub const STATUS_PROPERTY: &[&str] = &["grpc_guard.grpc_code"];
+
+/// `GRPC_GUARD_WASM`, else the release build under `CARGO_TARGET_DIR`
+/// (`target/` at the workspace root when unset).
+fn filter_wasm() -> PathBuf {
+    if let Some(path) = std::env::var_os("GRPC_GUARD_WASM") {
+        return PathBuf::from(path);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("wasm32-wasip1/release/grpc_guard.wasm")
+}
+
+/// A fresh host (its own metrics and shared data, like a fresh Envoy). The
+/// module is compiled once per test process and reused.
+pub fn host() -> Host {
+    let wasm = filter_wasm();
+    assert!(
+        wasm.exists(),
+        "no filter at {}: build it with `cargo build -p grpc-guard-filter --target wasm32-wasip1 \
+         --release`, or point GRPC_GUARD_WASM at a built grpc_guard.wasm",
+        wasm.display()
+    );
+    Host::load(&wasm).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// One worker configured with `config`; panics with the filter's logs if it
+/// refuses.
+pub fn start(host: &Host, config: &str) -> Vm {
+    host.start_vm(config).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A host and one worker with `config`.
+pub fn vm_with(config: &str) -> (Host, Vm) {
+    let host = host();
+    let vm = start(&host, config);
+    (host, vm)
+}
+
+/// The headers of a gRPC request to `path`, plus `extra`.
+pub fn grpc_headers<'a>(path: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut headers = vec![
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "svc.local"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ];
+    headers.extend_from_slice(extra);
+    headers
+}
+
+/// gRPC PROTOCOL-HTTP2 `Length-Prefixed-Message`, uncompressed.
+pub fn frame(message: &[u8]) -> Vec<u8> {
+    let mut out = vec![0];
+    out.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    out.extend_from_slice(message);
+    out
+}
+
+/// One frame per size, each message filled with a byte that is not a valid
+/// flag, so a reader that loses its place notices.
+pub fn frames(sizes: &[usize]) -> Vec<u8> {
+    sizes.iter().flat_map(|&n| frame(&vec![b'G'; n])).collect()
+}
+
+/// Asserts a callback let the stream continue, showing the trap if any.
+#[track_caller]
+pub fn cont(vm: &Vm, action: Action) {
+    assert_eq!(action, Action::Continue, "trap: {:?}", vm.trapped());
+}
+
+/// Opens a stream and sends gRPC request headers for `path` (not end of stream).
+pub fn open(vm: &mut Vm, path: &str, extra: &[(&str, &str)]) -> Stream {
+    let stream = vm.new_stream();
+    let action = vm.request_headers(&stream, &grpc_headers(path, extra), false);
+    cont(vm, action);
+    stream
+}
+
+/// The request body in one chunk, ending the request.
+pub fn send(vm: &mut Vm, s: &Stream, body: &[u8]) {
+    let action = vm.request_body(s, body, true);
+    cont(vm, action);
+}
+
+/// Response headers of a normal (not trailers-only) gRPC response.
+pub fn respond_headers(vm: &mut Vm, s: &Stream) {
+    let action = vm.response_headers(s, &[(":status", "200"), ("content-type", "application/grpc")], false);
+    cont(vm, action);
+}
+
+/// Trailers with `grpc-status: code`.
+pub fn respond_trailers(vm: &mut Vm, s: &Stream, code: u32) {
+    let code = code.to_string();
+    let action = vm.response_trailers(s, &[("grpc-status", code.as_str()), ("grpc-message", "")]);
+    cont(vm, action);
+}
+
+/// A whole unary call: one request message of `req` bytes, one response
+/// message of `resp` bytes, trailers with `code`, end of stream.
+pub fn unary(vm: &mut Vm, path: &str, extra: &[(&str, &str)], req: usize, resp: usize, code: u32) {
+    let s = open(vm, path, extra);
+    send(vm, &s, &frames(&[req]));
+    respond_headers(vm, &s);
+    let action = vm.response_body(&s, &frames(&[resp]), false);
+    cont(vm, action);
+    respond_trailers(vm, &s, code);
+    vm.finish(s);
+    assert_eq!(vm.trapped(), None);
+}
+
+/// The JSON call lines logged so far (taken: the next call sees only new ones).
+pub fn call_logs(vm: &mut Vm) -> Vec<Value> {
+    vm.take_logs()
+        .into_iter()
+        .filter(|line| line.level == LogLevel::Info)
+        .map(|line| {
+            assert!(!line.message.contains('\n'), "a call log must be one line: {:?}", line.message);
+            serde_json::from_str(&line.message)
+                .unwrap_or_else(|e| panic!("call log is not JSON ({e}): {:?}", line.message))
+        })
+        .collect()
+}
+
+/// The single call line logged since the last look.
+#[track_caller]
+pub fn one_call_log(vm: &mut Vm) -> Value {
+    let mut logs = call_logs(vm);
+    assert_eq!(logs.len(), 1, "expected one call log line, got {logs:#?}");
+    logs.remove(0)
+}
+
+/// The labels of one method, as the stat name carries them.
+#[derive(Clone, Copy)]
+pub struct Labels<'a> {
+    pub service: &'a str,
+    pub method: &'a str,
+    pub grpc_type: &'a str,
+}
+
+pub const GET: Labels<'static> = Labels { service: SERVICE, method: METHOD, grpc_type: "unary" };
+pub const OTHER: Labels<'static> = Labels { service: "other", method: "other", grpc_type: "unary" };
+
+/// `family.grpc_service=…;.grpc_method=…;.grpc_type=…;` and `.grpc_code=…;`
+/// when `code` is given: the stat name Envoy's `stats_tags` split into labels.
+pub fn stat(family: &str, labels: Labels<'_>, code: Option<&str>) -> String {
+    let mut name = format!(
+        "{family}.grpc_service={};.grpc_method={};.grpc_type={};",
+        labels.service, labels.method, labels.grpc_type
+    );
+    if let Some(code) = code {
+        name.push_str(&format!(".grpc_code={code};"));
+    }
+    name
+}
+
+pub fn handled(labels: Labels<'_>, code: &str) -> String {
+    stat("grpc_server_handled_total", labels, Some(code))
+}
+
+/// The value of the label `label` in a stat name, if it carries it.
+pub fn label<'a>(stat_name: &'a str, label: &str) -> Option<&'a str> {
+    let start = stat_name.find(&format!(".{label}="))? + label.len() + 2;
+    let rest = stat_name.get(start..)?;
+    rest.get(..rest.find(';')?)
+}
