@@ -64,9 +64,11 @@ unit: setup
 e2e: wasm
 	$(CARGO) test -p grpc-guard-tests
 
+# Ends with one "N passed, N failed" line summed over every test binary.
 test: lint wasm
-	$(CARGO) test --workspace
-	@echo "make test: all passed"
+	@mkdir -p .run
+	set -o pipefail; $(CARGO) test --workspace 2>&1 | tee .run/test.log
+	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' .run/test.log
 
 clean:
 	$(CARGO) clean

@@ -125,14 +125,21 @@ mod tests {
             headers,
             map(&[
                 (":status", "200"),
+                ("x-why", "t"),
                 ("content-type", "application/grpc"),
                 ("grpc-status", "7"),
                 ("grpc-message", "no 100%25"),
-                ("x-why", "t"),
             ])
         );
         assert!(body.is_empty());
         assert_eq!(reply.details, "denied_by_guard");
+    }
+
+    #[test]
+    fn a_grpc_status_the_filter_set_as_a_header_is_kept() {
+        let reply = LocalReply::new(200, b"", b"", &map(&[("grpc-status", "13"), ("content-type", "text/x")]), -1);
+        let (headers, _) = reply.response(&map(&[("content-type", "application/grpc")]));
+        assert_eq!(headers, map(&[(":status", "200"), ("grpc-status", "13"), ("content-type", "application/grpc")]));
     }
 
     #[test]
