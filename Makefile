@@ -15,13 +15,14 @@ PLUGIN_CONFIG ?= $(shell cat envoy/demo-plugin-config.json)
 export GRPC_GUARD_WASM := $(WASM)
 export GRPC_GUARD_ENVOY := $(ENVOY)
 
-.PHONY: help setup wasm run demo render test lint unit e2e clean
+.PHONY: help setup wasm run demo render bench test lint unit e2e clean
 
 help:
 	@echo "make run     build the filter, start the demo service behind Envoy, send demo traffic, show metrics and logs"
 	@echo "make demo    the same, for 10 seconds, then exit (non-interactive)"
 	@echo "make test    install what is missing, then lint and run every test"
 	@echo "make wasm    build the release filter: $(WASM)"
+	@echo "make bench   grpc-guard against bare Envoy and Envoy's grpc_stats: throughput, latency, CPU per call"
 	@echo "make render  write the Envoy config for running Envoy yourself: .run/envoy.rendered.yaml"
 	@echo "make clean   remove build outputs and .venv"
 
@@ -63,6 +64,12 @@ unit: setup
 # The wasmtime host tests and the end-to-end tests load the release .wasm.
 e2e: wasm
 	$(CARGO) test -p grpc-guard-tests
+
+# Envoy on CPU 0, load generator and upstream on CPU 1 (DESIGN.md §7).
+BENCH_ARGS ?=
+bench: wasm
+	$(CARGO) build --release -p grpc-guard-demo --bins
+	taskset -c 1 $(CARGO_TARGET_DIR)/release/grpc-guard-bench --envoy $(ENVOY) --wasm $(WASM) --envoy-cpus 0 $(BENCH_ARGS)
 
 # Ends with one "N passed, N failed" line summed over every test binary.
 test: lint wasm

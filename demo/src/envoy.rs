@@ -37,6 +37,38 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> EnvoyError {
     move |source| EnvoyError::Io { what, source }
 }
 
+/// Which HTTP filter sits before the router: grpc-guard as shipped, or, for
+/// the benchmark's baselines, Envoy's native `grpc_stats` or nothing at all.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HttpFilter {
+    #[default]
+    GrpcGuard,
+    GrpcStats,
+    None,
+}
+
+impl HttpFilter {
+    pub fn name(self) -> &'static str {
+        match self {
+            HttpFilter::GrpcGuard => "grpc-guard",
+            HttpFilter::GrpcStats => "grpc_stats",
+            HttpFilter::None => "bare",
+        }
+    }
+}
+
+const FILTER_BEGIN: &str = "          # grpc-guard filter: begin";
+const FILTER_END: &str = "          # grpc-guard filter: end\n";
+
+/// Envoy's native gRPC statistics filter with per-method stats: the cost a
+/// user pays today for gRPC metrics without grpc-guard.
+const GRPC_STATS_FILTER: &str = "          - name: envoy.filters.http.grpc_stats
+            typed_config:
+              \"@type\": type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig
+              emit_filter_state: true
+              stats_for_all_methods: true
+";
+
 /// The values filled into the template.
 #[derive(Clone, Debug)]
 pub struct EnvoyParams {
@@ -48,6 +80,7 @@ pub struct EnvoyParams {
     pub wasm: PathBuf,
     /// The filter's JSON configuration.
     pub plugin_config: String,
+    pub http_filter: HttpFilter,
 }
 
 impl EnvoyParams {
@@ -60,6 +93,7 @@ impl EnvoyParams {
             down_port: free_port()?,
             wasm,
             plugin_config: plugin_config.to_owned(),
+            http_filter: HttpFilter::GrpcGuard,
         })
     }
 
@@ -85,7 +119,11 @@ impl EnvoyParams {
             ("{{WASM_PATH}}", self.wasm.display().to_string()),
             ("{{PLUGIN_CONFIG}}", plugin_config),
         ];
-        let mut out = template.to_owned();
+        let mut out = match self.http_filter {
+            HttpFilter::GrpcGuard => template.to_owned(),
+            HttpFilter::GrpcStats => swap_filter(template, GRPC_STATS_FILTER)?,
+            HttpFilter::None => swap_filter(template, "")?,
+        };
         for (key, value) in values {
             out = out.replace(key, &value);
         }
@@ -94,6 +132,14 @@ impl EnvoyParams {
             None => Ok(out),
         }
     }
+}
+
+/// The template with the grpc-guard filter block replaced by `replacement`.
+fn swap_filter(template: &str, replacement: &str) -> Result<String, EnvoyError> {
+    let missing = || EnvoyError::Unfilled("grpc-guard filter block markers".to_owned());
+    let begin = template.find(FILTER_BEGIN).ok_or_else(missing)?;
+    let end = template.find(FILTER_END).ok_or_else(missing)? + FILTER_END.len();
+    Ok(format!("{}{replacement}{}", &template[..begin], &template[end..]))
 }
 
 /// A loopback port that was free a moment ago.
@@ -113,12 +159,33 @@ impl Envoy {
     /// Writes the rendered config and starts `binary` with `concurrency` worker
     /// threads; waits until `/ready` answers, or fails with the log's tail.
     pub fn start(binary: &Path, params: EnvoyParams, concurrency: u32, dir: &Path) -> Result<Envoy, EnvoyError> {
+        Envoy::start_on(binary, params, concurrency, dir, None)
+    }
+
+    /// Like [`Envoy::start`], with Envoy pinned to the CPUs in `cpus`
+    /// (`taskset` syntax, e.g. "0") when given: benchmarks keep Envoy and the
+    /// load apart.
+    pub fn start_on(
+        binary: &Path,
+        params: EnvoyParams,
+        concurrency: u32,
+        dir: &Path,
+        cpus: Option<&str>,
+    ) -> Result<Envoy, EnvoyError> {
         fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
         let config = dir.join("envoy.yaml");
         fs::write(&config, params.render(TEMPLATE)?).map_err(io(format!("writing {}", config.display())))?;
         let stdout = fs::File::create(dir.join("access.log")).map_err(io("creating access.log"))?;
         let stderr = fs::File::create(dir.join("envoy.log")).map_err(io("creating envoy.log"))?;
-        let child = Command::new(binary)
+        let mut command = match cpus {
+            Some(cpus) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", cpus]).arg(binary);
+                c
+            }
+            None => Command::new(binary),
+        };
+        let child = command
             .arg("-c")
             .arg(&config)
             .args(["--concurrency", &concurrency.to_string()])
@@ -148,6 +215,11 @@ impl Envoy {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The process id of Envoy (or of `taskset`, which execs Envoy in place).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn params(&self) -> &EnvoyParams {
@@ -241,7 +313,22 @@ mod tests {
             down_port: 4,
             wasm: "/x/grpc_guard.wasm".into(),
             plugin_config: r#"{"log":{"request_id_header":"it's"}}"#.into(),
+            http_filter: HttpFilter::GrpcGuard,
         }
+    }
+
+    #[test]
+    fn baselines_swap_the_filter_block_and_keep_the_router() {
+        let mut p = params();
+        p.http_filter = HttpFilter::GrpcStats;
+        let yaml = p.render(TEMPLATE).unwrap();
+        assert!(yaml.contains("envoy.filters.http.grpc_stats"));
+        assert!(!yaml.contains("envoy.wasm.runtime.v8"));
+        assert!(yaml.contains("envoy.filters.http.router"));
+        p.http_filter = HttpFilter::None;
+        let yaml = p.render(TEMPLATE).unwrap();
+        assert!(!yaml.contains("grpc_stats") && !yaml.contains("wasm.v3.Wasm"));
+        assert!(yaml.contains("envoy.filters.http.router"));
     }
 
     #[test]

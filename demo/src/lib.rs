@@ -9,6 +9,7 @@
 //!
 //! This crate is test and demo tooling: it is never part of the `.wasm`.
 
+pub mod bench;
 mod duration;
 pub mod envoy;
 mod error;

@@ -126,10 +126,16 @@ impl Config {
         if text.trim().is_empty() {
             return Config::from_raw(RawConfig::default());
         }
+        // serde would also read a struct from a JSON array, field by position.
+        if !text.trim_start().starts_with('{') {
+            return Err(ConfigError::new("configuration", "must be a JSON object, e.g. {}"));
+        }
         let de = &mut serde_json::Deserializer::from_str(text);
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            let field = if path == "." { "configuration".to_owned() } else { path };
+            // serde_path_to_error writes "." for the root and "?" where a
+            // syntax error left no path.
+            let field = if path == "." || path == "?" { "configuration".to_owned() } else { path };
             ConfigError { field, reason: e.into_inner().to_string() }
         })?;
         Config::from_raw(raw)
@@ -241,7 +247,15 @@ mod tests {
     #[test]
     fn syntax_error_is_reported_for_the_whole_configuration() {
         let e = err("{not json");
-        assert!(e.to_string().starts_with("invalid grpc-guard configuration:"), "{e}");
+        assert_eq!(e.field, "configuration", "{e}");
+        assert!(
+            e.to_string().starts_with("invalid grpc-guard configuration: configuration: key must be a string"),
+            "{e}"
+        );
+        assert_eq!(
+            err("[\"outbound\"]").to_string(),
+            "invalid grpc-guard configuration: configuration: must be a JSON object, e.g. {}"
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use grpc_guard_demo::envoy::{Envoy, EnvoyParams, TEMPLATE};
+use grpc_guard_demo::envoy::{Envoy, EnvoyParams, HttpFilter, TEMPLATE};
 use grpc_guard_demo::scenario::{self, Scenario};
 use grpc_guard_demo::{lazy_channel, Observed};
 use tokio::net::TcpListener;
@@ -70,6 +70,7 @@ impl Args {
             down_port: self.down_port,
             wasm: self.wasm.clone(),
             plugin_config: self.plugin_config.clone(),
+            http_filter: HttpFilter::GrpcGuard,
         }
     }
 }
