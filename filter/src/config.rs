@@ -51,6 +51,15 @@ pub enum MethodType {
     BidiStream,
 }
 
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
 impl MethodType {
     pub fn as_str(self) -> &'static str {
         match self {

@@ -21,7 +21,7 @@ use proxy_wasm::types::{Action, BufferType, ContextType, GrpcStatusCode, LogLeve
 
 use crate::config::{Config, Direction, MethodType};
 use crate::frames::{Frame, FrameReader};
-use crate::method::{Admission, AdmittedMethods, MethodPath, OTHER};
+use crate::method::{Admission, AdmittedMethods, FnvBuildHasher, MethodPath, OTHER};
 use crate::metrics::{guard, stat_name, Family, MethodLabels};
 use crate::record::{cap, CallRecord, Sampler};
 use crate::status::{GrpcStatus, ResetSide, ResponseSeen};
@@ -96,7 +96,7 @@ impl Slot {
 
 /// The worker's view of which methods have their own labels. Slot 0 is `other`.
 struct Methods {
-    by_path: HashMap<String, usize>,
+    by_path: HashMap<String, usize, FnvBuildHasher>,
     slots: Vec<Slot>,
     /// The shared table as read once it was full: it never changes after
     /// that, so a miss is answered from this copy without a host call, and a
@@ -106,7 +106,7 @@ struct Methods {
 
 impl Methods {
     fn new() -> Methods {
-        Methods { by_path: HashMap::new(), slots: vec![Slot::new(OTHER, OTHER, MethodType::Unary)], full: None }
+        Methods { by_path: HashMap::default(), slots: vec![Slot::new(OTHER, OTHER, MethodType::Unary)], full: None }
     }
 
     /// The slot for a request path: its own, or `other` (0).
@@ -209,7 +209,7 @@ struct Stream {
 struct Call {
     path: String,
     slot: usize,
-    streaming: bool,
+    grpc_type: MethodType,
     start_ns: u64,
     request: FrameReader,
     response: FrameReader,
@@ -233,7 +233,8 @@ fn header(map: MapType, name: &str) -> Option<Vec<u8>> {
 }
 
 fn header_text(map: MapType, name: &str) -> Option<String> {
-    header(map, name).map(|v| String::from_utf8_lossy(&v).into_owned())
+    header(map, name)
+        .map(|v| String::from_utf8(v).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
 }
 
 impl Stream {
@@ -301,7 +302,7 @@ impl Stream {
             |offset, len| hostcalls::get_buffer(buffer, offset, len).ok().flatten(),
             |frame: Frame| sizes.push(frame.len),
         );
-        let (slot, streaming) = (call.slot, call.streaming);
+        let (slot, streaming) = (call.slot, call.grpc_type != MethodType::Unary);
         for size in sizes {
             self.record(slot, family, u64::from(size));
         }
@@ -330,15 +331,18 @@ impl Stream {
             return;
         }
         let config = &self.worker.config;
-        let (service, method, full_name) = match MethodPath::parse(&call.path) {
-            Some(m) => (m.service.to_owned(), m.method.to_owned(), m.full_name()),
-            None => (String::new(), cap(&call.path), String::new()),
+        let (service, method) = match MethodPath::parse(&call.path) {
+            Some(m) => (m.service, m.method),
+            None => ("", cap(&call.path)),
         };
+        // Request headers stay readable in the log callback; reading the id
+        // only for calls that are logged saves a host call on sampled-out ones.
+        let request_id = header_text(MapType::HttpRequestHeaders, &config.request_id_header);
         let record = CallRecord {
             direction: config.direction,
             service,
             method,
-            grpc_type: config.method_type(&full_name).as_str(),
+            grpc_type: call.grpc_type.as_str(),
             status,
             status_source: source,
             http_status: call.seen.http_status.unwrap_or(0),
@@ -347,9 +351,7 @@ impl Stream {
             req_bytes: call.request.message_bytes(),
             resp_msgs: call.response.messages(),
             resp_bytes: call.response.message_bytes(),
-            // Request headers stay readable in the log callback; reading the id
-            // only for calls that are logged saves a host call on sampled-out ones.
-            request_id: header_text(MapType::HttpRequestHeaders, &config.request_id_header).map(|v| cap(&v)),
+            request_id: request_id.as_deref().map(cap),
         };
         let _ = hostcalls::log(LogLevel::Info, &record.to_json());
     }
@@ -367,11 +369,17 @@ impl HttpContext for Stream {
         let path = header_text(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
         let config = &self.worker.config;
         let slot = self.worker.methods.borrow_mut().slot_for(config, &path);
-        let streaming = self.with_slot(slot, |s, _| s.grpc_type != MethodType::Unary).unwrap_or(false);
+        // A labelled method carries its type; a folded one is looked up only
+        // when types are configured at all.
+        let grpc_type = match self.with_slot(slot, |s, _| s.grpc_type) {
+            Some(t) if slot != 0 => t,
+            _ if config.method_types.is_empty() => MethodType::Unary,
+            _ => MethodPath::parse(&path).map_or(MethodType::Unary, |m| config.method_type(&m.full_name())),
+        };
         self.call = Some(Call {
             path,
             slot,
-            streaming,
+            grpc_type,
             start_ns: now_ns(),
             request: FrameReader::default(),
             response: FrameReader::default(),
