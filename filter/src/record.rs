@@ -266,7 +266,7 @@ mod tests {
         fn cap_never_splits_a_character(s in ".{0,200}") {
             let c = cap(&s);
             prop_assert!(c.len() <= MAX_HEADER_VALUE_LEN);
-            prop_assert!(s.starts_with(&c));
+            prop_assert!(s.starts_with(c));
         }
     }
 }
