@@ -29,6 +29,9 @@ help:
 setup:
 	@scripts/setup.sh
 
+# Each capability's own targets (cost model, deployment): mk/*.mk.
+-include mk/*.mk
+
 wasm: setup
 	$(CARGO) build -p grpc-guard-filter --target wasm32-wasip1 --release
 	@echo "filter: $(WASM) ($$(stat -c %s $(WASM)) bytes)"

