@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::deadline::{parse_config_duration, DeadlinePolicy};
 use crate::method::{MethodPath, MethodPattern};
 
 /// A configuration the plugin refuses to start with.
@@ -83,6 +84,36 @@ struct RawConfig {
     direction: Direction,
     metrics: RawMetrics,
     log: RawLog,
+    deadline: RawDeadline,
+    limits: RawLimits,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDeadline {
+    default: Option<String>,
+    max: Option<String>,
+    per_method: BTreeMap<String, RawDeadlineOverride>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeadlineOverride {
+    default: Option<String>,
+    max: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimits {
+    max_request_message_bytes: Option<u64>,
+    per_method: BTreeMap<String, RawLimitsOverride>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimitsOverride {
+    max_request_message_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -112,6 +143,23 @@ impl Default for RawLog {
     }
 }
 
+/// The guards that apply to one method, after per-method overrides.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MethodPolicy {
+    pub deadline: DeadlinePolicy,
+    /// Largest request message let through; larger ones are answered
+    /// RESOURCE_EXHAUSTED before the upstream sees them.
+    pub max_request_message_bytes: Option<u64>,
+}
+
+/// A per-method override: set fields replace the global value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct PolicyOverride {
+    deadline_default: Option<std::time::Duration>,
+    deadline_max: Option<std::time::Duration>,
+    max_request_message_bytes: Option<u64>,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -126,6 +174,10 @@ pub struct Config {
     pub ok_sample: f64,
     /// Request header copied into the log line as `request_id` (lower-case).
     pub request_id_header: String,
+    /// Deadline and size guards for methods without an override.
+    pub global: MethodPolicy,
+    /// Overrides by method pattern, most specific (longest) pattern first.
+    overrides: Vec<(MethodPattern, PolicyOverride)>,
 }
 
 impl Config {
@@ -194,7 +246,10 @@ impl Config {
                 format!("{:?} is not an HTTP header name", log.request_id_header),
             ));
         }
+        let (global, overrides) = policies(raw.deadline, raw.limits)?;
         Ok(Config {
+            global,
+            overrides,
             direction: raw.direction,
             methods: m.methods.iter().map(|p| MethodPattern::new(p)).collect(),
             max_methods: m.max_methods,
@@ -202,6 +257,27 @@ impl Config {
             ok_sample: log.ok_sample,
             request_id_header: header,
         })
+    }
+
+    /// True when some method has its own deadline or size limits.
+    pub fn has_overrides(&self) -> bool {
+        !self.overrides.is_empty()
+    }
+
+    /// The guards for a method (`pkg.Svc/Method`): the most specific matching
+    /// override on top of the global values.
+    pub fn policy_for(&self, full_name: &str) -> MethodPolicy {
+        let Some((_, o)) = self.overrides.iter().find(|(p, _)| p.matches(full_name)) else {
+            return self.global;
+        };
+        let deadline = DeadlinePolicy {
+            default: o.deadline_default.or(self.global.deadline.default),
+            max: o.deadline_max.or(self.global.deadline.max),
+        };
+        MethodPolicy {
+            deadline,
+            max_request_message_bytes: o.max_request_message_bytes.or(self.global.max_request_message_bytes),
+        }
     }
 
     /// The `grpc_type` label of a method.
@@ -215,10 +291,94 @@ impl Config {
     }
 }
 
+fn duration(field: &str, value: Option<&String>) -> Result<Option<std::time::Duration>, ConfigError> {
+    let Some(text) = value else { return Ok(None) };
+    match parse_config_duration(text) {
+        Some(d) if !d.is_zero() => Ok(Some(d)),
+        Some(_) => Err(ConfigError::new(field, "must be greater than zero")),
+        None => {
+            Err(ConfigError::new(field, format!("{text:?} is not a duration like \"250ms\", \"5s\", \"1m\" or \"1h\"")))
+        }
+    }
+}
+
+fn message_limit(field: &str, value: Option<u64>) -> Result<Option<u64>, ConfigError> {
+    match value {
+        Some(0) => Err(ConfigError::new(field, "must be at least 1 byte")),
+        Some(n) if n > u64::from(u32::MAX) => {
+            Err(ConfigError::new(field, format!("must fit a gRPC frame length (at most {}), got {n}", u32::MAX)))
+        }
+        other => Ok(other),
+    }
+}
+
+fn check_default_within_max(prefix: &str, policy: DeadlinePolicy) -> Result<(), ConfigError> {
+    match (policy.default, policy.max) {
+        (Some(d), Some(m)) if d > m => Err(ConfigError::new(
+            &format!("{prefix}default"),
+            format!("{d:?} is above the maximum {m:?} that applies to it"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Validates the deadline and limits sections into the global policy and the
+/// per-method overrides (keys of both `per_method` maps are method patterns).
+fn policies(
+    deadline: RawDeadline,
+    limits: RawLimits,
+) -> Result<(MethodPolicy, Vec<(MethodPattern, PolicyOverride)>), ConfigError> {
+    let global = MethodPolicy {
+        deadline: DeadlinePolicy {
+            default: duration("deadline.default", deadline.default.as_ref())?,
+            max: duration("deadline.max", deadline.max.as_ref())?,
+        },
+        max_request_message_bytes: message_limit("limits.max_request_message_bytes", limits.max_request_message_bytes)?,
+    };
+    check_default_within_max("deadline.", global.deadline)?;
+
+    let mut by_pattern: BTreeMap<String, PolicyOverride> = BTreeMap::new();
+    for (name, o) in &deadline.per_method {
+        let prefix = format!("deadline.per_method.{name}.");
+        check_pattern(&format!("deadline.per_method.{name}"), name)?;
+        let entry = by_pattern.entry(bare(name).to_owned()).or_default();
+        entry.deadline_default = duration(&format!("{prefix}default"), o.default.as_ref())?;
+        entry.deadline_max = duration(&format!("{prefix}max"), o.max.as_ref())?;
+        let merged = DeadlinePolicy {
+            default: entry.deadline_default.or(global.deadline.default),
+            max: entry.deadline_max.or(global.deadline.max),
+        };
+        check_default_within_max(&prefix, merged)?;
+    }
+    for (name, o) in &limits.per_method {
+        let field = format!("limits.per_method.{name}.max_request_message_bytes");
+        check_pattern(&format!("limits.per_method.{name}"), name)?;
+        by_pattern.entry(bare(name).to_owned()).or_default().max_request_message_bytes =
+            message_limit(&field, o.max_request_message_bytes)?;
+    }
+    let mut overrides: Vec<(MethodPattern, PolicyOverride)> =
+        by_pattern.into_iter().map(|(p, o)| (MethodPattern::new(&p), o)).collect();
+    // Most specific first: a longer pattern names fewer methods.
+    overrides.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+    Ok((global, overrides))
+}
+
+fn bare(name: &str) -> &str {
+    name.strip_prefix('/').unwrap_or(name)
+}
+
+fn check_pattern(field: &str, pattern: &str) -> Result<(), ConfigError> {
+    if pattern.is_empty() || !pattern.bytes().all(|b| b.is_ascii_graphic()) || !pattern.contains(['/', '*']) {
+        return Err(ConfigError::new(field, "is not a method pattern like \"pkg.Svc/Method\" or \"pkg.Svc/*\""));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::time::Duration;
 
     fn err(json: &str) -> ConfigError {
         Config::parse(json.as_bytes()).expect_err("config must be rejected")
@@ -289,6 +449,52 @@ mod tests {
         assert!(c.method_allowed("pkg.Svc/Get"));
         assert!(!c.method_allowed("other.Svc/Get"));
         assert_eq!(c.request_id_header, "x-trace");
+    }
+
+    #[test]
+    fn empty_config_sets_no_deadline_and_no_size_limit() {
+        let c = Config::parse(b"{}").unwrap();
+        assert_eq!(c.policy_for("a.B/C"), MethodPolicy::default());
+        assert!(!c.has_overrides());
+    }
+
+    #[test]
+    fn per_method_overrides_win_over_global_values_field_by_field() {
+        let c = Config::parse(
+            br#"{"deadline":{"default":"10s","max":"60s","per_method":{"pkg.Svc/Slow":{"max":"120s"},"pkg.Svc/*":{"default":"1s"}}},
+                "limits":{"max_request_message_bytes":1024,"per_method":{"pkg.Svc/Upload":{"max_request_message_bytes":65536}}}}"#,
+        )
+        .unwrap();
+        let s = Duration::from_secs;
+        let slow = c.policy_for("pkg.Svc/Slow");
+        assert_eq!(slow.deadline, DeadlinePolicy { default: Some(s(10)), max: Some(s(120)) });
+        assert_eq!(slow.max_request_message_bytes, Some(1024));
+        let other = c.policy_for("pkg.Svc/Get");
+        assert_eq!(other.deadline, DeadlinePolicy { default: Some(s(1)), max: Some(s(60)) });
+        assert_eq!(c.policy_for("pkg.Svc/Upload").max_request_message_bytes, Some(65536));
+        assert_eq!(c.policy_for("x.Y/Z").deadline, DeadlinePolicy { default: Some(s(10)), max: Some(s(60)) });
+    }
+
+    #[test]
+    fn bad_deadline_and_limit_values_name_the_field() {
+        assert_eq!(err(r#"{"deadline":{"default":"10 s"}}"#).field, "deadline.default");
+        assert_eq!(err(r#"{"deadline":{"max":"0s"}}"#).field, "deadline.max");
+        assert_eq!(err(r#"{"deadline":{"default":"2m","max":"1m"}}"#).field, "deadline.default");
+        assert_eq!(
+            err(r#"{"deadline":{"max":"1m","per_method":{"a.B/C":{"default":"5m"}}}}"#).field,
+            "deadline.per_method.a.B/C.default"
+        );
+        assert_eq!(
+            err(r#"{"deadline":{"per_method":{"a.B/C":{"dflt":"5m"}}}}"#).field,
+            "deadline.per_method.a.B/C.dflt"
+        );
+        assert_eq!(err(r#"{"deadline":{"per_method":{"nope":{}}}}"#).field, "deadline.per_method.nope");
+        assert_eq!(err(r#"{"limits":{"max_request_message_bytes":0}}"#).field, "limits.max_request_message_bytes");
+        assert_eq!(
+            err(r#"{"limits":{"per_method":{"a.B/C":{"max_request_message_bytes":5000000000}}}}"#).field,
+            "limits.per_method.a.B/C.max_request_message_bytes"
+        );
+        assert_eq!(err(r#"{"limits":{"max_request_message_bytes":-1}}"#).field, "limits.max_request_message_bytes");
     }
 
     proptest! {

@@ -15,6 +15,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
 pub mod config;
+pub mod deadline;
 pub mod frames;
 pub mod method;
 pub mod metrics;

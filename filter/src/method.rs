@@ -58,6 +58,15 @@ impl MethodPattern {
         MethodPattern(pattern.strip_prefix('/').unwrap_or(pattern).to_owned())
     }
 
+    /// Pattern length, for ordering by specificity.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Matches a full name `pkg.Svc/Method`.
     pub fn matches(&self, full_name: &str) -> bool {
         glob_match(self.0.as_bytes(), full_name.as_bytes())

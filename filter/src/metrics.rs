@@ -37,10 +37,24 @@ pub enum Family {
     RequestBytes,
     /// Histogram (bytes): size of each response message.
     ResponseBytes,
+    /// Counter: calls that came without `grpc-timeout` and got the default.
+    DeadlineInjected,
+    /// Counter: calls whose `grpc-timeout` was above the maximum and was cut.
+    DeadlineClamped,
+    /// Counter with `grpc_code`: calls answered by the proxy for their
+    /// `grpc-timeout` (InvalidArgument: malformed; DeadlineExceeded: zero).
+    DeadlineRejected,
+    /// Counter: request messages over the size limit, answered
+    /// ResourceExhausted before the upstream saw them.
+    RequestTooLarge,
+    /// Counter: calls whose upstream outlived the client's interest: it
+    /// answered after the deadline, or had not answered when Envoy ended the
+    /// call at its deadline or the client left. The silent failures.
+    LateResponses,
 }
 
 impl Family {
-    pub const ALL: [Family; 7] = [
+    pub const ALL: [Family; 12] = [
         Family::Started,
         Family::Handled,
         Family::MsgFromClient,
@@ -48,7 +62,21 @@ impl Family {
         Family::HandlingMs,
         Family::RequestBytes,
         Family::ResponseBytes,
+        Family::DeadlineInjected,
+        Family::DeadlineClamped,
+        Family::DeadlineRejected,
+        Family::RequestTooLarge,
+        Family::LateResponses,
     ];
+
+    /// The families labelled with `grpc_code`, and their index among them.
+    pub fn coded_index(self) -> Option<usize> {
+        match self {
+            Family::Handled => Some(0),
+            Family::DeadlineRejected => Some(1),
+            _ => None,
+        }
+    }
 
     pub fn is_histogram(self) -> bool {
         matches!(self, Family::HandlingMs | Family::RequestBytes | Family::ResponseBytes)
@@ -73,6 +101,16 @@ impl Family {
             (Family::RequestBytes, Outbound) => "grpc_client_request_bytes",
             (Family::ResponseBytes, Inbound) => "grpc_server_response_bytes",
             (Family::ResponseBytes, Outbound) => "grpc_client_response_bytes",
+            (Family::DeadlineInjected, Inbound) => "grpc_server_deadline_injected_total",
+            (Family::DeadlineInjected, Outbound) => "grpc_client_deadline_injected_total",
+            (Family::DeadlineClamped, Inbound) => "grpc_server_deadline_clamped_total",
+            (Family::DeadlineClamped, Outbound) => "grpc_client_deadline_clamped_total",
+            (Family::DeadlineRejected, Inbound) => "grpc_server_deadline_rejected_total",
+            (Family::DeadlineRejected, Outbound) => "grpc_client_deadline_rejected_total",
+            (Family::RequestTooLarge, Inbound) => "grpc_server_request_too_large_total",
+            (Family::RequestTooLarge, Outbound) => "grpc_client_request_too_large_total",
+            (Family::LateResponses, Inbound) => "grpc_server_late_responses_total",
+            (Family::LateResponses, Outbound) => "grpc_client_late_responses_total",
         }
     }
 }

@@ -13,18 +13,19 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, GrpcStatusCode, LogLevel, MapType, MetricType, Status};
 
-use crate::config::{Config, Direction, MethodType};
-use crate::frames::{Frame, FrameReader};
+use crate::config::{Config, Direction, MethodPolicy, MethodType};
+use crate::deadline::{is_late, DeadlineDecision, DeadlineSource};
+use crate::frames::{Frame, FrameError, FrameReader};
 use crate::method::{Admission, AdmittedMethods, FnvBuildHasher, MethodPath, OTHER};
 use crate::metrics::{guard, stat_name, Family, MethodLabels};
 use crate::record::{cap, CallRecord, Sampler};
-use crate::status::{GrpcStatus, ResetSide, ResponseSeen};
+use crate::status::{GrpcStatus, ResetSide, ResponseSeen, StatusSource};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -58,31 +59,36 @@ struct Worker {
     sampler: RefCell<Sampler>,
 }
 
-/// The metric ids of one labelled method (or of `other`).
+/// One labelled method (or `other`): its type, its guards and its metric ids.
 struct Slot {
     service: String,
     method: String,
     grpc_type: MethodType,
+    policy: MethodPolicy,
     ids: [Option<u32>; Family::ALL.len()],
-    handled: [Option<u32>; GrpcStatus::ALL.len()],
+    /// Families labelled with `grpc_code`, by [`Family::coded_index`] and code.
+    coded: [[Option<u32>; GrpcStatus::ALL.len()]; 2],
 }
 
 impl Slot {
-    fn new(service: &str, method: &str, grpc_type: MethodType) -> Slot {
+    fn new(service: &str, method: &str, grpc_type: MethodType, policy: MethodPolicy) -> Slot {
         Slot {
             service: service.to_owned(),
             method: method.to_owned(),
             grpc_type,
+            policy,
             ids: [None; Family::ALL.len()],
-            handled: [None; GrpcStatus::ALL.len()],
+            coded: [[None; GrpcStatus::ALL.len()]; 2],
         }
     }
 
-    /// The metric id for `family` (and `code` for `Handled`), defined on first use.
+    /// The metric id for `family` (with `code` for the coded families),
+    /// defined on first use.
     fn metric(&mut self, direction: Direction, family: Family, code: Option<GrpcStatus>) -> Option<u32> {
-        let cell = match code {
-            Some(code) => self.handled.get_mut(code.code() as usize)?,
-            None => self.ids.get_mut(family as usize)?,
+        let cell = match (family.coded_index(), code) {
+            (Some(i), Some(code)) => self.coded.get_mut(i)?.get_mut(code.code() as usize)?,
+            (None, None) => self.ids.get_mut(family as usize)?,
+            _ => return None,
         };
         if cell.is_none() {
             let labels =
@@ -105,8 +111,9 @@ struct Methods {
 }
 
 impl Methods {
-    fn new() -> Methods {
-        Methods { by_path: HashMap::default(), slots: vec![Slot::new(OTHER, OTHER, MethodType::Unary)], full: None }
+    fn new(config: &Config) -> Methods {
+        let other = Slot::new(OTHER, OTHER, MethodType::Unary, config.global);
+        Methods { by_path: HashMap::default(), slots: vec![other], full: None }
     }
 
     /// The slot for a request path: its own, or `other` (0).
@@ -127,7 +134,8 @@ impl Methods {
             return 0;
         }
         let grpc_type = config.method_type(&full_name);
-        self.slots.push(Slot::new(parsed.service, parsed.method, grpc_type));
+        let policy = config.policy_for(&full_name);
+        self.slots.push(Slot::new(parsed.service, parsed.method, grpc_type, policy));
         let slot = self.slots.len() - 1;
         self.by_path.insert(path.to_owned(), slot);
         slot
@@ -171,11 +179,8 @@ impl RootContext for Root {
                     let _ = hostcalls::set_shared_data(key, Some(b""), None);
                 }
                 let sampler = Sampler::new(config.ok_sample);
-                self.worker = Some(Rc::new(Worker {
-                    config,
-                    methods: RefCell::new(Methods::new()),
-                    sampler: RefCell::new(sampler),
-                }));
+                let methods = RefCell::new(Methods::new(&config));
+                self.worker = Some(Rc::new(Worker { config, methods, sampler: RefCell::new(sampler) }));
                 true
             }
             Err(e) => {
@@ -219,6 +224,71 @@ struct Call {
     seen: ResponseSeen,
     /// The status last written to filter state.
     tagged: Option<GrpcStatus>,
+    /// The deadline the call runs under, and where it came from.
+    deadline: Option<Duration>,
+    deadline_source: DeadlineSource,
+    max_request_message_bytes: Option<u64>,
+    /// When the upstream's final status arrived, from the request headers
+    /// (measured only for calls with a deadline; zero otherwise).
+    answered_after: Option<Duration>,
+    /// grpc-guard answered the call itself: it never reached the upstream.
+    answered_by_guard: bool,
+}
+
+impl Call {
+    fn new(path: String, slot: usize, grpc_type: MethodType, policy: MethodPolicy) -> Call {
+        Call {
+            path,
+            slot,
+            grpc_type,
+            start_ns: now_ns(),
+            request: FrameReader::default(),
+            response: FrameReader::default(),
+            counted_req: 0,
+            counted_resp: 0,
+            seen: ResponseSeen::default(),
+            tagged: None,
+            deadline: None,
+            deadline_source: DeadlineSource::None,
+            max_request_message_bytes: policy.max_request_message_bytes,
+            answered_after: None,
+            answered_by_guard: false,
+        }
+    }
+
+    /// Notes that the final status has arrived, if it has and not before.
+    fn note_answer(&mut self) {
+        let final_status = self.seen.trailer_status.or(self.seen.header_status).is_some();
+        if final_status && self.answered_after.is_none() {
+            self.answered_after = Some(match self.deadline {
+                Some(_) => Duration::from_nanos(now_ns().saturating_sub(self.start_ns)),
+                None => Duration::ZERO,
+            });
+        }
+    }
+}
+
+/// Why a body chunk stops a call.
+enum ChunkError {
+    Frame(FrameError),
+    TooLarge { largest: u32, limit: u64 },
+}
+
+impl From<FrameError> for ChunkError {
+    fn from(e: FrameError) -> ChunkError {
+        ChunkError::Frame(e)
+    }
+}
+
+/// The SDK's code type for a status grpc-guard answers with itself.
+fn sdk_code(status: GrpcStatus) -> GrpcStatusCode {
+    match status {
+        GrpcStatus::InvalidArgument => GrpcStatusCode::InvalidArgument,
+        GrpcStatus::DeadlineExceeded => GrpcStatusCode::DeadlineExceeded,
+        GrpcStatus::ResourceExhausted => GrpcStatusCode::ResourceExhausted,
+        GrpcStatus::Internal => GrpcStatusCode::Internal,
+        _ => GrpcStatusCode::Unknown,
+    }
 }
 
 fn now_ns() -> u64 {
@@ -290,7 +360,7 @@ impl Stream {
     }
 
     /// Reads the next body chunk of one direction.
-    fn read_frames(&mut self, buffer: BufferType, chunk_len: usize) -> Result<(), crate::frames::FrameError> {
+    fn read_frames(&mut self, buffer: BufferType, chunk_len: usize) -> Result<(), ChunkError> {
         let Some(call) = self.call.as_mut() else { return Ok(()) };
         let (reader, family) = match buffer {
             BufferType::HttpRequestBody => (&mut call.request, Family::RequestBytes),
@@ -303,13 +373,31 @@ impl Stream {
             |frame: Frame| sizes.push(frame.len),
         );
         let (slot, streaming) = (call.slot, call.grpc_type != MethodType::Unary);
-        for size in sizes {
+        let limit = match buffer {
+            BufferType::HttpRequestBody => call.max_request_message_bytes,
+            _ => None,
+        };
+        for &size in &sizes {
             self.record(slot, family, u64::from(size));
         }
         if streaming {
             self.flush_message_counts();
         }
-        result
+        result?;
+        match (limit, sizes.iter().max()) {
+            (Some(limit), Some(&largest)) if u64::from(largest) > limit => Err(ChunkError::TooLarge { largest, limit }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Answers the client with `status` from the proxy: the call goes no
+    /// further upstream. Valid in request callbacks only.
+    fn answer(&mut self, status: GrpcStatus, message: &str) -> Action {
+        if let Some(call) = self.call.as_mut() {
+            call.answered_by_guard = true;
+        }
+        let _ = hostcalls::send_grpc_response(sdk_code(status), Some(message), vec![]);
+        Action::Pause
     }
 
     fn finish(&mut self) {
@@ -325,6 +413,21 @@ impl Stream {
         let duration_ms = now_ns().saturating_sub(call.start_ns) / 1_000_000;
         self.increment(call.slot, Family::Handled, Some(status), 1);
         self.record(call.slot, Family::HandlingMs, duration_ms);
+        // A DEADLINE_EXCEEDED that Envoy answered itself (its router ending
+        // the call at grpc-timeout) is not the upstream's answer.
+        let ended_by_proxy_timeout = !call.answered_by_guard
+            && status == GrpcStatus::DeadlineExceeded
+            && source == StatusSource::Headers
+            && !matches!(
+                hostcalls::get_property(vec!["response", "code_details"]),
+                Ok(Some(details)) if details == b"via_upstream"
+            );
+        let answered_after = if ended_by_proxy_timeout { None } else { call.answered_after };
+        let late =
+            !call.answered_by_guard && is_late(call.deadline, answered_after, status, source, ended_by_proxy_timeout);
+        if late {
+            self.increment(call.slot, Family::LateResponses, None, 1);
+        }
 
         let log = status != GrpcStatus::Ok || self.worker.sampler.borrow_mut().sample();
         if !log {
@@ -352,6 +455,9 @@ impl Stream {
             resp_msgs: call.response.messages(),
             resp_bytes: call.response.message_bytes(),
             request_id: request_id.as_deref().map(cap),
+            deadline_ms: call.deadline.map(|d| u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)),
+            deadline_source: call.deadline_source,
+            late,
         };
         let _ = hostcalls::log(LogLevel::Info, &record.to_json());
     }
@@ -369,42 +475,67 @@ impl HttpContext for Stream {
         let path = header_text(MapType::HttpRequestHeaders, ":path").unwrap_or_default();
         let config = &self.worker.config;
         let slot = self.worker.methods.borrow_mut().slot_for(config, &path);
-        // A labelled method carries its type; a folded one is looked up only
-        // when types are configured at all.
-        let grpc_type = match self.with_slot(slot, |s, _| s.grpc_type) {
-            Some(t) if slot != 0 => t,
-            _ if config.method_types.is_empty() => MethodType::Unary,
-            _ => MethodPath::parse(&path).map_or(MethodType::Unary, |m| config.method_type(&m.full_name())),
+        // A labelled method carries its type and guards; a folded one is
+        // looked up by name only when per-method settings exist at all.
+        let labelled = if slot == 0 { None } else { self.with_slot(slot, |s, _| (s.grpc_type, s.policy)) };
+        let (grpc_type, policy) = match labelled {
+            Some(settings) => settings,
+            None if config.method_types.is_empty() && !config.has_overrides() => (MethodType::Unary, config.global),
+            None => match MethodPath::parse(&path) {
+                Some(m) => {
+                    let full_name = m.full_name();
+                    (config.method_type(&full_name), config.policy_for(&full_name))
+                }
+                None => (MethodType::Unary, config.global),
+            },
         };
-        self.call = Some(Call {
-            path,
-            slot,
-            grpc_type,
-            start_ns: now_ns(),
-            request: FrameReader::default(),
-            response: FrameReader::default(),
-            counted_req: 0,
-            counted_resp: 0,
-            seen: ResponseSeen::default(),
-            tagged: None,
-        });
+        let mut call = Call::new(path, slot, grpc_type, policy);
+        let decision = policy.deadline.decide(header(MapType::HttpRequestHeaders, "grpc-timeout").as_deref());
+        call.deadline = decision.deadline();
+        call.deadline_source = decision.source();
+        self.call = Some(call);
         self.increment(slot, Family::Started, None, 1);
-        Action::Continue
+        match decision {
+            DeadlineDecision::Keep(_) => Action::Continue,
+            DeadlineDecision::Rewrite { header, source, .. } => {
+                let family =
+                    if source == DeadlineSource::Default { Family::DeadlineInjected } else { Family::DeadlineClamped };
+                self.increment(slot, family, None, 1);
+                let _ = hostcalls::set_map_value_bytes(
+                    MapType::HttpRequestHeaders,
+                    "grpc-timeout",
+                    Some(header.as_bytes()),
+                );
+                Action::Continue
+            }
+            DeadlineDecision::Reject { status, message, .. } => {
+                self.increment(slot, Family::DeadlineRejected, Some(status), 1);
+                self.answer(status, &message)
+            }
+        }
     }
 
     fn on_http_request_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
         if self.call.is_none() {
             return Action::Continue;
         }
-        if let Err(e) = self.read_frames(BufferType::HttpRequestBody, body_size) {
-            if let Ok(id) = hostcalls::define_metric(MetricType::Counter, guard::BAD_FRAMES) {
-                let _ = hostcalls::increment_metric(id, 1);
+        match self.read_frames(BufferType::HttpRequestBody, body_size) {
+            Ok(()) => Action::Continue,
+            Err(ChunkError::Frame(e)) => {
+                if let Ok(id) = hostcalls::define_metric(MetricType::Counter, guard::BAD_FRAMES) {
+                    let _ = hostcalls::increment_metric(id, 1);
+                }
+                self.answer(GrpcStatus::Internal, &format!("grpc-guard: request body is not gRPC: {e}"))
             }
-            let message = format!("grpc-guard: request body is not gRPC: {e}");
-            let _ = hostcalls::send_grpc_response(GrpcStatusCode::Internal, Some(&message), vec![]);
-            return Action::Pause;
+            Err(ChunkError::TooLarge { largest, limit }) => {
+                let slot = self.call.as_ref().map_or(0, |c| c.slot);
+                self.increment(slot, Family::RequestTooLarge, None, 1);
+                let message = format!(
+                    "grpc-guard: request message of {largest} bytes is over this method's limit of {limit} bytes"
+                );
+                self.answer(GrpcStatus::ResourceExhausted, &message)
+            }
         }
-        Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
@@ -414,6 +545,7 @@ impl HttpContext for Stream {
         call.seen.header_status =
             header(MapType::HttpResponseHeaders, "grpc-status").and_then(|v| GrpcStatus::from_header(&v));
         call.seen.complete |= end_of_stream;
+        call.note_answer();
         self.tag_seen_status();
         Action::Continue
     }
@@ -435,6 +567,7 @@ impl HttpContext for Stream {
         call.seen.trailer_status =
             header(MapType::HttpResponseTrailers, "grpc-status").and_then(|v| GrpcStatus::from_header(&v));
         call.seen.complete = true;
+        call.note_answer();
         self.tag_seen_status();
         Action::Continue
     }

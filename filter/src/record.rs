@@ -11,6 +11,7 @@
 //! wasm instructions (fuel, measured in `tests/tests/filter/fuel.rs`).
 
 use crate::config::Direction;
+use crate::deadline::DeadlineSource;
 use crate::status::{GrpcStatus, StatusSource};
 
 /// Longest header-derived value kept in a log line.
@@ -35,6 +36,11 @@ pub struct CallRecord<'a> {
     pub resp_msgs: u64,
     pub resp_bytes: u64,
     pub request_id: Option<&'a str>,
+    /// The effective deadline, milliseconds (rounded up), if the call had one.
+    pub deadline_ms: Option<u64>,
+    pub deadline_source: DeadlineSource,
+    /// The upstream outlived the client's interest ([`crate::deadline::is_late`]).
+    pub late: bool,
 }
 
 impl CallRecord<'_> {
@@ -59,6 +65,12 @@ impl CallRecord<'_> {
             Some(id) => out.str("request_id", id),
             None => out.raw("request_id", "null"),
         }
+        match self.deadline_ms {
+            Some(ms) => out.num("deadline_ms", ms),
+            None => out.raw("deadline_ms", "null"),
+        }
+        out.str("deadline_source", self.deadline_source.as_str());
+        out.raw("late", if self.late { "true" } else { "false" });
         out.0.push('}');
         out.0
     }
@@ -192,6 +204,9 @@ mod tests {
             resp_msgs: 0,
             resp_bytes: 0,
             request_id: Some("abc"),
+            deadline_ms: Some(1500),
+            deadline_source: DeadlineSource::Clamped,
+            late: true,
         }
     }
 
@@ -208,6 +223,9 @@ mod tests {
         assert_eq!(v["req_bytes"], 7);
         assert_eq!(v["request_id"], "abc");
         assert_eq!(v["direction"], "inbound");
+        assert_eq!(v["deadline_ms"], 1500);
+        assert_eq!(v["deadline_source"], "clamped");
+        assert_eq!(v["late"], true);
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //!
 //! [`host`] runs the compiled filter (`grpc_guard.wasm`) inside a deterministic
 //! proxy-wasm host, so the filter's behaviour can be tested stream by stream
-//! without Envoy.
+//! without Envoy. [`e2e`] starts the demo service and a real Envoy for the
+//! end-to-end and deployment tests.
 
+pub mod e2e;
 pub mod host;

@@ -7,5 +7,6 @@
 mod support;
 
 mod config;
+mod deadline;
 mod metrics;
 mod status;

@@ -1,87 +1,16 @@
-//! Starting a demo upstream and Envoy for one test, and reading the Prometheus
-//! exposition the way a scraper does.
+//! Reading the Prometheus exposition the way a scraper does, and the upstreams
+//! only these tests need; the demo upstream and Envoy come from
+//! `grpc_guard_tests::e2e`, shared with the deployment tests.
 
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use grpc_guard_demo::envoy::{Envoy, EnvoyError, EnvoyParams};
-use grpc_guard_demo::Observed;
+use grpc_guard_demo::envoy::Envoy;
+pub use grpc_guard_tests::e2e::*;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-
-/// Envoy worker threads: more than one, so per-worker VMs and shared data are
-/// exercised as in production.
-pub const CONCURRENCY: u32 = 2;
-
-fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The release filter, as `make wasm` builds it.
-pub fn wasm_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("GRPC_GUARD_WASM") {
-        return PathBuf::from(p);
-    }
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
-    let path = target.join("wasm32-wasip1/release/grpc_guard.wasm");
-    assert!(path.exists(), "{} is missing: run `make wasm` (or `make test`) first", path.display());
-    path
-}
-
-/// The Envoy that `make setup` installs into `.venv/`.
-pub fn envoy_binary() -> PathBuf {
-    let path = std::env::var_os("GRPC_GUARD_ENVOY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join(".venv/bin/envoy"));
-    assert!(path.exists(), "{} is missing: run `make setup` (or `make test`) first", path.display());
-    path
-}
-
-/// A fresh directory for one test's Envoy config and logs.
-pub fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("grpc-guard-e2e-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-/// The demo gRPC service on a free loopback port, stopped on drop.
-pub struct Upstream {
-    pub addr: SocketAddr,
-    pub observed: Observed,
-    stop: Option<oneshot::Sender<()>>,
-}
-
-impl Upstream {
-    pub async fn start() -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let observed = Observed::default();
-        let (stop, stopped) = oneshot::channel();
-        tokio::spawn(grpc_guard_demo::serve(listener, observed.clone(), async move {
-            let _ = stopped.await;
-        }));
-        Upstream { addr, observed, stop: Some(stop) }
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-/// Starts Envoy with grpc-guard configured by `plugin_config`, in front of `upstream`.
-pub fn start_envoy(name: &str, upstream: SocketAddr, plugin_config: &str) -> Result<Envoy, EnvoyError> {
-    let params = EnvoyParams::on_free_ports(upstream, wasm_path(), plugin_config)?;
-    Envoy::start(&envoy_binary(), params, CONCURRENCY, &scratch_dir(name))
-}
 
 /// One sample of the exposition: name, labels, value.
 #[derive(Clone, Debug, PartialEq)]

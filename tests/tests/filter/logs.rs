@@ -38,12 +38,15 @@ fn default_config_logs_every_call_with_the_documented_fields() {
     assert_eq!(
         fields,
         [
+            "deadline_ms",
+            "deadline_source",
             "direction",
             "duration_ms",
             "grpc_code",
             "grpc_status",
             "grpc_type",
             "http_status",
+            "late",
             "method",
             "req_bytes",
             "req_msgs",
@@ -63,6 +66,9 @@ fn default_config_logs_every_call_with_the_documented_fields() {
     assert_eq!(log["request_id"], "req-1");
     assert_eq!((log["req_msgs"].as_u64(), log["req_bytes"].as_u64()), (Some(1), Some(11)));
     assert_eq!((log["resp_msgs"].as_u64(), log["resp_bytes"].as_u64()), (Some(1), Some(22)));
+    assert!(log["deadline_ms"].is_null(), "no grpc-timeout and no default: no deadline");
+    assert_eq!(log["deadline_source"], "none");
+    assert_eq!(log["late"], false);
 }
 
 #[test]

@@ -11,6 +11,7 @@
 mod support;
 
 mod config;
+mod deadline;
 mod fuel;
 mod logs;
 mod messages;
