@@ -497,6 +497,28 @@ mod tests {
         assert_eq!(err(r#"{"limits":{"max_request_message_bytes":-1}}"#).field, "limits.max_request_message_bytes");
     }
 
+    /// The README's configuration table: each documented default, set
+    /// explicitly, must give exactly the configuration `{}` gives.
+    #[test]
+    fn readme_documents_the_real_defaults() {
+        let readme = include_str!("../../README.md");
+        let table = readme.split("| field | default | meaning |").nth(1).expect("README has the config table");
+        let mut rows = 0;
+        for line in table.lines().skip(2).take_while(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let field = cells[1].trim_matches('`');
+            let default = cells[2].trim_matches('`');
+            rows += 1;
+            if default == "none" {
+                continue;
+            }
+            let json = field.split('.').rev().fold(default.to_owned(), |inner, key| format!("{{\"{key}\":{inner}}}"));
+            let parsed = Config::parse(json.as_bytes()).unwrap_or_else(|e| panic!("README default of {field}: {e}"));
+            assert_eq!(parsed, Config::parse(b"{}").unwrap(), "README default of {field} is not the real default");
+        }
+        assert!(rows >= 11, "only {rows} config rows found in the README");
+    }
+
     proptest! {
         #[test]
         fn any_bytes_parse_or_fail_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
