@@ -16,6 +16,7 @@
 
 pub mod config;
 pub mod deadline;
+pub mod dedup;
 pub mod frames;
 pub mod method;
 pub mod metrics;

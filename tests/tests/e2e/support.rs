@@ -89,6 +89,12 @@ pub const DEMO_SERVICE: &str = "grpcguard.demo.v1.Demo";
 /// with `status`, echoing the request body, for the cases a gRPC server never
 /// produces: an HTTP error without `grpc-status`, and non-gRPC traffic.
 pub async fn start_plain_http(status: u16) -> SocketAddr {
+    start_plain_http_after(status, std::time::Duration::ZERO).await
+}
+
+/// Like [`start_plain_http`], answering only after `delay`: an upstream that
+/// ignores `grpc-timeout`, as many servers do, so only Envoy can end the call.
+pub async fn start_plain_http_after(status: u16, delay: std::time::Duration) -> SocketAddr {
     use http_body_util::{BodyExt, Full};
     use hyper::body::Incoming;
     use hyper::service::service_fn;
@@ -102,6 +108,7 @@ pub async fn start_plain_http(status: u16) -> SocketAddr {
                 let service = service_fn(move |req: hyper::Request<Incoming>| async move {
                     let seen_type = req.headers().get("content-type").cloned();
                     let body = req.into_body().collect().await?.to_bytes();
+                    tokio::time::sleep(delay).await;
                     let mut response = hyper::Response::builder().status(status).header("x-upstream", "plain-http");
                     if let Some(ct) = seen_type {
                         response = response.header("x-seen-content-type", ct);

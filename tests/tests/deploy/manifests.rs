@@ -1,0 +1,226 @@
+//! The Istio and Prometheus Operator manifests in `istio/`: what the APIs
+//! require, the published CRD schemas, and one source of truth for what
+//! they share with envoy/envoy.yaml, the filter and the rule file.
+
+use std::collections::BTreeSet;
+use std::process::{Command, Stdio};
+
+use grpc_guard_demo::envoy::{EnvoyParams, HttpFilter, TEMPLATE};
+use serde_yaml::Value;
+
+use crate::support::*;
+
+const WASM_PLUGIN: &str = "istio/wasmplugin.yaml";
+const STATS_BOOTSTRAP: &str = "istio/stats-bootstrap.yaml";
+const WORKLOAD_PATCH: &str = "istio/workload-patch.yaml";
+const DESTINATION_RULE: &str = "istio/destinationrule.yaml";
+const PROMETHEUS_RULE: &str = "istio/prometheusrule.yaml";
+const RULE_FILE: &str = "istio/alerts.rules.yml";
+
+/// envoy/envoy.yaml as `make render` writes it, parsed.
+fn envoy_config() -> Value {
+    let params = EnvoyParams {
+        listen_port: 10000,
+        admin_port: 9901,
+        upstream: "127.0.0.1:50051".parse().unwrap(),
+        down_port: 50099,
+        wasm: "/etc/grpc-guard/grpc_guard.wasm".into(),
+        plugin_config: "{}".into(),
+        http_filter: HttpFilter::GrpcGuard,
+    };
+    serde_yaml::from_str(&params.render(TEMPLATE).unwrap()).expect("rendered envoy.yaml is YAML")
+}
+
+/// The `stats_config` the ConfigMap hands to Istio's Envoy.
+fn istio_stats_config() -> serde_json::Value {
+    let map = yaml(STATS_BOOTSTRAP);
+    let file = str_at(&map, STATS_BOOTSTRAP, "data.custom_bootstrap\\.json");
+    let bootstrap: serde_json::Value =
+        serde_json::from_str(file).unwrap_or_else(|e| panic!("{STATS_BOOTSTRAP}: custom_bootstrap.json: {e}"));
+    bootstrap["stats_config"].clone()
+}
+
+fn assert_kind(doc: &Value, file: &str, api_version: &str, kind: &str) {
+    assert_eq!(str_at(doc, file, "apiVersion"), api_version, "{file}");
+    assert_eq!(str_at(doc, file, "kind"), kind, "{file}");
+    assert!(!str_at(doc, file, "metadata.name").is_empty(), "{file}: metadata.name");
+}
+
+#[test]
+fn wasm_plugin_pulls_the_oci_image_after_authorization_and_fails_closed() {
+    let doc = yaml(WASM_PLUGIN);
+    let f = WASM_PLUGIN;
+    assert_kind(&doc, f, "extensions.istio.io/v1alpha1", "WasmPlugin");
+    let url = str_at(&doc, f, "spec.url");
+    assert!(url.starts_with("oci://"), "{f}: spec.url must pull the OCI image from `make oci`, got {url}");
+    assert!(!url.ends_with(":latest"), "{f}: pin a tag or digest, not :latest ({url})");
+    assert_eq!(str_at(&doc, f, "spec.imagePullPolicy"), "IfNotPresent", "{f}");
+    assert_eq!(str_at(&doc, f, "spec.phase"), "STATS", "{f}: after Istio's authn/authz (see the comment there)");
+    assert_eq!(str_at(&doc, f, "spec.failStrategy"), "FAIL_CLOSE", "{f}");
+    assert_eq!(str_at(&doc, f, "spec.type"), "HTTP", "{f}");
+    assert_eq!(str_at(&doc, f, "spec.match.0.mode"), "SERVER", "{f}: direction inbound runs on the server side");
+    let labels = at(&doc, f, "spec.selector.matchLabels").as_mapping().expect("matchLabels is a map");
+    assert!(!labels.is_empty(), "{f}: spec.selector.matchLabels must pick the gRPC server's pods");
+
+    // The same plugin name (root id) as the Envoy config the tests run.
+    let envoy = envoy_config();
+    let root_id = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        ["http_filters"][0]["typed_config"]["config"]["root_id"]
+        .as_str()
+        .expect("envoy.yaml names the plugin's root_id");
+    assert_eq!(str_at(&doc, f, "spec.pluginName"), root_id, "{f}: spec.pluginName");
+}
+
+/// The configuration sections the README documents (`direction`, `metrics`,
+/// `log`, …): the README's table is itself checked against the filter's
+/// defaults, so a new section there is demanded here too.
+fn documented_sections() -> BTreeSet<String> {
+    let readme = read("README.md");
+    let table = readme.split("| field | default | meaning |").nth(1).expect("README has the configuration table");
+    table
+        .lines()
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .filter_map(|l| l.split('`').nth(1))
+        .map(|field| field.split('.').next().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn plugin_config_has_every_documented_section_and_the_filter_accepts_it() {
+    let doc = yaml(WASM_PLUGIN);
+    let config = to_json(at(&doc, WASM_PLUGIN, "spec.pluginConfig"));
+    let sections: BTreeSet<String> = config.as_object().expect("pluginConfig is a map").keys().cloned().collect();
+    let documented = documented_sections();
+    assert!(documented.contains("metrics") && documented.contains("log"), "README sections: {documented:?}");
+    assert_eq!(sections, documented, "{WASM_PLUGIN}: pluginConfig sections vs README \"Configuration\"");
+    // Istio hands pluginConfig to the plugin as JSON: the filter's own parser
+    // must accept it, or the plugin would refuse to start (fail closed).
+    let parsed = grpc_guard::config::Config::parse(config.to_string().as_bytes())
+        .unwrap_or_else(|e| panic!("{WASM_PLUGIN}: the filter refuses pluginConfig: {e}"));
+    assert_eq!(parsed.direction, grpc_guard::config::Direction::Inbound);
+}
+
+#[test]
+fn istio_stats_tags_and_buckets_are_the_ones_in_envoy_yaml() {
+    let map = yaml(STATS_BOOTSTRAP);
+    assert_kind(&map, STATS_BOOTSTRAP, "v1", "ConfigMap");
+    let envoy = to_json(&envoy_config()["stats_config"]);
+    let istio = istio_stats_config();
+    assert!(envoy["stats_tags"].as_array().is_some_and(|t| t.len() == 4), "envoy.yaml stats_tags: {envoy}");
+    assert_eq!(
+        istio["stats_tags"], envoy["stats_tags"],
+        "{STATS_BOOTSTRAP} must carry envoy/envoy.yaml's stats_tags verbatim"
+    );
+    assert_eq!(
+        istio["histogram_bucket_settings"], envoy["histogram_bucket_settings"],
+        "{STATS_BOOTSTRAP} must carry envoy/envoy.yaml's histogram_bucket_settings verbatim"
+    );
+}
+
+#[test]
+fn workload_patch_keeps_the_filter_s_stats_and_mounts_the_tags() {
+    let patch = yaml(WORKLOAD_PATCH);
+    let f = WORKLOAD_PATCH;
+    let proxy_config: Value =
+        serde_yaml::from_str(str_at(&patch, f, "spec.template.metadata.annotations.proxy\\.istio\\.io/config"))
+            .expect("proxy.istio.io/config is YAML");
+    let prefixes: Vec<&str> = at(&proxy_config, f, "proxyStatsMatcher.inclusionPrefixes")
+        .as_sequence()
+        .expect("inclusionPrefixes is a list")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    // Every tagged stat must be one Istio keeps.
+    for tag in istio_stats_config()["stats_tags"].as_array().unwrap() {
+        let regex = tag["regex"].as_str().unwrap();
+        let literal = regex.trim_start_matches('^').split(".*").next().unwrap().replace("\\.", ".");
+        assert!(
+            prefixes.iter().any(|p| literal.starts_with(p)),
+            "{f}: no inclusion prefix keeps the stats that `{regex}` tags (prefixes {prefixes:?})"
+        );
+    }
+    let map = yaml(STATS_BOOTSTRAP);
+    assert_eq!(
+        str_at(&patch, f, "spec.template.metadata.annotations.sidecar\\.istio\\.io/bootstrapOverride"),
+        str_at(&map, STATS_BOOTSTRAP, "metadata.name"),
+        "{f}: the bootstrap override names the ConfigMap"
+    );
+    let namespaces: BTreeSet<String> = [WASM_PLUGIN, STATS_BOOTSTRAP, DESTINATION_RULE, PROMETHEUS_RULE]
+        .iter()
+        .map(|file| str_at(&yaml(file), file, "metadata.namespace").to_owned())
+        .collect();
+    assert_eq!(namespaces.len(), 1, "the manifests must share the workload's namespace: {namespaces:?}");
+}
+
+#[test]
+fn destination_rule_hashes_calls_on_the_idempotency_key() {
+    let doc = yaml(DESTINATION_RULE);
+    let f = DESTINATION_RULE;
+    assert_kind(&doc, f, "networking.istio.io/v1", "DestinationRule");
+    assert!(str_at(&doc, f, "spec.host").ends_with(".svc.cluster.local"), "{f}: spec.host is the ClusterIP service");
+    assert_eq!(
+        str_at(&doc, f, "spec.trafficPolicy.loadBalancer.consistentHash.httpHeaderName"),
+        "x-idempotency-key",
+        "{f}"
+    );
+    assert!(read(f).contains("headless"), "{f}: keep the note on headless services");
+}
+
+#[test]
+fn prometheus_rule_carries_the_rule_file_s_groups() {
+    let rule = yaml(PROMETHEUS_RULE);
+    assert_kind(&rule, PROMETHEUS_RULE, "monitoring.coreos.com/v1", "PrometheusRule");
+    assert_eq!(
+        at(&rule, PROMETHEUS_RULE, "spec.groups"),
+        at(&yaml(RULE_FILE), RULE_FILE, "groups"),
+        "{PROMETHEUS_RULE} differs from {RULE_FILE} (the source): run `make prometheusrule`"
+    );
+}
+
+/// Runs istio/schema-check/validate.mjs on `docs`; its exit status and output.
+fn schema_check(docs: &[serde_json::Value]) -> (bool, String) {
+    let node_modules = repo_file(".venv/schema-check/node_modules");
+    assert!(
+        node_modules.join("@kubernetes-models/istio").is_dir(),
+        "{} is missing: run `make setup` (scripts/setup.d/deploy.sh installs the published CRD schemas from npm)",
+        node_modules.display()
+    );
+    let mut child = Command::new(tool("node"))
+        .arg(repo_file("istio/schema-check/validate.mjs"))
+        .arg(&node_modules)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting node");
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(serde_json::to_string(docs).unwrap().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn crd_manifests() -> Vec<serde_json::Value> {
+    [WASM_PLUGIN, DESTINATION_RULE, PROMETHEUS_RULE].iter().map(|f| to_json(&yaml(f))).collect()
+}
+
+#[test]
+fn manifests_pass_istio_s_and_the_prometheus_operator_s_published_schemas() {
+    let (ok, output) = schema_check(&crd_manifests());
+    assert!(ok, "schema check failed:\n{output}");
+    for kind in ["WasmPlugin", "DestinationRule", "PrometheusRule"] {
+        assert!(output.lines().any(|l| l.starts_with(&format!("ok {kind} "))), "{output}");
+    }
+}
+
+#[test]
+fn schema_check_refuses_a_misspelled_field_and_an_unknown_phase() {
+    let mut docs = crd_manifests();
+    docs[0]["spec"]["phase"] = "STAT".into();
+    docs[1]["spec"]["trafficPolicy"]["loadBalancer"]["consistentHash"]["httpHeader"] = "x-idempotency-key".into();
+    let (ok, output) = schema_check(&docs);
+    assert!(!ok, "{output}");
+    assert!(output.contains("invalid WasmPlugin") && output.contains("/spec/phase"), "{output}");
+    assert!(output.contains("consistentHash/httpHeader: unknown field"), "{output}");
+    assert!(output.contains("ok PrometheusRule"), "{output}");
+}

@@ -1,0 +1,166 @@
+//! The alert rules on a real Prometheus (Debian's), scraping a real Envoy
+//! that runs the filter in front of the demo service while some calls fail
+//! with Unavailable, some take over a second, and some outlive their
+//! deadline (late responses). The rules are
+//! istio/alerts.rules.yml as shipped except `for:`, cut from 5m to 1s so the
+//! test ends in seconds; the expressions, windows and thresholds are the
+//! file's own.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use grpc_guard_demo::pb::EchoRequest;
+use serde_yaml::Value;
+
+use crate::support::*;
+
+const ALERTS: [&str; 3] = ["GrpcServerErrorRatioHigh", "GrpcServerLatencyP95High", "GrpcServerLateResponses"];
+/// Long enough for the p95 alert: one call in twelve lands in the
+/// (1000, 2500] ms bucket.
+const SLOW_MS: u32 = 1200;
+/// A call whose `grpc-timeout` is 200 ms and whose server takes 600 ms: a late
+/// response either way. tonic's channel arms its own timer from the same
+/// header, so the client sees DeadlineExceeded when Envoy ends the call first
+/// and Cancelled when its own timer does (it then resets the stream: the
+/// client left).
+const LATE_GRPC_TIMEOUT: &str = "200m";
+const LATE_DELAY_MS: u32 = 600;
+const CALLS_PER_ROUND: u32 = 12;
+
+/// istio/alerts.rules.yml with every `for:` set to 1s; the alert expressions.
+fn fast_rules() -> (String, Vec<(String, String)>) {
+    let mut rules = yaml("istio/alerts.rules.yml");
+    let mut exprs = Vec::new();
+    for group in rules["groups"].as_sequence_mut().unwrap() {
+        for rule in group["rules"].as_sequence_mut().unwrap() {
+            rule["for"] = Value::from("1s");
+            exprs.push((rule["alert"].as_str().unwrap().to_owned(), rule["expr"].as_str().unwrap().to_owned()));
+        }
+    }
+    (serde_yaml::to_string(&rules).unwrap(), exprs)
+}
+
+/// An instant query; the result vector as (labels, value) pairs.
+fn query(base: &str, expr: &str) -> Vec<(serde_json::Value, f64)> {
+    let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(5))).build().into();
+    let body = agent
+        .get(format!("{base}/api/v1/query"))
+        .query("query", expr)
+        .call()
+        .and_then(|mut r| r.body_mut().read_to_string())
+        .unwrap_or_else(|e| panic!("Prometheus query {expr}: {e}"));
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["status"], "success", "{answer}");
+    answer["data"]["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["metric"].clone(), s["value"][1].as_str().unwrap().parse().unwrap_or(f64::NAN)))
+        .collect()
+}
+
+fn firing(base: &str) -> Vec<String> {
+    query(base, r#"ALERTS{alertstate="firing"}"#)
+        .into_iter()
+        .filter_map(|(labels, _)| labels["alertname"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_fires_every_alert_on_envoy_s_metrics_during_failures_slow_calls_and_late_responses() {
+    let prometheus_bin = tool("prometheus");
+    let dir = scratch_dir("prometheus");
+    let upstream = grpc_guard_tests::e2e::Upstream::start().await;
+    let envoy = grpc_guard_tests::e2e::start_envoy("deploy-prometheus", upstream.addr, "{}").unwrap();
+
+    let (rules, exprs) = fast_rules();
+    std::fs::write(dir.join("alerts.fast.yml"), rules).unwrap();
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n- {}\nscrape_configs:\n- job_name: envoy\n  metrics_path: /stats/prometheus\n  static_configs:\n  - targets: ['{}']\n",
+            dir.join("alerts.fast.yml").display(),
+            envoy.params().admin_addr()
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let prometheus = Server::start(
+        "prometheus",
+        Command::new(prometheus_bin)
+            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn"),
+        &dir,
+        &format!("{base}/-/ready"),
+    );
+
+    let channel = grpc_guard_demo::lazy_channel(&envoy.grpc_uri()).unwrap();
+    let client = grpc_guard_demo::client(channel);
+    // Rounds of 8 OK calls, 2 Unavailable (17 %), 1 slow call (8 %) and 1
+    // late response (8 %), until every alert fires; 45 s at most.
+    let deadline = Instant::now() + Duration::from_secs(45);
+    let mut rounds = 0;
+    let fired = loop {
+        let mut calls = Vec::new();
+        for i in 0..CALLS_PER_ROUND {
+            let mut client = client.clone();
+            let mut request = tonic::Request::new(EchoRequest {
+                message: format!("alert test {i}"),
+                fail_code: if i < 2 { tonic::Code::Unavailable as i32 } else { 0 },
+                delay_ms: match i {
+                    2 => SLOW_MS,
+                    3 => LATE_DELAY_MS,
+                    _ => 0,
+                },
+                ..EchoRequest::default()
+            });
+            if i == 3 {
+                request.metadata_mut().insert("grpc-timeout", LATE_GRPC_TIMEOUT.parse().unwrap());
+            }
+            calls.push(tokio::spawn(async move { client.echo(request).await.map_err(|s| s.code()) }));
+        }
+        for (i, call) in calls.into_iter().enumerate() {
+            let result = call.await.unwrap().map(|_| ());
+            match i {
+                0 | 1 => assert_eq!(result, Err(tonic::Code::Unavailable), "call {i}"),
+                3 => assert!(
+                    matches!(result, Err(tonic::Code::DeadlineExceeded | tonic::Code::Cancelled)),
+                    "call {i}: {result:?}"
+                ),
+                _ => assert_eq!(result, Ok(()), "call {i}"),
+            }
+        }
+        rounds += 1;
+        let fired = firing(&base);
+        if ALERTS.iter().all(|a| fired.iter().any(|f| f == a)) || Instant::now() > deadline {
+            break fired;
+        }
+    };
+
+    let mut seen = String::new();
+    let mut demo_echo = 0;
+    for (alert, expr) in &exprs {
+        for (labels, value) in query(&base, expr) {
+            seen.push_str(&format!("  {alert}: {labels} = {value}\n"));
+            if labels["grpc_service"] == "grpcguard.demo.v1.Demo" && labels["grpc_method"] == "Echo" {
+                demo_echo += 1;
+            }
+        }
+    }
+    println!("after {rounds} rounds, firing: {fired:?}\nalert expressions:\n{seen}");
+    for alert in ALERTS {
+        assert!(
+            fired.iter().any(|f| f == alert),
+            "{alert} did not fire within 45 s ({rounds} rounds); firing: {fired:?}\nexpressions:\n{seen}\nprometheus log:\n{}",
+            prometheus.log_text()
+        );
+    }
+    // Every expression holds for the demo's Echo, labelled by envoy.yaml's stats_tags.
+    assert_eq!(demo_echo, ALERTS.len(), "expected every expression true for grpcguard.demo.v1.Demo/Echo:\n{seen}");
+    drop(prometheus);
+    drop(envoy);
+    drop(upstream);
+}

@@ -1,0 +1,155 @@
+//! Paths, YAML, external tools and child processes for the deployment tests.
+
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+pub use grpc_guard_tests::e2e::workspace_root;
+
+/// A file of the workspace, e.g. `istio/wasmplugin.yaml`.
+pub fn repo_file(relative: &str) -> PathBuf {
+    workspace_root().join(relative)
+}
+
+pub fn read(relative: &str) -> String {
+    let path = repo_file(relative);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// The one YAML document in a workspace file.
+pub fn yaml(relative: &str) -> serde_yaml::Value {
+    serde_yaml::from_str(&read(relative)).unwrap_or_else(|e| panic!("{relative} is not YAML: {e}"))
+}
+
+/// `value[a][b]…` for a path `a.b…` (`\\.` for a dot inside a key, numbers
+/// index lists), failing with the path when a key is missing.
+pub fn at<'a>(value: &'a serde_yaml::Value, file: &str, path: &str) -> &'a serde_yaml::Value {
+    let mut node = value;
+    for key in path.replace("\\.", "\0").split('.') {
+        let key = key.replace('\0', ".");
+        node = match key.parse::<usize>() {
+            Ok(i) => node.get(i),
+            Err(_) => node.get(&key),
+        }
+        .unwrap_or_else(|| panic!("{file}: `{path}` is required (missing at `{key}`)"));
+    }
+    node
+}
+
+pub fn str_at<'a>(value: &'a serde_yaml::Value, file: &str, path: &str) -> &'a str {
+    at(value, file, path).as_str().unwrap_or_else(|| panic!("{file}: `{path}` must be a string"))
+}
+
+pub fn to_json(value: &serde_yaml::Value) -> serde_json::Value {
+    serde_json::to_value(value).expect("YAML value converts to JSON")
+}
+
+/// The Debian package that brings each tool (scripts/setup.d/deploy.sh).
+const TOOLS: &[(&str, &str)] = &[
+    ("promtool", "prometheus"),
+    ("prometheus", "prometheus"),
+    ("umoci", "umoci"),
+    ("skopeo", "skopeo"),
+    ("docker-registry", "docker-registry"),
+    ("jq", "jq"),
+    ("node", "nodejs"),
+];
+
+/// A tool on PATH, or a failure that says how to install it.
+pub fn tool(name: &str) -> PathBuf {
+    let package = TOOLS.iter().find(|(t, _)| *t == name).map_or(name, |(_, p)| p);
+    std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join(name)).find(|p| p.is_file()))
+        .unwrap_or_else(|| {
+            panic!("`{name}` is not installed: run `make setup` (scripts/setup.sh installs the Debian package `{package}`)")
+        })
+}
+
+/// Runs a command to completion; fails with its output unless it succeeded.
+pub fn run_ok(command: &mut Command) -> Output {
+    let out = command.output().unwrap_or_else(|e| panic!("running {command:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{command:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A fresh directory for one test's files (configs, storage, logs), kept
+/// after the run for a look after a failure.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("grpc-guard-deploy-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port()
+}
+
+/// A server process started by a test, killed when the test ends, pass or fail.
+pub struct Server {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts `command` with its output in `dir/<name>.log` and waits until
+    /// `ready_url` answers 200 (10 s at most).
+    pub fn start(name: &str, command: &mut Command, dir: &Path, ready_url: &str) -> Server {
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = command
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name} ({command:?}): {e}"));
+        let mut server = Server { child, log };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("{name} exited with {status} before it was ready:\n{}", server.log_text());
+            }
+            if http_get(ready_url, &[]).is_ok() {
+                return server;
+            }
+            assert!(Instant::now() < deadline, "{name} not ready at {ready_url} after 10 s:\n{}", server.log_text());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain-HTTP GET on loopback: status 200's headers and body, or why not.
+pub fn http_get(url: &str, headers: &[(&str, &str)]) -> Result<(ureq::http::HeaderMap, Vec<u8>), String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(10))).build().into();
+    let mut request = agent.get(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let mut response = request.call().map_err(|e| format!("GET {url}: {e}"))?;
+    let body = response
+        .body_mut()
+        .with_config()
+        .limit(64 << 20)
+        .read_to_vec()
+        .map_err(|e| format!("GET {url}: reading the body: {e}"))?;
+    Ok((response.headers().clone(), body))
+}
