@@ -1,5 +1,5 @@
 # Deployment: the OCI image Istio's WasmPlugin pulls, and the Prometheus rules
-# (istio/, istio/README-section.md). Included by the root Makefile.
+# (istio/; README "Deploying on Istio"). Included by the root Makefile.
 
 # The image's tag follows the filter crate's version.
 OCI_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' filter/Cargo.toml | head -n 1)
