@@ -77,6 +77,46 @@ pub const DEFAULT_MAX_METHODS: usize = 200;
 /// code seen, in every Envoy, for Envoy's lifetime.
 pub const MAX_MAX_METHODS: usize = 10_000;
 pub const DEFAULT_REQUEST_ID_HEADER: &str = "x-request-id";
+/// The caller's identity: the mTLS peer, the credentials, the virtual host.
+pub const DEFAULT_DEDUP_SCOPE: [&str; 3] = ["source.principal", "header:authorization", ":authority"];
+/// Most slots a dedup table may have (each is one shared-data entry).
+pub const MAX_DEDUP_ENTRIES: u32 = 1_000_000;
+/// Largest answer that may be kept for replay.
+pub const MAX_DEDUP_RESPONSE_BYTES: u32 = 4 * 1024 * 1024;
+
+/// What a call with an idempotency key gets when its slots are all taken.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhenFull {
+    /// RESOURCE_EXHAUSTED: never run a keyed call without its guarantee.
+    #[default]
+    Reject,
+    /// Forward it undeduplicated, and count it.
+    Forward,
+}
+
+/// One value that scopes idempotency keys, so that one caller can never get
+/// another caller's answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ScopePart {
+    /// Envoy's `source.principal`: the mTLS peer's identity (SPIFFE ID).
+    SourcePrincipal,
+    /// A request header (its SHA-256 is what is kept, never the value).
+    Header(String),
+}
+
+/// The deduplication settings; `None` in [`Config::dedup`] when no method is listed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DedupConfig {
+    pub header: String,
+    pub methods: Vec<MethodPattern>,
+    pub require_key: bool,
+    pub ttl: std::time::Duration,
+    pub max_entries: u32,
+    pub max_response_bytes: u32,
+    pub scope: Vec<ScopePart>,
+    pub when_full: WhenFull,
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -86,6 +126,35 @@ struct RawConfig {
     log: RawLog,
     deadline: RawDeadline,
     limits: RawLimits,
+    dedup: RawDedup,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDedup {
+    header: String,
+    methods: Vec<String>,
+    require_key: bool,
+    ttl: String,
+    max_entries: u32,
+    max_response_bytes: u32,
+    scope: Vec<String>,
+    when_full: WhenFull,
+}
+
+impl Default for RawDedup {
+    fn default() -> Self {
+        RawDedup {
+            header: "x-idempotency-key".to_owned(),
+            methods: Vec::new(),
+            require_key: false,
+            ttl: "5m".to_owned(),
+            max_entries: 10_000,
+            max_response_bytes: 65_536,
+            scope: DEFAULT_DEDUP_SCOPE.iter().map(|s| (*s).to_owned()).collect(),
+            when_full: WhenFull::Reject,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -178,6 +247,8 @@ pub struct Config {
     pub global: MethodPolicy,
     /// Overrides by method pattern, most specific (longest) pattern first.
     overrides: Vec<(MethodPattern, PolicyOverride)>,
+    /// Idempotency keys and deduplication, when some method is listed.
+    pub dedup: Option<DedupConfig>,
 }
 
 impl Config {
@@ -247,7 +318,9 @@ impl Config {
             ));
         }
         let (global, overrides) = policies(raw.deadline, raw.limits)?;
+        let dedup = dedup_config(raw.dedup, &method_types)?;
         Ok(Config {
+            dedup,
             global,
             overrides,
             direction: raw.direction,
@@ -280,6 +353,11 @@ impl Config {
         }
     }
 
+    /// True when calls to this method are deduplicated by idempotency key.
+    pub fn dedup_applies(&self, full_name: &str) -> bool {
+        self.dedup.as_ref().is_some_and(|d| d.methods.iter().any(|p| p.matches(full_name)))
+    }
+
     /// The `grpc_type` label of a method.
     pub fn method_type(&self, full_name: &str) -> MethodType {
         self.method_types.get(full_name).copied().unwrap_or_default()
@@ -289,6 +367,74 @@ impl Config {
     pub fn method_allowed(&self, full_name: &str) -> bool {
         self.methods.iter().any(|p| p.matches(full_name))
     }
+}
+
+fn dedup_config(
+    raw: RawDedup,
+    method_types: &BTreeMap<String, MethodType>,
+) -> Result<Option<DedupConfig>, ConfigError> {
+    let header = raw.header.to_ascii_lowercase();
+    if header.is_empty() || !header.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err(ConfigError::new("dedup.header", format!("{:?} is not an HTTP header name", raw.header)));
+    }
+    let mut methods = Vec::new();
+    for (i, pattern) in raw.methods.iter().enumerate() {
+        let field = format!("dedup.methods[{i}]");
+        check_pattern(&field, pattern)?;
+        let p = MethodPattern::new(pattern);
+        // Only a unary call has one answer to keep and replay.
+        if let Some((name, kind)) = method_types.iter().find(|(n, k)| **k != MethodType::Unary && p.matches(n)) {
+            return Err(ConfigError::new(
+                &field,
+                format!("{pattern:?} covers {name}, a {} method; only unary calls can be deduplicated", kind.as_str()),
+            ));
+        }
+        methods.push(p);
+    }
+    let ttl = duration("dedup.ttl", Some(&raw.ttl))?.unwrap_or_default();
+    if raw.max_entries == 0 || raw.max_entries > MAX_DEDUP_ENTRIES {
+        return Err(ConfigError::new(
+            "dedup.max_entries",
+            format!("must be between 1 and {MAX_DEDUP_ENTRIES}, got {}", raw.max_entries),
+        ));
+    }
+    if raw.max_response_bytes == 0 || raw.max_response_bytes > MAX_DEDUP_RESPONSE_BYTES {
+        return Err(ConfigError::new(
+            "dedup.max_response_bytes",
+            format!("must be between 1 and {MAX_DEDUP_RESPONSE_BYTES}, got {}", raw.max_response_bytes),
+        ));
+    }
+    let mut scope = Vec::new();
+    for (i, part) in raw.scope.iter().enumerate() {
+        scope.push(match part.as_str() {
+            "source.principal" => ScopePart::SourcePrincipal,
+            ":authority" => ScopePart::Header(":authority".to_owned()),
+            other => match other.strip_prefix("header:") {
+                Some(name) if !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic()) => {
+                    ScopePart::Header(name.to_ascii_lowercase())
+                }
+                _ => {
+                    return Err(ConfigError::new(
+                        &format!("dedup.scope[{i}]"),
+                        format!("{other:?} is not \"source.principal\", \":authority\" or \"header:NAME\""),
+                    ))
+                }
+            },
+        });
+    }
+    if methods.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(DedupConfig {
+        header,
+        methods,
+        require_key: raw.require_key,
+        ttl,
+        max_entries: raw.max_entries,
+        max_response_bytes: raw.max_response_bytes,
+        scope,
+        when_full: raw.when_full,
+    }))
 }
 
 fn duration(field: &str, value: Option<&String>) -> Result<Option<std::time::Duration>, ConfigError> {
@@ -517,6 +663,47 @@ mod tests {
             assert_eq!(parsed, Config::parse(b"{}").unwrap(), "README default of {field} is not the real default");
         }
         assert!(rows >= 11, "only {rows} config rows found in the README");
+    }
+
+    #[test]
+    fn dedup_is_off_until_a_method_is_listed_and_has_documented_defaults() {
+        assert_eq!(Config::parse(b"{}").unwrap().dedup, None);
+        let c = Config::parse(br#"{"dedup":{"methods":["pkg.Orders/Create*"]}}"#).unwrap();
+        let d = c.dedup.clone().unwrap();
+        assert_eq!(d.header, "x-idempotency-key");
+        assert!(!d.require_key);
+        assert_eq!(d.ttl, Duration::from_secs(300));
+        assert_eq!((d.max_entries, d.max_response_bytes), (10_000, 65_536));
+        assert_eq!(
+            d.scope,
+            [
+                ScopePart::SourcePrincipal,
+                ScopePart::Header("authorization".into()),
+                ScopePart::Header(":authority".into())
+            ]
+        );
+        assert_eq!(d.when_full, WhenFull::Reject);
+        assert!(c.dedup_applies("pkg.Orders/CreateOrder"));
+        assert!(!c.dedup_applies("pkg.Orders/Get"));
+    }
+
+    #[test]
+    fn streaming_method_in_dedup_methods_is_refused_at_config_time() {
+        let e =
+            err(r#"{"metrics":{"method_types":{"pkg.Svc/Watch":"server_stream"}},"dedup":{"methods":["pkg.Svc/*"]}}"#);
+        assert_eq!(e.field, "dedup.methods[0]");
+        assert!(e.reason.contains("pkg.Svc/Watch, a server_stream method"), "{e}");
+    }
+
+    #[test]
+    fn bad_dedup_values_name_the_field() {
+        assert_eq!(err(r#"{"dedup":{"ttl":"forever"}}"#).field, "dedup.ttl");
+        assert_eq!(err(r#"{"dedup":{"max_entries":0}}"#).field, "dedup.max_entries");
+        assert_eq!(err(r#"{"dedup":{"max_response_bytes":99999999}}"#).field, "dedup.max_response_bytes");
+        assert_eq!(err(r#"{"dedup":{"scope":["source.ip"]}}"#).field, "dedup.scope[0]");
+        assert_eq!(err(r#"{"dedup":{"when_full":"drop"}}"#).field, "dedup.when_full");
+        assert_eq!(err(r#"{"dedup":{"header":"bad header"}}"#).field, "dedup.header");
+        assert_eq!(err(r#"{"dedup":{"methods":["nope"]}}"#).field, "dedup.methods[0]");
     }
 
     proptest! {

@@ -29,6 +29,13 @@ pub fn digest(parts: &[&[u8]]) -> Digest {
     h.finalize().into()
 }
 
+/// The fingerprint of a request body: SHA-256 of its bytes, the same as
+/// hashing them chunk by chunk as they stream.
+pub fn fingerprint(body: &[u8]) -> Digest {
+    use sha2::{Digest as _, Sha256};
+    Sha256::digest(body).into()
+}
+
 /// Slots probed after the home slot.
 pub const PROBES: u32 = 4;
 
@@ -471,6 +478,16 @@ mod tests {
         assert_eq!(check_key(Some(&[b'a'; 256]), false), Err(KeyError::TooLong(256)));
         assert_eq!(check_key(Some(b"a b"), false), Err(KeyError::NotPrintable));
         assert_eq!(check_key(Some(b"order-42"), true), Ok(Some(&b"order-42"[..])));
+    }
+
+    #[test]
+    fn fingerprint_of_the_whole_equals_the_streamed_hash() {
+        use sha2::{Digest as _, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"hello ");
+        h.update(b"world");
+        let streamed: Digest = h.finalize().into();
+        assert_eq!(fingerprint(b"hello world"), streamed);
     }
 
     #[test]

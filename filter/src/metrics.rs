@@ -51,10 +51,28 @@ pub enum Family {
     /// answered after the deadline, or had not answered when Envoy ended the
     /// call at its deadline or the client left. The silent failures.
     LateResponses,
+    /// Counter: keyed calls that ran upstream as the first of their key.
+    DedupFirst,
+    /// Counter: retries answered from the table, without reaching the upstream.
+    DedupReplayed,
+    /// Counter: retries refused ABORTED while the first call was running.
+    DedupInFlight,
+    /// Counter: keys reused with a different request (INVALID_ARGUMENT).
+    DedupMismatch,
+    /// Counter: retries of a call whose answer was too large to keep
+    /// (ALREADY_EXISTS).
+    DedupNotKept,
+    /// Counter: expired entries of other keys overwritten to make room.
+    DedupEvicted,
+    /// Counter: keyed calls that found every probed slot taken.
+    DedupFull,
+    /// Counter: idempotency keys refused (missing where required, empty,
+    /// too long, not printable).
+    DedupKeyRejected,
 }
 
 impl Family {
-    pub const ALL: [Family; 12] = [
+    pub const ALL: [Family; 20] = [
         Family::Started,
         Family::Handled,
         Family::MsgFromClient,
@@ -67,6 +85,14 @@ impl Family {
         Family::DeadlineRejected,
         Family::RequestTooLarge,
         Family::LateResponses,
+        Family::DedupFirst,
+        Family::DedupReplayed,
+        Family::DedupInFlight,
+        Family::DedupMismatch,
+        Family::DedupNotKept,
+        Family::DedupEvicted,
+        Family::DedupFull,
+        Family::DedupKeyRejected,
     ];
 
     /// The families labelled with `grpc_code`, and their index among them.
@@ -111,6 +137,22 @@ impl Family {
             (Family::RequestTooLarge, Outbound) => "grpc_client_request_too_large_total",
             (Family::LateResponses, Inbound) => "grpc_server_late_responses_total",
             (Family::LateResponses, Outbound) => "grpc_client_late_responses_total",
+            (Family::DedupFirst, Inbound) => "grpc_server_dedup_first_total",
+            (Family::DedupFirst, Outbound) => "grpc_client_dedup_first_total",
+            (Family::DedupReplayed, Inbound) => "grpc_server_dedup_replayed_total",
+            (Family::DedupReplayed, Outbound) => "grpc_client_dedup_replayed_total",
+            (Family::DedupInFlight, Inbound) => "grpc_server_dedup_in_flight_total",
+            (Family::DedupInFlight, Outbound) => "grpc_client_dedup_in_flight_total",
+            (Family::DedupMismatch, Inbound) => "grpc_server_dedup_mismatch_total",
+            (Family::DedupMismatch, Outbound) => "grpc_client_dedup_mismatch_total",
+            (Family::DedupNotKept, Inbound) => "grpc_server_dedup_not_kept_total",
+            (Family::DedupNotKept, Outbound) => "grpc_client_dedup_not_kept_total",
+            (Family::DedupEvicted, Inbound) => "grpc_server_dedup_evicted_total",
+            (Family::DedupEvicted, Outbound) => "grpc_client_dedup_evicted_total",
+            (Family::DedupFull, Inbound) => "grpc_server_dedup_full_total",
+            (Family::DedupFull, Outbound) => "grpc_client_dedup_full_total",
+            (Family::DedupKeyRejected, Inbound) => "grpc_server_dedup_key_rejected_total",
+            (Family::DedupKeyRejected, Outbound) => "grpc_client_dedup_key_rejected_total",
         }
     }
 }

@@ -41,6 +41,40 @@ pub struct CallRecord<'a> {
     pub deadline_source: DeadlineSource,
     /// The upstream outlived the client's interest ([`crate::deadline::is_late`]).
     pub late: bool,
+    /// What the idempotency key did for this call.
+    pub dedup: DedupOutcome,
+}
+
+/// The log's `dedup` field.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DedupOutcome {
+    /// Not a deduplicated method, or no key.
+    #[default]
+    None,
+    First,
+    Replay,
+    InFlight,
+    Mismatch,
+    NotKept,
+    /// The table was full (rejected, or forwarded undeduplicated).
+    Full,
+    /// The key was refused.
+    BadKey,
+}
+
+impl DedupOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DedupOutcome::None => "none",
+            DedupOutcome::First => "first",
+            DedupOutcome::Replay => "replay",
+            DedupOutcome::InFlight => "in_flight",
+            DedupOutcome::Mismatch => "mismatch",
+            DedupOutcome::NotKept => "not_kept",
+            DedupOutcome::Full => "full",
+            DedupOutcome::BadKey => "bad_key",
+        }
+    }
 }
 
 impl CallRecord<'_> {
@@ -71,6 +105,7 @@ impl CallRecord<'_> {
         }
         out.str("deadline_source", self.deadline_source.as_str());
         out.raw("late", if self.late { "true" } else { "false" });
+        out.str("dedup", self.dedup.as_str());
         out.0.push('}');
         out.0
     }
@@ -207,6 +242,7 @@ mod tests {
             deadline_ms: Some(1500),
             deadline_source: DeadlineSource::Clamped,
             late: true,
+            dedup: DedupOutcome::Replay,
         }
     }
 
@@ -226,6 +262,7 @@ mod tests {
         assert_eq!(v["deadline_ms"], 1500);
         assert_eq!(v["deadline_source"], "clamped");
         assert_eq!(v["late"], true);
+        assert_eq!(v["dedup"], "replay");
     }
 
     #[test]

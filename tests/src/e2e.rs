@@ -77,7 +77,19 @@ impl Drop for Upstream {
 }
 
 /// Starts Envoy with grpc-guard configured by `plugin_config`, in front of `upstream`.
+///
+/// Ports are picked free and released before Envoy binds them, so a test
+/// running beside this one can take one in between; Envoy then exits with
+/// "Address already in use" and is started again on other ports.
 pub fn start_envoy(name: &str, upstream: SocketAddr, plugin_config: &str) -> Result<Envoy, EnvoyError> {
-    let params = EnvoyParams::on_free_ports(upstream, wasm_path(), plugin_config)?;
-    Envoy::start(&envoy_binary(), params, CONCURRENCY, &scratch_dir(name))
+    let mut attempt = 0;
+    loop {
+        let params = EnvoyParams::on_free_ports(upstream, wasm_path(), plugin_config)?;
+        match Envoy::start(&envoy_binary(), params, CONCURRENCY, &scratch_dir(name)) {
+            Err(EnvoyError::Exited { log_tail, .. }) if attempt < 3 && log_tail.contains("Address already in use") => {
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
 }

@@ -49,3 +49,14 @@ fn rendered_config_for_docker_run_passes_envoy_validate() {
     assert!(out.status.success(), "envoy --mode validate failed:\n{log}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("OK") || log.contains("OK"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_streaming_method_in_dedup_methods_is_refused_at_start() {
+    let upstream = Upstream::start().await;
+    let config = r#"{"metrics":{"method_types":{"grpcguard.demo.v1.Demo/Count":"server_stream"}},
+                    "dedup":{"methods":["grpcguard.demo.v1.Demo/*"]}}"#;
+    let Err(EnvoyError::Exited { log_tail, .. }) = start_envoy("dedup-stream", upstream.addr, config) else {
+        panic!("Envoy must refuse to deduplicate a streaming method")
+    };
+    assert!(log_tail.contains("dedup.methods[0]") && log_tail.contains("only unary calls"), "{log_tail}");
+}

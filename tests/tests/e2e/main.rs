@@ -8,5 +8,6 @@ mod support;
 
 mod config;
 mod deadline;
+mod dedup;
 mod metrics;
 mod status;

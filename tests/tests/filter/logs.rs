@@ -40,6 +40,7 @@ fn default_config_logs_every_call_with_the_documented_fields() {
         [
             "deadline_ms",
             "deadline_source",
+            "dedup",
             "direction",
             "duration_ms",
             "grpc_code",
@@ -69,6 +70,7 @@ fn default_config_logs_every_call_with_the_documented_fields() {
     assert!(log["deadline_ms"].is_null(), "no grpc-timeout and no default: no deadline");
     assert_eq!(log["deadline_source"], "none");
     assert_eq!(log["late"], false);
+    assert_eq!(log["dedup"], "none");
 }
 
 #[test]

@@ -19,11 +19,17 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, GrpcStatusCode, LogLevel, MapType, MetricType, Status};
 
-use crate::config::{Config, Direction, MethodPolicy, MethodType};
+mod dedup;
+
+use sha2::Digest as _;
+
+use crate::config::{Config, Direction, MethodPolicy, MethodType, WhenFull};
 use crate::deadline::{is_late, DeadlineDecision, DeadlineSource};
+use crate::dedup::{check_key, is_kept_status, Answer, Lookup, Settled};
 use crate::frames::{Frame, FrameError, FrameReader};
 use crate::method::{Admission, AdmittedMethods, FnvBuildHasher, MethodPath, OTHER};
 use crate::metrics::{guard, stat_name, Family, MethodLabels};
+use crate::record::DedupOutcome;
 use crate::record::{cap, CallRecord, Sampler};
 use crate::status::{GrpcStatus, ResetSide, ResponseSeen, StatusSource};
 
@@ -65,18 +71,21 @@ struct Slot {
     method: String,
     grpc_type: MethodType,
     policy: MethodPolicy,
+    /// Calls to this method are deduplicated by idempotency key.
+    dedup: bool,
     ids: [Option<u32>; Family::ALL.len()],
     /// Families labelled with `grpc_code`, by [`Family::coded_index`] and code.
     coded: [[Option<u32>; GrpcStatus::ALL.len()]; 2],
 }
 
 impl Slot {
-    fn new(service: &str, method: &str, grpc_type: MethodType, policy: MethodPolicy) -> Slot {
+    fn new(service: &str, method: &str, grpc_type: MethodType, policy: MethodPolicy, dedup: bool) -> Slot {
         Slot {
             service: service.to_owned(),
             method: method.to_owned(),
             grpc_type,
             policy,
+            dedup,
             ids: [None; Family::ALL.len()],
             coded: [[None; GrpcStatus::ALL.len()]; 2],
         }
@@ -112,7 +121,7 @@ struct Methods {
 
 impl Methods {
     fn new(config: &Config) -> Methods {
-        let other = Slot::new(OTHER, OTHER, MethodType::Unary, config.global);
+        let other = Slot::new(OTHER, OTHER, MethodType::Unary, config.global, false);
         Methods { by_path: HashMap::default(), slots: vec![other], full: None }
     }
 
@@ -135,7 +144,8 @@ impl Methods {
         }
         let grpc_type = config.method_type(&full_name);
         let policy = config.policy_for(&full_name);
-        self.slots.push(Slot::new(parsed.service, parsed.method, grpc_type, policy));
+        let dedup = config.dedup_applies(&full_name);
+        self.slots.push(Slot::new(parsed.service, parsed.method, grpc_type, policy, dedup));
         let slot = self.slots.len() - 1;
         self.by_path.insert(path.to_owned(), slot);
         slot
@@ -178,6 +188,9 @@ impl RootContext for Root {
                 if matches!(hostcalls::get_shared_data(key), Ok((None, _))) {
                     let _ = hostcalls::set_shared_data(key, Some(b""), None);
                 }
+                if let Some(d) = &config.dedup {
+                    dedup::create_slots(d);
+                }
                 let sampler = Sampler::new(config.ok_sample);
                 let methods = RefCell::new(Methods::new(&config));
                 self.worker = Some(Rc::new(Worker { config, methods, sampler: RefCell::new(sampler) }));
@@ -193,9 +206,9 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let worker = self.worker.clone()?;
-        Some(Box::new(Stream { worker, call: None }))
+        Some(Box::new(Stream { worker, call: None, context_id }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -208,6 +221,7 @@ impl RootContext for Root {
 struct Stream {
     worker: Rc<Worker>,
     call: Option<Call>,
+    context_id: u32,
 }
 
 /// The per-call state, created at request headers and consumed at log time.
@@ -233,6 +247,9 @@ struct Call {
     answered_after: Option<Duration>,
     /// grpc-guard answered the call itself: it never reached the upstream.
     answered_by_guard: bool,
+    /// The idempotency key's part in this call, if it has one.
+    dedup: Option<dedup::Phase>,
+    dedup_outcome: DedupOutcome,
 }
 
 impl Call {
@@ -253,6 +270,8 @@ impl Call {
             max_request_message_bytes: policy.max_request_message_bytes,
             answered_after: None,
             answered_by_guard: false,
+            dedup: None,
+            dedup_outcome: DedupOutcome::None,
         }
     }
 
@@ -287,6 +306,8 @@ fn sdk_code(status: GrpcStatus) -> GrpcStatusCode {
         GrpcStatus::DeadlineExceeded => GrpcStatusCode::DeadlineExceeded,
         GrpcStatus::ResourceExhausted => GrpcStatusCode::ResourceExhausted,
         GrpcStatus::Internal => GrpcStatusCode::Internal,
+        GrpcStatus::Aborted => GrpcStatusCode::Aborted,
+        GrpcStatus::AlreadyExists => GrpcStatusCode::AlreadyExists,
         _ => GrpcStatusCode::Unknown,
     }
 }
@@ -400,13 +421,173 @@ impl Stream {
         Action::Pause
     }
 
+    /// Request headers of a call to a deduplicated method.
+    fn dedup_request_headers(&mut self, end_of_stream: bool) -> Action {
+        let Some(config) = self.worker.config.dedup.clone() else { return Action::Continue };
+        let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, dedup::REPLAY_HEADER);
+        let Some(call) = self.call.as_ref() else { return Action::Continue };
+        let (slot, path, start_ns) = (call.slot, call.path.clone(), call.start_ns);
+        let in_flight_for = call.deadline.unwrap_or(config.ttl);
+        let value = header(MapType::HttpRequestHeaders, &config.header);
+        let key = match check_key(value.as_deref(), config.require_key) {
+            Ok(Some(key)) => key,
+            Ok(None) => return Action::Continue,
+            Err(e) => {
+                self.set_dedup_outcome(DedupOutcome::BadKey);
+                self.increment(slot, Family::DedupKeyRejected, None, 1);
+                let message = format!("grpc-guard: idempotency key header {} {e}", config.header);
+                return self.answer(GrpcStatus::InvalidArgument, &message);
+            }
+        };
+        let full_name = MethodPath::parse(&path).map(|m| m.full_name()).unwrap_or(path);
+        let key = dedup::key_digest(&config, &full_name, key);
+        // Unique among this worker's streams, and across workers by the time.
+        let owner = (u64::from(self.context_id) << 40) ^ start_ns;
+        let until = start_ns.saturating_add(u64::try_from(in_flight_for.as_nanos()).unwrap_or(u64::MAX));
+        let lookup = dedup::table(&config).lookup_or_claim(&mut dedup::SharedSlots, &key, owner, start_ns, until);
+        match lookup {
+            Lookup::Claimed { slot: table_slot, evicted } => {
+                self.set_dedup_outcome(DedupOutcome::First);
+                self.increment(slot, Family::DedupFirst, None, 1);
+                if evicted {
+                    self.increment(slot, Family::DedupEvicted, None, 1);
+                }
+                if let Some(call) = self.call.as_mut() {
+                    call.dedup = Some(dedup::Phase::First(dedup::FirstCall {
+                        slot: table_slot,
+                        owner,
+                        key,
+                        request: sha2::Sha256::new(),
+                        response: Vec::new(),
+                        too_large: false,
+                        trailers: Vec::new(),
+                    }));
+                }
+                Action::Continue
+            }
+            Lookup::InFlight | Lookup::Contended => {
+                self.set_dedup_outcome(DedupOutcome::InFlight);
+                self.increment(slot, Family::DedupInFlight, None, 1);
+                self.answer(GrpcStatus::Aborted, "grpc-guard: a call with this idempotency key is in progress; retry")
+            }
+            Lookup::Done { fingerprint, answer } => {
+                if let Some(call) = self.call.as_mut() {
+                    call.dedup = Some(dedup::Phase::Verify { fingerprint, answer });
+                }
+                if end_of_stream {
+                    return self.verify_and_replay(&[]);
+                }
+                // Only the whole request's fingerprint tells a retry from a
+                // reuse of the key, and a paused header callback would hold the
+                // body back from this filter too (proxy-wasm turns Pause into
+                // StopAllIteration). So the retry goes on now, but to the
+                // replay hop, never upstream; its listener answers only once
+                // the whole body has passed this filter's check.
+                let _ = hostcalls::set_map_value_bytes(
+                    MapType::HttpRequestHeaders,
+                    "content-type",
+                    Some(dedup::REPLAY_CONTENT_TYPE.as_bytes()),
+                );
+                let _ = hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, dedup::REPLAY_HEADER, Some(b"1"));
+                Action::Continue
+            }
+            Lookup::Full => {
+                self.set_dedup_outcome(DedupOutcome::Full);
+                self.increment(slot, Family::DedupFull, None, 1);
+                match config.when_full {
+                    WhenFull::Forward => Action::Continue,
+                    WhenFull::Reject => self.answer(
+                        GrpcStatus::ResourceExhausted,
+                        "grpc-guard: the idempotency table is full; retry later",
+                    ),
+                }
+            }
+        }
+    }
+
+    fn set_dedup_outcome(&mut self, outcome: DedupOutcome) {
+        if let Some(call) = self.call.as_mut() {
+            call.dedup_outcome = outcome;
+        }
+    }
+
+    /// A retry of a finished key, with its whole request: replay the kept
+    /// answer if the request is the same, refuse it otherwise.
+    fn verify_and_replay(&mut self, body: &[u8]) -> Action {
+        let Some(call) = self.call.as_mut() else { return Action::Continue };
+        let slot = call.slot;
+        let Some(dedup::Phase::Verify { fingerprint, answer }) = call.dedup.take() else { return Action::Continue };
+        if crate::dedup::fingerprint(body) != fingerprint {
+            self.set_dedup_outcome(DedupOutcome::Mismatch);
+            self.increment(slot, Family::DedupMismatch, None, 1);
+            return self
+                .answer(GrpcStatus::InvalidArgument, "grpc-guard: idempotency key reused with a different request");
+        }
+        let Some(answer) = answer else {
+            self.set_dedup_outcome(DedupOutcome::NotKept);
+            self.increment(slot, Family::DedupNotKept, None, 1);
+            return self.answer(
+                GrpcStatus::AlreadyExists,
+                "grpc-guard: this call already ran; its answer was too large to keep for replay",
+            );
+        };
+        self.set_dedup_outcome(DedupOutcome::Replay);
+        self.increment(slot, Family::DedupReplayed, None, 1);
+        if answer.status != 0 {
+            // An error has no message: a trailers-only local reply carries it whole.
+            if let Some(call) = self.call.as_mut() {
+                call.answered_by_guard = true;
+            }
+            let code = answer.status.to_string();
+            let mut headers: Vec<(&str, &str)> = vec![("grpc-status", code.as_str()), (dedup::REPLAYED_HEADER, "true")];
+            let message: Option<String> = answer
+                .trailers
+                .iter()
+                .find(|(n, _)| n == "grpc-message")
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+            if let Some(m) = &message {
+                headers.push(("grpc-message", m.as_str()));
+            }
+            let _ = hostcalls::send_http_response(200, headers, None);
+            return Action::Pause;
+        }
+        // An OK answer carries a message: the retry, already on its way to the
+        // replay hop, is let through; its answer is rewritten on the way back.
+        if let Some(call) = self.call.as_mut() {
+            call.answered_by_guard = true;
+            call.dedup = Some(dedup::Phase::Replay(answer));
+        }
+        Action::Continue
+    }
+
+    /// Settles the first call of a key: keep what a retry would get again,
+    /// free the key otherwise.
+    fn settle_first_call(&mut self, call: &mut Call, status: GrpcStatus, source: StatusSource) {
+        let Some(config) = self.worker.config.dedup.as_ref() else { return };
+        let Some(dedup::Phase::First(first)) = call.dedup.take() else { return };
+        let answered = matches!(source, StatusSource::Trailers | StatusSource::Headers);
+        let result = (answered && is_kept_status(status.code())).then(|| Settled {
+            fingerprint: first.request.finalize().into(),
+            answer: (!first.too_large).then(|| Answer {
+                status: status.code(),
+                body: first.response,
+                trailers: first.trailers,
+            }),
+        });
+        if matches!(result, Some(Settled { answer: None, .. })) {
+            call.dedup_outcome = DedupOutcome::NotKept;
+        }
+        dedup::table(config).settle(&mut dedup::SharedSlots, first.slot, &first.key, first.owner, result, now_ns());
+    }
+
     fn finish(&mut self) {
         self.flush_message_counts();
-        let Some(call) = self.call.take() else { return };
+        let Some(mut call) = self.call.take() else { return };
         let (status, source) = call.seen.final_status(|| {
             let details = hostcalls::get_property(vec!["response", "code_details"]).ok().flatten();
             ResetSide::from_code_details(&String::from_utf8_lossy(&details.unwrap_or_default()))
         });
+        self.settle_first_call(&mut call, status, source);
         if call.tagged != Some(status) {
             let _ = hostcalls::set_property(vec![STATUS_PROPERTY], Some(status.go_name().as_bytes()));
         }
@@ -458,6 +639,7 @@ impl Stream {
             deadline_ms: call.deadline.map(|d| u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)),
             deadline_source: call.deadline_source,
             late,
+            dedup: call.dedup_outcome,
         };
         let _ = hostcalls::log(LogLevel::Info, &record.to_json());
     }
@@ -466,7 +648,7 @@ impl Stream {
 impl Context for Stream {}
 
 impl HttpContext for Stream {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let is_grpc =
             header(MapType::HttpRequestHeaders, "content-type").is_some_and(|ct| crate::is_grpc_content_type(&ct));
         if !is_grpc {
@@ -477,16 +659,17 @@ impl HttpContext for Stream {
         let slot = self.worker.methods.borrow_mut().slot_for(config, &path);
         // A labelled method carries its type and guards; a folded one is
         // looked up by name only when per-method settings exist at all.
-        let labelled = if slot == 0 { None } else { self.with_slot(slot, |s, _| (s.grpc_type, s.policy)) };
-        let (grpc_type, policy) = match labelled {
+        let labelled = if slot == 0 { None } else { self.with_slot(slot, |s, _| (s.grpc_type, s.policy, s.dedup)) };
+        let folded_plain = config.method_types.is_empty() && !config.has_overrides() && config.dedup.is_none();
+        let (grpc_type, policy, dedup) = match labelled {
             Some(settings) => settings,
-            None if config.method_types.is_empty() && !config.has_overrides() => (MethodType::Unary, config.global),
+            None if folded_plain => (MethodType::Unary, config.global, false),
             None => match MethodPath::parse(&path) {
                 Some(m) => {
                     let full_name = m.full_name();
-                    (config.method_type(&full_name), config.policy_for(&full_name))
+                    (config.method_type(&full_name), config.policy_for(&full_name), config.dedup_applies(&full_name))
                 }
-                None => (MethodType::Unary, config.global),
+                None => (MethodType::Unary, config.global, false),
             },
         };
         let mut call = Call::new(path, slot, grpc_type, policy);
@@ -496,7 +679,7 @@ impl HttpContext for Stream {
         self.call = Some(call);
         self.increment(slot, Family::Started, None, 1);
         match decision {
-            DeadlineDecision::Keep(_) => Action::Continue,
+            DeadlineDecision::Keep(_) => {}
             DeadlineDecision::Rewrite { header, source, .. } => {
                 let family =
                     if source == DeadlineSource::Default { Family::DeadlineInjected } else { Family::DeadlineClamped };
@@ -506,18 +689,38 @@ impl HttpContext for Stream {
                     "grpc-timeout",
                     Some(header.as_bytes()),
                 );
-                Action::Continue
             }
             DeadlineDecision::Reject { status, message, .. } => {
                 self.increment(slot, Family::DeadlineRejected, Some(status), 1);
-                self.answer(status, &message)
+                return self.answer(status, &message);
             }
         }
+        if dedup {
+            return self.dedup_request_headers(end_of_stream);
+        }
+        Action::Continue
     }
 
-    fn on_http_request_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
-        if self.call.is_none() {
-            return Action::Continue;
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(call) = self.call.as_mut() else { return Action::Continue };
+        match call.dedup.as_mut() {
+            Some(dedup::Phase::Verify { .. }) => {
+                // Envoy buffers the body while this returns Pause; at its end
+                // the buffer holds the whole request.
+                if !end_of_stream {
+                    return Action::Pause;
+                }
+                let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size).ok().flatten();
+                let action = self.verify_and_replay(body.as_deref().unwrap_or_default());
+                let _ = self.read_frames(BufferType::HttpRequestBody, body_size);
+                return action;
+            }
+            Some(dedup::Phase::First(first)) => {
+                if let Ok(Some(chunk)) = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
+                    first.request.update(&chunk);
+                }
+            }
+            _ => {}
         }
         match self.read_frames(BufferType::HttpRequestBody, body_size) {
             Ok(()) => Action::Continue,
@@ -540,19 +743,61 @@ impl HttpContext for Stream {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Some(call) = self.call.as_mut() else { return Action::Continue };
+        if let Some(dedup::Phase::Replay(_)) = call.dedup {
+            // The internal listener's plain 200 becomes the kept gRPC answer;
+            // its body and trailers follow in the body callback.
+            let _ =
+                hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, "content-type", Some(b"application/grpc"));
+            let _ = hostcalls::remove_map_value(MapType::HttpResponseHeaders, "content-length");
+            let _ = hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, dedup::REPLAYED_HEADER, Some(b"true"));
+            call.seen.http_status = Some(200);
+            return Action::Continue;
+        }
         call.seen.http_status = header(MapType::HttpResponseHeaders, ":status")
             .and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()));
         call.seen.header_status =
             header(MapType::HttpResponseHeaders, "grpc-status").and_then(|v| GrpcStatus::from_header(&v));
         call.seen.complete |= end_of_stream;
         call.note_answer();
+        if let (Some(dedup::Phase::First(first)), Some(_)) = (call.dedup.as_mut(), call.seen.header_status) {
+            first.trailers = dedup::status_headers();
+        }
         self.tag_seen_status();
         Action::Continue
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if self.call.is_none() {
-            return Action::Continue;
+        let Some(call) = self.call.as_mut() else { return Action::Continue };
+        match call.dedup.as_mut() {
+            Some(dedup::Phase::Replay(answer)) => {
+                // Hold the placeholder until the end, then put the kept
+                // message and trailers in its place (trailers can be added
+                // only here, at end of stream).
+                if !end_of_stream {
+                    return Action::Pause;
+                }
+                let _ = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &answer.body);
+                for (name, value) in &answer.trailers {
+                    let _ = hostcalls::add_map_value_bytes(MapType::HttpResponseTrailers, name, value);
+                }
+                let (status, replayed) = (GrpcStatus::from_code(answer.status), answer.body.len());
+                call.seen.trailer_status = status;
+                call.seen.complete = true;
+                call.note_answer();
+                let _ = self.read_frames(BufferType::HttpResponseBody, replayed);
+                self.tag_seen_status();
+                return Action::Continue;
+            }
+            Some(dedup::Phase::First(first)) if !first.too_large => {
+                let limit = self.worker.config.dedup.as_ref().map_or(0, |d| d.max_response_bytes as usize);
+                if first.response.len() + body_size > limit {
+                    first.too_large = true;
+                    first.response = Vec::new();
+                } else if let Ok(Some(chunk)) = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
+                    first.response.extend_from_slice(&chunk);
+                }
+            }
+            _ => {}
         }
         // A response that is not framed is not ours to fix; counting stops.
         let _ = self.read_frames(BufferType::HttpResponseBody, body_size);
@@ -568,6 +813,9 @@ impl HttpContext for Stream {
             header(MapType::HttpResponseTrailers, "grpc-status").and_then(|v| GrpcStatus::from_header(&v));
         call.seen.complete = true;
         call.note_answer();
+        if let Some(dedup::Phase::First(first)) = call.dedup.as_mut() {
+            first.trailers = hostcalls::get_map_bytes(MapType::HttpResponseTrailers).unwrap_or_default();
+        }
         self.tag_seen_status();
         Action::Continue
     }
