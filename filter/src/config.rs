@@ -262,14 +262,11 @@ impl Config {
         if !text.trim_start().starts_with('{') {
             return Err(ConfigError::new("configuration", "must be a JSON object, e.g. {}"));
         }
-        let de = &mut serde_json::Deserializer::from_str(text);
-        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            // serde_path_to_error writes "." for the root and "?" where a
-            // syntax error left no path.
-            let field = if path == "." || path == "?" { "configuration".to_owned() } else { path };
-            ConfigError { field, reason: e.into_inner().to_string() }
-        })?;
+        // One deserializer (from a parsed `Value`) serves both the normal path
+        // and the error search, so its generic code is in the .wasm once.
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| ConfigError { field: "configuration".to_owned(), reason: without_position(&e) })?;
+        let raw: RawConfig = serde_json::from_value(value.clone()).map_err(|_| locate_error(value))?;
         Config::from_raw(raw)
     }
 
@@ -367,6 +364,59 @@ impl Config {
     pub fn method_allowed(&self, full_name: &str) -> bool {
         self.methods.iter().any(|p| p.matches(full_name))
     }
+}
+
+/// Names the field behind a deserialization error: starting from the whole
+/// document, keep only one key of an object at a time and see whether that
+/// alone still fails; descend into the first such key until the value that
+/// fails is not an object. Runs only when the configuration is refused, so
+/// its cost does not matter; doing it this way keeps a path-tracking
+/// deserializer (tens of KB of generic code) out of the `.wasm`.
+fn locate_error(document: serde_json::Value) -> ConfigError {
+    use serde_json::{Map, Value};
+
+    let reason = without_position;
+    let Value::Object(root) = document else {
+        return ConfigError::new("configuration", "must be a JSON object, e.g. {}");
+    };
+    // Wraps `leaf` in the objects named by `path`, innermost last.
+    let wrap = |path: &[String], leaf: Value| {
+        path.iter().rev().fold(leaf, |inner, key| {
+            let mut m = Map::new();
+            m.insert(key.clone(), inner);
+            Value::Object(m)
+        })
+    };
+    let fails = |doc: Value| serde_json::from_value::<RawConfig>(doc).err();
+    let mut path: Vec<String> = Vec::new();
+    let mut current = root;
+    let mut last = "is not valid".to_owned();
+    'descend: loop {
+        for (key, value) in &current {
+            let mut candidate = path.clone();
+            candidate.push(key.clone());
+            if let Some(e) = fails(wrap(&candidate, value.clone())) {
+                last = reason(&e);
+                path = candidate;
+                match value {
+                    Value::Object(inner) if !inner.is_empty() => {
+                        current = inner.clone();
+                        continue 'descend;
+                    }
+                    _ => break 'descend,
+                }
+            }
+        }
+        break;
+    }
+    let field = if path.is_empty() { "configuration".to_owned() } else { path.join(".") };
+    ConfigError { field, reason: last }
+}
+
+/// A serde_json error without its " at line L column C" suffix.
+fn without_position(e: &serde_json::Error) -> String {
+    let full = e.to_string();
+    full.split(" at line ").next().unwrap_or(&full).to_owned()
 }
 
 fn dedup_config(

@@ -21,6 +21,9 @@ use crate::dedup::{digest, Answer, DedupTable, Digest, SlotStore, StoreError};
 pub const REPLAY_HEADER: &str = "x-grpc-guard-replay";
 /// Initial metadata on every replayed answer.
 pub const REPLAYED_HEADER: &str = "grpc-guard-replayed";
+/// Put in front of the marked retry's path, so that no service method can
+/// ever match it.
+pub const REPLAY_PATH_PREFIX: &str = "/grpc-guard.replay";
 /// Content type of the marked retry on its way to the internal listener.
 pub const REPLAY_CONTENT_TYPE: &str = "application/x-grpc-guard-replay";
 

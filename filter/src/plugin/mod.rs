@@ -439,6 +439,7 @@ impl Stream {
                 return self.answer(GrpcStatus::InvalidArgument, &message);
             }
         };
+        let path_for_replay = path.clone();
         let full_name = MethodPath::parse(&path).map(|m| m.full_name()).unwrap_or(path);
         let key = dedup::key_digest(&config, &full_name, key);
         // Unique among this worker's streams, and across workers by the time.
@@ -489,6 +490,12 @@ impl Stream {
                     Some(dedup::REPLAY_CONTENT_TYPE.as_bytes()),
                 );
                 let _ = hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, dedup::REPLAY_HEADER, Some(b"1"));
+                // Should the replay route be missing (an Istio install without
+                // its EnvoyFilter), the retry reaches the service on a path no
+                // method has: it is answered Unimplemented, never executed.
+                let replay_path = format!("{}{}", dedup::REPLAY_PATH_PREFIX, path_for_replay);
+                let _ =
+                    hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, ":path", Some(replay_path.as_bytes()));
                 Action::Continue
             }
             Lookup::Full => {
