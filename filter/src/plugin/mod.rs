@@ -424,7 +424,6 @@ impl Stream {
     /// Request headers of a call to a deduplicated method.
     fn dedup_request_headers(&mut self, end_of_stream: bool) -> Action {
         let Some(config) = self.worker.config.dedup.clone() else { return Action::Continue };
-        let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, dedup::REPLAY_HEADER);
         let Some(call) = self.call.as_ref() else { return Action::Continue };
         let (slot, path, start_ns) = (call.slot, call.path.clone(), call.start_ns);
         let in_flight_for = call.deadline.unwrap_or(config.ttl);
@@ -475,9 +474,6 @@ impl Stream {
                 if let Some(call) = self.call.as_mut() {
                     call.dedup = Some(dedup::Phase::Verify { fingerprint, answer });
                 }
-                if end_of_stream {
-                    return self.verify_and_replay(&[]);
-                }
                 // Only the whole request's fingerprint tells a retry from a
                 // reuse of the key, and a paused header callback would hold the
                 // body back from this filter too (proxy-wasm turns Pause into
@@ -496,6 +492,9 @@ impl Stream {
                 let replay_path = format!("{}{}", dedup::REPLAY_PATH_PREFIX, path_for_replay);
                 let _ =
                     hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, ":path", Some(replay_path.as_bytes()));
+                if end_of_stream {
+                    return self.verify_and_replay(&[]);
+                }
                 Action::Continue
             }
             Lookup::Full => {
@@ -656,6 +655,10 @@ impl Context for Stream {}
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        if self.worker.config.dedup.is_some() {
+            // Only grpc-guard may send a request to the replay route.
+            let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, dedup::REPLAY_HEADER);
+        }
         let is_grpc =
             header(MapType::HttpRequestHeaders, "content-type").is_some_and(|ct| crate::is_grpc_content_type(&ct));
         if !is_grpc {
@@ -750,7 +753,16 @@ impl HttpContext for Stream {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Some(call) = self.call.as_mut() else { return Action::Continue };
-        if let Some(dedup::Phase::Replay(_)) = call.dedup {
+        let replaying = matches!(call.dedup, Some(dedup::Phase::Replay(_)));
+        let hop_answered = replaying
+            && header(MapType::HttpResponseHeaders, ":status").as_deref() == Some(b"200")
+            && header(MapType::HttpResponseHeaders, "grpc-status").is_none();
+        if replaying && !hop_answered {
+            // The replay hop failed (no route, no listener): its answer goes
+            // to the client as it is, unmarked.
+            call.dedup = None;
+        }
+        if hop_answered {
             // The internal listener's plain 200 becomes the kept gRPC answer;
             // its body and trailers follow in the body callback.
             let _ =

@@ -39,15 +39,15 @@ impl LocalReply {
     }
 
     /// The response Envoy sends (`Http::Utility::encodeLocalReply`): the
-    /// filter's headers go in first; for a gRPC request Envoy then forces
+    /// filter's headers go in first; for a gRPC request (`grpc_request`, as
+    /// the request arrived, see [`is_grpc`]) Envoy then forces
     /// `:status: 200` and `content-type: application/grpc`, adds `grpc-status`
     /// only when the filter set none (from the call's gRPC status, else mapped
     /// from the HTTP status), and carries the body in `grpc-message`: a
     /// trailers-only response with no body. Otherwise the HTTP status with the
     /// body as `text/plain`.
-    pub(crate) fn response(&self, request_headers: &Pairs) -> (Pairs, Vec<u8>) {
+    pub(crate) fn response(&self, grpc: bool) -> (Pairs, Vec<u8>) {
         let mut headers = Pairs::new();
-        let grpc = is_grpc(request_headers);
         let status = if grpc { "200".to_owned() } else { self.http_status.to_string() };
         add(&mut headers, b":status", status.as_bytes());
         for (name, value) in &self.headers {
@@ -73,8 +73,11 @@ impl LocalReply {
     }
 }
 
-/// Envoy `Grpc::Common::hasGrpcContentType`.
-fn is_grpc(request_headers: &Pairs) -> bool {
+/// Envoy `Grpc::Common::hasGrpcContentType`, applied once to the request
+/// headers as they arrive: `FilterManager::requestHeadersInitialized` sets
+/// `is_grpc_request_` before any filter runs, so a filter rewriting the
+/// request's `content-type` does not change how a local reply is encoded.
+pub(crate) fn is_grpc(request_headers: &Pairs) -> bool {
     first_value(request_headers, b"content-type").is_some_and(|value| {
         value == b"application/grpc"
             || value.starts_with(b"application/grpc+")
@@ -120,7 +123,7 @@ mod tests {
     #[test]
     fn a_grpc_request_gets_a_trailers_only_reply() {
         let reply = LocalReply::new(200, b"denied by guard", b"no 100%", &map(&[("X-Why", "t")]), 7);
-        let (headers, body) = reply.response(&map(&[("content-type", "application/grpc")]));
+        let (headers, body) = reply.response(is_grpc(&map(&[("content-type", "application/grpc")])));
         assert_eq!(
             headers,
             map(&[
@@ -138,7 +141,7 @@ mod tests {
     #[test]
     fn a_grpc_status_the_filter_set_as_a_header_is_kept() {
         let reply = LocalReply::new(200, b"", b"", &map(&[("grpc-status", "13"), ("content-type", "text/x")]), -1);
-        let (headers, _) = reply.response(&map(&[("content-type", "application/grpc")]));
+        let (headers, _) = reply.response(is_grpc(&map(&[("content-type", "application/grpc")])));
         assert_eq!(headers, map(&[(":status", "200"), ("grpc-status", "13"), ("content-type", "application/grpc")]));
     }
 
@@ -146,14 +149,14 @@ mod tests {
     fn a_grpc_reply_without_a_grpc_status_maps_the_http_status() {
         let reply = LocalReply::new(503, b"", b"", &Pairs::new(), -1);
         assert_eq!(reply.grpc_status, None);
-        let (headers, _) = reply.response(&map(&[("content-type", "application/grpc+proto")]));
+        let (headers, _) = reply.response(is_grpc(&map(&[("content-type", "application/grpc+proto")])));
         assert_eq!(first_value(&headers, b"grpc-status"), Some(&b"14"[..]));
     }
 
     #[test]
     fn a_plain_http_request_gets_the_status_and_a_text_body() {
         let reply = LocalReply::new(403, b"", b"denied", &Pairs::new(), -1);
-        let (headers, body) = reply.response(&map(&[("content-type", "text/plain")]));
+        let (headers, body) = reply.response(is_grpc(&map(&[("content-type", "text/plain")])));
         assert_eq!(headers, map(&[(":status", "403"), ("content-length", "6"), ("content-type", "text/plain")]));
         assert_eq!(body, b"denied");
     }

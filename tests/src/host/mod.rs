@@ -185,6 +185,14 @@ impl Host {
     pub fn metrics(&self) -> Metrics {
         lock(&self.process.metrics).snapshot()
     }
+
+    /// The value stored in shared data under `key` by any VM of this host,
+    /// as `proxy_get_shared_data` returns it; `None` for a key never set.
+    /// Read-only: tests look at what the filter keeps (and how big it is),
+    /// they never write the filter's state.
+    pub fn shared_data(&self, key: &str) -> Option<Vec<u8>> {
+        lock(&self.process.shared_data).get(key.as_bytes()).ok().map(|(value, _)| value)
+    }
 }
 
 enum Outcome<R> {
@@ -373,7 +381,7 @@ impl Vm {
         let Some(reply) = state.pending_local_reply.take() else {
             return action;
         };
-        let (headers, body) = reply.response(&state.snapshot(MapType::RequestHeaders).to_vec());
+        let (headers, body) = reply.response(state.grpc_request);
         state
             .host_properties
             .insert(vec!["response".into(), "code_details".into()], reply.details.clone().into_bytes());

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use super::abi::{BufferType, MapType, Pairs, Status};
-use super::local_reply::LocalReply;
+use super::local_reply::{is_grpc, LocalReply};
 
 /// A call the filter made to resume or reset its stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +107,10 @@ pub(crate) struct StreamState {
     /// Envoy's single `end_of_stream_` flag: set by the latest headers or
     /// body callback.
     end_of_stream: bool,
+    /// Envoy's `is_grpc_request_`: taken from the request headers as they
+    /// arrived, before the filter could edit them; decides how a local reply
+    /// is encoded.
+    pub(crate) grpc_request: bool,
     pub(crate) in_access_log: bool,
     /// Properties the host knows (set by the test, or by Envoy itself such as
     /// `response.code_details` after a local reply).
@@ -125,6 +129,9 @@ impl StreamState {
     /// is told.
     pub(crate) fn begin_map(&mut self, kind: MapType, pairs: Pairs, end_of_stream: bool) -> usize {
         let count = pairs.len();
+        if kind == MapType::RequestHeaders {
+            self.grpc_request = is_grpc(&pairs);
+        }
         self.maps.insert(kind, pairs);
         self.reachable.insert(kind, true);
         if matches!(kind, MapType::RequestHeaders | MapType::ResponseHeaders) {
@@ -330,6 +337,16 @@ mod tests {
         add(stream.write_map(MapType::ResponseTrailers).unwrap(), b"X-T", b"1");
         stream.end_body(BufferType::HttpResponseBody, false);
         assert_eq!(stream.snapshot(MapType::ResponseTrailers), map(&[("x-t", "1")]));
+    }
+
+    #[test]
+    fn a_request_stays_grpc_for_local_replies_whatever_the_filter_rewrites() {
+        let mut stream = StreamState::default();
+        stream.begin_map(MapType::RequestHeaders, map(&[("content-type", "application/grpc")]), false);
+        replace(stream.write_map(MapType::RequestHeaders).unwrap(), b"content-type", b"text/plain");
+        assert!(stream.grpc_request);
+        stream.begin_map(MapType::RequestHeaders, map(&[("content-type", "text/plain")]), false);
+        assert!(!stream.grpc_request);
     }
 
     #[test]

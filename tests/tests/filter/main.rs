@@ -12,6 +12,7 @@ mod support;
 
 mod config;
 mod deadline;
+mod dedup;
 mod fuel;
 mod logs;
 mod messages;
