@@ -60,6 +60,9 @@ pub enum DedupOutcome {
     Full,
     /// The key was refused.
     BadKey,
+    /// A kept OK answer could not be replayed: the replay hop is missing
+    /// (no route or internal listener); the client got the hop's answer.
+    ReplayFailed,
 }
 
 impl DedupOutcome {
@@ -73,6 +76,7 @@ impl DedupOutcome {
             DedupOutcome::NotKept => "not_kept",
             DedupOutcome::Full => "full",
             DedupOutcome::BadKey => "bad_key",
+            DedupOutcome::ReplayFailed => "replay_failed",
         }
     }
 }

@@ -17,7 +17,8 @@
 // records which properties the validator reads. A key the validator never
 // read, in an object whose other keys it did read one by one, is a field the
 // schema does not have. Objects it never looks into (free-form fields such as
-// pluginConfig) and maps it walks (labels) are left alone.
+// pluginConfig, or an EnvoyFilter patch's Envoy config) and maps it walks
+// (labels) are left alone.
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
@@ -25,6 +26,7 @@ import { pathToFileURL } from "node:url";
 const SCHEMAS = {
   "extensions.istio.io/v1alpha1 WasmPlugin": "@kubernetes-models/istio/_schemas/ExtensionsIstioIoV1alpha1WasmPlugin.js",
   "networking.istio.io/v1 DestinationRule": "@kubernetes-models/istio/_schemas/NetworkingIstioIoV1DestinationRule.js",
+  "networking.istio.io/v1alpha3 EnvoyFilter": "@kubernetes-models/istio/_schemas/NetworkingIstioIoV1alpha3EnvoyFilter.js",
   "monitoring.coreos.com/v1 PrometheusRule":
     "@kubernetes-models/prometheus-operator/_schemas/ComGithubPrometheusOperatorPrometheusOperatorPkgApisMonitoringV1PrometheusRule.js",
 };

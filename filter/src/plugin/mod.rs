@@ -538,8 +538,8 @@ impl Stream {
             );
         };
         self.set_dedup_outcome(DedupOutcome::Replay);
-        self.increment(slot, Family::DedupReplayed, None, 1);
         if answer.status != 0 {
+            self.increment(slot, Family::DedupReplayed, None, 1);
             // An error has no message: a trailers-only local reply carries it whole.
             if let Some(call) = self.call.as_mut() {
                 call.answered_by_guard = true;
@@ -761,8 +761,12 @@ impl HttpContext for Stream {
             // The replay hop failed (no route, no listener): its answer goes
             // to the client as it is, unmarked.
             call.dedup = None;
+            call.dedup_outcome = DedupOutcome::ReplayFailed;
         }
         if hop_answered {
+            let slot = call.slot;
+            self.increment(slot, Family::DedupReplayed, None, 1);
+            let Some(call) = self.call.as_mut() else { return Action::Continue };
             // The internal listener's plain 200 becomes the kept gRPC answer;
             // its body and trailers follow in the body callback.
             let _ =

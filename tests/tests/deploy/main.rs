@@ -1,10 +1,12 @@
 //! Deployment: what `istio/` and `make oci` ship, checked the way a cluster
 //! and an on-call engineer would meet them. The Istio and Prometheus Operator
 //! manifests are parsed and validated against the published CRD schemas; the
-//! stats settings Istio needs are envoy/envoy.yaml's; the alert rules pass
-//! promtool's checks and unit tests; the OCI image goes through a real local
-//! registry and comes back as the same `.wasm`; and a real Prometheus,
-//! scraping a real Envoy running the filter, sees the alerts fire.
+//! stats settings and the replay hop Istio needs are envoy/envoy.yaml's, and
+//! a retry in a real Envoy runs once with and without the replay hop; the
+//! alert rules pass promtool's checks and unit tests; the OCI image goes
+//! through a real local registry and comes back as the same `.wasm`; and a
+//! real Prometheus, scraping a real Envoy running the filter, sees the alerts
+//! fire.
 //!
 //! Every tool comes from `make setup` (scripts/setup.d/deploy.sh); a missing
 //! one fails its test with the command to run, never skips it.
@@ -15,3 +17,4 @@ mod alerts;
 mod manifests;
 mod oci;
 mod prometheus;
+mod replay;

@@ -5,7 +5,6 @@
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 
-use grpc_guard_demo::envoy::{EnvoyParams, HttpFilter, TEMPLATE};
 use serde_yaml::Value;
 
 use crate::support::*;
@@ -14,22 +13,9 @@ const WASM_PLUGIN: &str = "istio/wasmplugin.yaml";
 const STATS_BOOTSTRAP: &str = "istio/stats-bootstrap.yaml";
 const WORKLOAD_PATCH: &str = "istio/workload-patch.yaml";
 const DESTINATION_RULE: &str = "istio/destinationrule.yaml";
+const ENVOY_FILTER: &str = "istio/envoyfilter-replay.yaml";
 const PROMETHEUS_RULE: &str = "istio/prometheusrule.yaml";
 const RULE_FILE: &str = "istio/alerts.rules.yml";
-
-/// envoy/envoy.yaml as `make render` writes it, parsed.
-fn envoy_config() -> Value {
-    let params = EnvoyParams {
-        listen_port: 10000,
-        admin_port: 9901,
-        upstream: "127.0.0.1:50051".parse().unwrap(),
-        down_port: 50099,
-        wasm: "/etc/grpc-guard/grpc_guard.wasm".into(),
-        plugin_config: "{}".into(),
-        http_filter: HttpFilter::GrpcGuard,
-    };
-    serde_yaml::from_str(&params.render(TEMPLATE).unwrap()).expect("rendered envoy.yaml is YAML")
-}
 
 /// The `stats_config` the ConfigMap hands to Istio's Envoy.
 fn istio_stats_config() -> serde_json::Value {
@@ -146,7 +132,7 @@ fn workload_patch_keeps_the_filter_s_stats_and_mounts_the_tags() {
         str_at(&map, STATS_BOOTSTRAP, "metadata.name"),
         "{f}: the bootstrap override names the ConfigMap"
     );
-    let namespaces: BTreeSet<String> = [WASM_PLUGIN, STATS_BOOTSTRAP, DESTINATION_RULE, PROMETHEUS_RULE]
+    let namespaces: BTreeSet<String> = [WASM_PLUGIN, STATS_BOOTSTRAP, DESTINATION_RULE, ENVOY_FILTER, PROMETHEUS_RULE]
         .iter()
         .map(|file| str_at(&yaml(file), file, "metadata.namespace").to_owned())
         .collect();
@@ -165,6 +151,34 @@ fn destination_rule_hashes_calls_on_the_idempotency_key() {
         "{f}"
     );
     assert!(read(f).contains("headless"), "{f}: keep the note on headless services");
+}
+
+/// Retries reach the pod whose table holds their key only if the balancer
+/// hashes on the header the filter reads the key from.
+#[test]
+fn destination_rule_and_envoy_yaml_hash_on_the_plugin_s_idempotency_key_header() {
+    let plugin = yaml(WASM_PLUGIN);
+    let header = str_at(&plugin, WASM_PLUGIN, "spec.pluginConfig.dedup.header");
+    let rule = yaml(DESTINATION_RULE);
+    assert_eq!(
+        str_at(&rule, DESTINATION_RULE, "spec.trafficPolicy.loadBalancer.consistentHash.httpHeaderName"),
+        header,
+        "{DESTINATION_RULE} vs {WASM_PLUGIN} dedup.header"
+    );
+    let envoy = envoy_config();
+    let f = "envoy/envoy.yaml";
+    let routes = at(
+        &envoy,
+        f,
+        "static_resources.listeners.0.filter_chains.0.filters.0.typed_config.route_config.virtual_hosts.0.routes",
+    );
+    let service_route = routes
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|r| r["route"]["cluster"] == "grpc_service")
+        .expect("envoy.yaml routes to grpc_service");
+    assert_eq!(str_at(service_route, f, "route.hash_policy.0.header.header_name"), header, "{f} hash_policy");
 }
 
 #[test]
@@ -201,26 +215,31 @@ fn schema_check(docs: &[serde_json::Value]) -> (bool, String) {
 }
 
 fn crd_manifests() -> Vec<serde_json::Value> {
-    [WASM_PLUGIN, DESTINATION_RULE, PROMETHEUS_RULE].iter().map(|f| to_json(&yaml(f))).collect()
+    [WASM_PLUGIN, DESTINATION_RULE, PROMETHEUS_RULE, ENVOY_FILTER].iter().map(|f| to_json(&yaml(f))).collect()
 }
 
 #[test]
 fn manifests_pass_istio_s_and_the_prometheus_operator_s_published_schemas() {
     let (ok, output) = schema_check(&crd_manifests());
     assert!(ok, "schema check failed:\n{output}");
-    for kind in ["WasmPlugin", "DestinationRule", "PrometheusRule"] {
+    for kind in ["WasmPlugin", "DestinationRule", "PrometheusRule", "EnvoyFilter"] {
         assert!(output.lines().any(|l| l.starts_with(&format!("ok {kind} "))), "{output}");
     }
 }
 
 #[test]
-fn schema_check_refuses_a_misspelled_field_and_an_unknown_phase() {
+fn schema_check_refuses_a_misspelled_field_and_an_unknown_enum_value() {
     let mut docs = crd_manifests();
     docs[0]["spec"]["phase"] = "STAT".into();
     docs[1]["spec"]["trafficPolicy"]["loadBalancer"]["consistentHash"]["httpHeader"] = "x-idempotency-key".into();
+    let route_patch = &mut docs[3]["spec"]["configPatches"][2];
+    route_patch["patch"]["operation"] = "INSERT_FIRTS".into();
+    route_patch["match"]["routeConfiguration"]["port"] = 50051.into();
     let (ok, output) = schema_check(&docs);
     assert!(!ok, "{output}");
     assert!(output.contains("invalid WasmPlugin") && output.contains("/spec/phase"), "{output}");
     assert!(output.contains("consistentHash/httpHeader: unknown field"), "{output}");
+    assert!(output.contains("/spec/configPatches/2/patch/operation enum"), "{output}");
+    assert!(output.contains("routeConfiguration/port: unknown field"), "{output}");
     assert!(output.contains("ok PrometheusRule"), "{output}");
 }

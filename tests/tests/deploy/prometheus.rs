@@ -1,7 +1,8 @@
 //! The alert rules on a real Prometheus (Debian's), scraping a real Envoy
 //! that runs the filter in front of the demo service while some calls fail
-//! with Unavailable, some take over a second, and some outlive their
-//! deadline (late responses). The rules are
+//! with Unavailable, some take over a second, some outlive their deadline
+//! (late responses), and some keyed calls find the one-slot idempotency
+//! table full. The rules are
 //! istio/alerts.rules.yml as shipped except `for:`, cut from 5m to 1s so the
 //! test ends in seconds; the expressions, windows and thresholds are the
 //! file's own.
@@ -14,7 +15,12 @@ use serde_yaml::Value;
 
 use crate::support::*;
 
-const ALERTS: [&str; 3] = ["GrpcServerErrorRatioHigh", "GrpcServerLatencyP95High", "GrpcServerLateResponses"];
+const ALERTS: [&str; 4] =
+    ["GrpcServerErrorRatioHigh", "GrpcServerLatencyP95High", "GrpcServerLateResponses", "GrpcGuardDedupTableFull"];
+/// Echo deduplicated in a table of one slot: once a keyed call's answer is
+/// kept there (for the default ttl, 5 minutes), every call with another key
+/// finds the table full and is refused with ResourceExhausted.
+const ONE_SLOT_DEDUP: &str = r#"{"dedup":{"methods":["grpcguard.demo.v1.Demo/Echo"],"max_entries":1}}"#;
 /// Long enough for the p95 alert: one call in twelve lands in the
 /// (1000, 2500] ms bucket.
 const SLOW_MS: u32 = 1200;
@@ -25,7 +31,7 @@ const SLOW_MS: u32 = 1200;
 /// client left).
 const LATE_GRPC_TIMEOUT: &str = "200m";
 const LATE_DELAY_MS: u32 = 600;
-const CALLS_PER_ROUND: u32 = 12;
+const CALLS_PER_ROUND: u32 = 13;
 
 /// istio/alerts.rules.yml with every `for:` set to 1s; the alert expressions.
 fn fast_rules() -> (String, Vec<(String, String)>) {
@@ -67,11 +73,12 @@ fn firing(base: &str) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prometheus_fires_every_alert_on_envoy_s_metrics_during_failures_slow_calls_and_late_responses() {
+async fn prometheus_fires_every_alert_on_envoy_s_metrics_during_failures_slow_calls_late_responses_and_a_full_dedup_table(
+) {
     let prometheus_bin = tool("prometheus");
     let dir = scratch_dir("prometheus");
     let upstream = grpc_guard_tests::e2e::Upstream::start().await;
-    let envoy = grpc_guard_tests::e2e::start_envoy("deploy-prometheus", upstream.addr, "{}").unwrap();
+    let envoy = grpc_guard_tests::e2e::start_envoy("deploy-prometheus", upstream.addr, ONE_SLOT_DEDUP).unwrap();
 
     let (rules, exprs) = fast_rules();
     std::fs::write(dir.join("alerts.fast.yml"), rules).unwrap();
@@ -99,8 +106,17 @@ async fn prometheus_fires_every_alert_on_envoy_s_metrics_during_failures_slow_ca
 
     let channel = grpc_guard_demo::lazy_channel(&envoy.grpc_uri()).unwrap();
     let client = grpc_guard_demo::client(channel);
-    // Rounds of 8 OK calls, 2 Unavailable (17 %), 1 slow call (8 %) and 1
-    // late response (8 %), until every alert fires; 45 s at most.
+    let keyed = |message: String, key: String| {
+        let mut request = tonic::Request::new(EchoRequest { message, ..EchoRequest::default() });
+        request.metadata_mut().insert("x-idempotency-key", key.parse().unwrap());
+        request
+    };
+    // The one slot now holds this call's answer.
+    let kept = client.clone().echo(keyed("kept".into(), "alert-test-kept".into())).await;
+    assert!(kept.is_ok(), "the first keyed call takes the slot: {kept:?}");
+    // Rounds of 8 OK calls, 2 Unavailable and 1 keyed call refused for a full
+    // table (23 % server-side errors), 1 slow call (8 %) and 1 late response
+    // (8 %), until every alert fires; 45 s at most.
     let deadline = Instant::now() + Duration::from_secs(45);
     let mut rounds = 0;
     let fired = loop {
@@ -120,6 +136,9 @@ async fn prometheus_fires_every_alert_on_envoy_s_metrics_during_failures_slow_ca
             if i == 3 {
                 request.metadata_mut().insert("grpc-timeout", LATE_GRPC_TIMEOUT.parse().unwrap());
             }
+            if i == 4 {
+                request = keyed(format!("alert test {i}"), format!("alert-test-{rounds}"));
+            }
             calls.push(tokio::spawn(async move { client.echo(request).await.map_err(|s| s.code()) }));
         }
         for (i, call) in calls.into_iter().enumerate() {
@@ -130,6 +149,7 @@ async fn prometheus_fires_every_alert_on_envoy_s_metrics_during_failures_slow_ca
                     matches!(result, Err(tonic::Code::DeadlineExceeded | tonic::Code::Cancelled)),
                     "call {i}: {result:?}"
                 ),
+                4 => assert_eq!(result, Err(tonic::Code::ResourceExhausted), "call {i}: the table is full"),
                 _ => assert_eq!(result, Ok(()), "call {i}"),
             }
         }

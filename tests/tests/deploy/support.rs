@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
+use grpc_guard_demo::envoy::{EnvoyParams, HttpFilter, TEMPLATE};
 pub use grpc_guard_tests::e2e::workspace_root;
 
 /// A file of the workspace, e.g. `istio/wasmplugin.yaml`.
@@ -43,6 +44,20 @@ pub fn str_at<'a>(value: &'a serde_yaml::Value, file: &str, path: &str) -> &'a s
 
 pub fn to_json(value: &serde_yaml::Value) -> serde_json::Value {
     serde_json::to_value(value).expect("YAML value converts to JSON")
+}
+
+/// envoy/envoy.yaml as `make render` writes it, parsed.
+pub fn envoy_config() -> serde_yaml::Value {
+    let params = EnvoyParams {
+        listen_port: 10000,
+        admin_port: 9901,
+        upstream: "127.0.0.1:50051".parse().unwrap(),
+        down_port: 50099,
+        wasm: "/etc/grpc-guard/grpc_guard.wasm".into(),
+        plugin_config: "{}".into(),
+        http_filter: HttpFilter::GrpcGuard,
+    };
+    serde_yaml::from_str(&params.render(TEMPLATE).unwrap()).expect("rendered envoy.yaml is YAML")
 }
 
 /// The Debian package that brings each tool (scripts/setup.d/deploy.sh).
@@ -103,6 +118,17 @@ impl Server {
     /// Starts `command` with its output in `dir/<name>.log` and waits until
     /// `ready_url` answers 200 (10 s at most).
     pub fn start(name: &str, command: &mut Command, dir: &Path, ready_url: &str) -> Server {
+        Server::try_start(name, command, dir, ready_url, Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`Server::start`], waiting up to `timeout`; why not, with the log.
+    pub fn try_start(
+        name: &str,
+        command: &mut Command,
+        dir: &Path,
+        ready_url: &str,
+        timeout: Duration,
+    ) -> Result<Server, String> {
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let child = command
@@ -112,15 +138,17 @@ impl Server {
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name} ({command:?}): {e}"));
         let mut server = Server { child, log };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = server.child.try_wait() {
-                panic!("{name} exited with {status} before it was ready:\n{}", server.log_text());
+                return Err(format!("{name} exited with {status} before it was ready:\n{}", server.log_text()));
             }
             if http_get(ready_url, &[]).is_ok() {
-                return server;
+                return Ok(server);
             }
-            assert!(Instant::now() < deadline, "{name} not ready at {ready_url} after 10 s:\n{}", server.log_text());
+            if Instant::now() > deadline {
+                return Err(format!("{name} not ready at {ready_url} after {timeout:?}:\n{}", server.log_text()));
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
