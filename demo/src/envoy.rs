@@ -142,6 +142,21 @@ fn swap_filter(template: &str, replacement: &str) -> Result<String, EnvoyError> 
     Ok(format!("{}{replacement}{}", &template[..begin], &template[end..]))
 }
 
+/// The flags of every command that runs Envoy with grpc-guard
+/// (`grpc-guard-run`, `grpc-guard-bench`).
+#[derive(Clone, Debug, clap::Args)]
+pub struct FilterArgs {
+    /// The Envoy binary (`make setup` installs it into .venv/bin/envoy).
+    #[arg(long, default_value = ".venv/bin/envoy")]
+    pub envoy: PathBuf,
+    /// The filter's release .wasm (`make wasm`).
+    #[arg(long)]
+    pub wasm: PathBuf,
+    /// The filter's JSON configuration (README: Configuration).
+    #[arg(long, default_value = "{}")]
+    pub plugin_config: String,
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> Result<u16, EnvoyError> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("binding a free port"))?;

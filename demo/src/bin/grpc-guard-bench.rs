@@ -15,20 +15,15 @@ use std::time::Duration;
 
 use clap::Parser;
 use grpc_guard_demo::bench::{self, median, Window};
-use grpc_guard_demo::envoy::{Envoy, EnvoyParams, HttpFilter};
+use grpc_guard_demo::envoy::{Envoy, EnvoyParams, FilterArgs, HttpFilter};
 use grpc_guard_demo::{lazy_channel, Observed};
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
 #[command(version, about = "Measure grpc-guard against bare Envoy and Envoy's grpc_stats filter")]
 struct Args {
-    #[arg(long, default_value = ".venv/bin/envoy")]
-    envoy: PathBuf,
-    #[arg(long)]
-    wasm: PathBuf,
-    /// The filter configuration measured.
-    #[arg(long, default_value = "{}")]
-    plugin_config: String,
+    #[command(flatten)]
+    filter: FilterArgs,
     /// CPUs Envoy is pinned to (taskset syntax).
     #[arg(long, default_value = "0")]
     envoy_cpus: String,
@@ -90,10 +85,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     for round in 1..=args.rounds {
         let mut bare_throughput = None;
         for (i, variant) in VARIANTS.iter().enumerate() {
-            let mut params = EnvoyParams::on_free_ports(upstream, args.wasm.clone(), &args.plugin_config)?;
+            let mut params =
+                EnvoyParams::on_free_ports(upstream, args.filter.wasm.clone(), &args.filter.plugin_config)?;
             params.http_filter = *variant;
             let dir = args.run_dir.join(format!("{}-{round}", variant.name()));
-            let envoy = Envoy::start_on(&args.envoy, params, 1, &dir, Some(&args.envoy_cpus))?;
+            let envoy = Envoy::start_on(&args.filter.envoy, params, 1, &dir, Some(&args.envoy_cpus))?;
             let pid = envoy.pid();
             let channel = lazy_channel(&envoy.grpc_uri())?;
             // Warm-up: connections, V8 tiering, stat creation.
@@ -139,7 +135,7 @@ fn report(args: &Args, results: &[Vec<Round>]) {
         "\n## grpc-guard benchmark: median of {} rounds, {} s windows, {} callers, Envoy --concurrency 1 on CPU {}",
         args.rounds, args.seconds, args.concurrency, args.envoy_cpus
     );
-    println!("plugin config: {}\n", args.plugin_config);
+    println!("plugin config: {}\n", args.filter.plugin_config);
     println!("| variant | calls/s | × bare | p50 µs | p99 µs | p50 at {:.0}% load µs | × bare | p99 at that load µs | Envoy CPU µs/call (fixed rate) | + vs bare |", args.load_fraction * 100.0);
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for (i, variant) in VARIANTS.iter().enumerate() {

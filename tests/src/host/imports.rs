@@ -107,6 +107,23 @@ fn stream<'a>(caller: &'a mut Ctx<'_>) -> Option<&'a mut StreamState> {
     state.streams.get_mut(&active)
 }
 
+/// `proxy_add_header_map_value` and `proxy_replace_header_map_value`: read the
+/// key and value from guest memory and apply `edit` to the writable map.
+fn edit_map(
+    c: &mut Ctx<'_>,
+    kind: u32,
+    (key_ptr, key_size): (u32, u32),
+    (ptr, size): (u32, u32),
+    edit: fn(&mut super::abi::Pairs, &[u8], &[u8]),
+) -> Hostcall {
+    let kind = map_type(kind)?;
+    let key = read(c, key_ptr, key_size)?;
+    let value = read(c, ptr, size)?;
+    let map = stream(c).ok_or(Status::BadArgument)?.write_map(kind)?;
+    edit(map, &key, &value);
+    Ok(())
+}
+
 fn map_type(value: u32) -> Hostcall<MapType> {
     MapType::from_abi(value).ok_or(Abort::Status(Status::BadArgument))
 }
@@ -235,28 +252,14 @@ pub(crate) fn link_env(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_replace_header_map_value",
         |mut c: Ctx<'_>, kind: u32, key_ptr: u32, key_size: u32, ptr: u32, size: u32| {
-            answer((|| {
-                let kind = map_type(kind)?;
-                let key = read(&mut c, key_ptr, key_size)?;
-                let value = read(&mut c, ptr, size)?;
-                let map = stream(&mut c).ok_or(Status::BadArgument)?.write_map(kind)?;
-                stream::replace(map, &key, &value);
-                Ok(())
-            })())
+            answer(edit_map(&mut c, kind, (key_ptr, key_size), (ptr, size), stream::replace))
         },
     )?;
     linker.func_wrap(
         "env",
         "proxy_add_header_map_value",
         |mut c: Ctx<'_>, kind: u32, key_ptr: u32, key_size: u32, ptr: u32, size: u32| {
-            answer((|| {
-                let kind = map_type(kind)?;
-                let key = read(&mut c, key_ptr, key_size)?;
-                let value = read(&mut c, ptr, size)?;
-                let map = stream(&mut c).ok_or(Status::BadArgument)?.write_map(kind)?;
-                stream::add(map, &key, &value);
-                Ok(())
-            })())
+            answer(edit_map(&mut c, kind, (key_ptr, key_size), (ptr, size), stream::add))
         },
     )?;
     linker.func_wrap(
