@@ -304,7 +304,7 @@ impl Config {
         if !(0.0..=1.0).contains(&log.ok_sample) {
             return Err(ConfigError::new(
                 "log.ok_sample",
-                format!("must be between 0.0 and 1.0, got {}", log.ok_sample),
+                "must be between 0.0 and 1.0",
             ));
         }
         let header = log.request_id_header.to_ascii_lowercase();
@@ -512,7 +512,7 @@ fn check_default_within_max(prefix: &str, policy: DeadlinePolicy) -> Result<(), 
     match (policy.default, policy.max) {
         (Some(d), Some(m)) if d > m => Err(ConfigError::new(
             &format!("{prefix}default"),
-            format!("{d:?} is above the maximum {m:?} that applies to it"),
+            format!("{} ms is above the maximum of {} ms that applies to it", d.as_millis(), m.as_millis()),
         )),
         _ => Ok(()),
     }

@@ -423,7 +423,10 @@ impl Stream {
 
     /// Request headers of a call to a deduplicated method.
     fn dedup_request_headers(&mut self, end_of_stream: bool) -> Action {
-        let Some(config) = self.worker.config.dedup.clone() else { return Action::Continue };
+        // The worker outlives the stream; holding it keeps the config borrowable
+        // while `self` is mutated below, without copying it per call.
+        let worker = Rc::clone(&self.worker);
+        let Some(config) = worker.config.dedup.as_ref() else { return Action::Continue };
         let Some(call) = self.call.as_ref() else { return Action::Continue };
         let (slot, path, start_ns) = (call.slot, call.path.clone(), call.start_ns);
         let in_flight_for = call.deadline.unwrap_or(config.ttl);
@@ -440,11 +443,11 @@ impl Stream {
         };
         let path_for_replay = path.clone();
         let full_name = MethodPath::parse(&path).map(|m| m.full_name()).unwrap_or(path);
-        let key = dedup::key_digest(&config, &full_name, key);
+        let key = dedup::key_digest(config, &full_name, key);
         // Unique among this worker's streams, and across workers by the time.
         let owner = (u64::from(self.context_id) << 40) ^ start_ns;
         let until = start_ns.saturating_add(u64::try_from(in_flight_for.as_nanos()).unwrap_or(u64::MAX));
-        let lookup = dedup::table(&config).lookup_or_claim(&mut dedup::SharedSlots, &key, owner, start_ns, until);
+        let lookup = dedup::table(config).lookup_or_claim(&mut dedup::SharedSlots, &key, owner, start_ns, until);
         match lookup {
             Lookup::Claimed { slot: table_slot, evicted } => {
                 self.set_dedup_outcome(DedupOutcome::First);
