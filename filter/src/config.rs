@@ -302,10 +302,7 @@ impl Config {
         }
         let log = raw.log;
         if !(0.0..=1.0).contains(&log.ok_sample) {
-            return Err(ConfigError::new(
-                "log.ok_sample",
-                "must be between 0.0 and 1.0",
-            ));
+            return Err(ConfigError::new("log.ok_sample", "must be between 0.0 and 1.0"));
         }
         let header = log.request_id_header.to_ascii_lowercase();
         if header.is_empty() || !header.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
