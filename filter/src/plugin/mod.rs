@@ -312,6 +312,11 @@ fn sdk_code(status: GrpcStatus) -> GrpcStatusCode {
     }
 }
 
+/// The filter-state value an access log prints (`STATUS_PROPERTY`).
+fn write_status_property(status: GrpcStatus) {
+    let _ = hostcalls::set_property(vec![STATUS_PROPERTY], Some(status.go_name().as_bytes()));
+}
+
 fn now_ns() -> u64 {
     hostcalls::get_current_time()
         .ok()
@@ -368,7 +373,7 @@ impl Stream {
         let Some(call) = self.call.as_mut() else { return };
         if call.tagged != Some(status) {
             call.tagged = Some(status);
-            let _ = hostcalls::set_property(vec![STATUS_PROPERTY], Some(status.go_name().as_bytes()));
+            write_status_property(status);
         }
     }
 
@@ -598,7 +603,7 @@ impl Stream {
         });
         self.settle_first_call(&mut call, status, source);
         if call.tagged != Some(status) {
-            let _ = hostcalls::set_property(vec![STATUS_PROPERTY], Some(status.go_name().as_bytes()));
+            write_status_property(status);
         }
         let duration_ms = now_ns().saturating_sub(call.start_ns) / 1_000_000;
         self.increment(call.slot, Family::Handled, Some(status), 1);

@@ -142,11 +142,11 @@ async fn two_tenants_with_the_same_key_each_run_and_never_see_the_others_answer(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kept_answer_expires_after_the_ttl_and_the_call_runs_again() {
     let upstream = Upstream::start().await;
-    let config = r#"{"dedup":{"methods":["grpcguard.demo.v1.Demo/Echo"],"ttl":"1s"}}"#;
+    let config = r#"{"dedup":{"methods":["grpcguard.demo.v1.Demo/Echo"],"ttl":"2s"}}"#;
     let envoy = start_envoy("dedup-ttl", upstream.addr, config).unwrap();
     keyed_echo(&envoy, "k", order(1), None).await;
     assert!(keyed_echo(&envoy, "k", order(1), None).await.replayed);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    tokio::time::sleep(Duration::from_millis(2300)).await;
     let after = keyed_echo(&envoy, "k", order(1), None).await;
     assert!(!after.replayed);
     assert_eq!(upstream.observed.executions("Echo"), 2);
