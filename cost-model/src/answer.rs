@@ -3,10 +3,11 @@
 
 use serde::Serialize;
 
-use crate::inputs::{InputError, Inputs};
+use crate::inputs::Inputs;
 use crate::model::{evaluate, Report};
 use crate::scenario::assumptions;
 use crate::sweep::{sweep, SweepPoint, SweepRange};
+use crate::validate::InputError;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Answer {

@@ -21,12 +21,13 @@ mod pricing;
 mod scenario;
 mod sweep;
 mod text;
+mod validate;
 #[cfg(target_arch = "wasm32")]
 mod web;
 
 pub use answer::{answer, Answer};
 pub use chart::chart_svg;
-pub use inputs::{rps_from_monthly, InputError, Inputs, Problem, DEFAULT_PRESET, MAX_DURATION_MS, MAX_RPS};
+pub use inputs::{rps_from_monthly, Inputs, DEFAULT_PRESET, MAX_DURATION_MS, MAX_RPS};
 pub use model::{
     evaluate, grpc_cost, rest_cost, totals_at, Breakdown, ColdStarts, OptionCost, RatioPoint, Report, Traffic, Usage,
     RATIO_MARKS,
@@ -37,3 +38,4 @@ pub use pricing::{
 pub use scenario::{assumptions, guide, scenarios, Scenario};
 pub use sweep::{sweep, to_csv, SweepPoint, SweepRange, DEFAULT_SWEEP_POINTS};
 pub use text::{number, usd};
+pub use validate::{InputError, Problem};

@@ -26,9 +26,10 @@
 
 use serde::Serialize;
 
-use crate::inputs::{InputError, Inputs, MAX_RPS};
+use crate::inputs::{Inputs, MAX_RPS};
 use crate::occupancy::{floor_busy, instances_above};
 use crate::pricing::{Billing, Pricing, SECONDS_PER_MONTH};
+use crate::validate::InputError;
 
 /// One option's monthly bill, USD.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]

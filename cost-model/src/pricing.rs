@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::inputs::{InputError, Problem};
+use crate::validate::{non_negative, positive, InputError, Problem};
 
 /// Seconds in the 730-hour month every figure is quoted for.
 pub const SECONDS_PER_MONTH: f64 = 730.0 * 3600.0;
@@ -128,14 +128,14 @@ impl Pricing {
             ("keep_warm_s", self.keep_warm_s),
         ];
         for (name, value) in amounts {
-            crate::inputs::non_negative(&field(name), value)?;
+            non_negative(&field(name), value)?;
         }
         for (name, idle, active) in [
             ("idle_vcpu_price", self.idle_vcpu_price, self.vcpu_price),
             ("idle_gib_price", self.idle_gib_price, self.gib_price),
         ] {
             if let Some(idle) = idle {
-                crate::inputs::non_negative(&field(name), idle)?;
+                non_negative(&field(name), idle)?;
                 // An idle rate above the active one would make more traffic
                 // cheaper; no platform bills that way.
                 if idle > active {
@@ -144,7 +144,7 @@ impl Pricing {
             }
         }
         if let Some(timeout) = self.request_timeout_s {
-            crate::inputs::positive(&field("request_timeout_s"), timeout)?;
+            positive(&field("request_timeout_s"), timeout)?;
         }
         Ok(())
     }

@@ -2,9 +2,10 @@
 
 use serde::Serialize;
 
-use crate::inputs::{positive, InputError, Inputs, Problem, MAX_RPS};
+use crate::inputs::{Inputs, MAX_RPS};
 use crate::model::{totals_at, Report};
 use crate::pricing::SECONDS_PER_MONTH;
+use crate::validate::{positive, InputError, Problem};
 
 /// Log-spaced traffic levels, req/s.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]

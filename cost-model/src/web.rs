@@ -6,8 +6,9 @@ use wasm_bindgen::prelude::wasm_bindgen;
 
 use crate::answer::{answer, Answer};
 use crate::chart::chart_svg;
-use crate::inputs::{rps_from_monthly, InputError, Inputs};
+use crate::inputs::{rps_from_monthly, Inputs};
 use crate::pricing::presets;
+use crate::validate::InputError;
 
 #[derive(Serialize)]
 struct Evaluated {
