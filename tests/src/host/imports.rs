@@ -41,6 +41,14 @@ impl From<wasmtime::Error> for Abort {
 type Hostcall<T = ()> = Result<T, Abort>;
 type Ctx<'a> = Caller<'a, VmState>;
 
+/// Notes a hostcall and the fuel burnt so far, when the VM traces them.
+fn trace(c: &Ctx<'_>, name: &'static str) {
+    if let Some(trace) = c.data().trace.as_ref() {
+        let fuel = c.get_fuel().unwrap_or(0);
+        trace.borrow_mut().push((name, fuel));
+    }
+}
+
 fn answer(result: Hostcall) -> wasmtime::Result<u32> {
     match result {
         Ok(()) => Ok(Status::Ok as u32),
@@ -130,6 +138,7 @@ fn map_type(value: u32) -> Hostcall<MapType> {
 
 pub(crate) fn link_env(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
     linker.func_wrap("env", "proxy_log", |mut c: Ctx<'_>, level: u32, ptr: u32, len: u32| {
+        trace(&c, "proxy_log");
         answer((|| {
             let level = LogLevel::from_abi(level).ok_or(Status::BadArgument)?;
             let message = String::from_utf8_lossy(&read(&mut c, ptr, len)?).into_owned();
@@ -138,13 +147,16 @@ pub(crate) fn link_env(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         })())
     })?;
     linker.func_wrap("env", "proxy_get_log_level", |mut c: Ctx<'_>, ptr: u32| {
+        trace(&c, "proxy_get_log_level");
         answer(write_u32(&mut c, ptr, LogLevel::Info as u32))
     })?;
     linker.func_wrap("env", "proxy_get_current_time_nanoseconds", |mut c: Ctx<'_>, ptr: u32| {
+        trace(&c, "proxy_get_current_time_nanoseconds");
         let now = c.data().process.clock.realtime_nanos();
         answer(write_u64(&mut c, ptr, now))
     })?;
     linker.func_wrap("env", "proxy_set_tick_period_milliseconds", |mut c: Ctx<'_>, period: u32| {
+        trace(&c, "proxy_set_tick_period_milliseconds");
         c.data_mut().tick_period = Some(Duration::from_millis(u64::from(period)));
         Ok(Status::Ok as u32)
     })?;
@@ -152,6 +164,7 @@ pub(crate) fn link_env(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_buffer_bytes",
         |mut c: Ctx<'_>, kind: u32, start: u32, len: u32, ptr_ptr: u32, size_ptr: u32| {
+            trace(&c, "proxy_get_buffer_bytes");
             answer((|| {
                 let kind = BufferType::from_abi(kind).ok_or(Status::BadArgument)?;
                 let state = c.data_mut();
@@ -179,6 +192,7 @@ pub(crate) fn link_env(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_buffer_bytes",
         |mut c: Ctx<'_>, kind: u32, start: u32, len: u32, ptr: u32, size: u32| {
+            trace(&c, "proxy_set_buffer_bytes");
             answer((|| {
                 let kind = BufferType::from_abi(kind).ok_or(Status::BadArgument)?;
                 let data = read(&mut c, ptr, size)?;
@@ -197,6 +211,7 @@ pub(crate) fn link_env(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_header_map_pairs",
         |mut c: Ctx<'_>, kind: u32, ptr_ptr: u32, size_ptr: u32| {
+            trace(&c, "proxy_get_header_map_pairs");
             answer((|| {
                 if kind > 7 {
                     return Err(Status::BadArgument.into());
@@ -211,6 +226,7 @@ pub(crate) fn link_env(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         },
     )?;
     linker.func_wrap("env", "proxy_set_header_map_pairs", |mut c: Ctx<'_>, kind: u32, ptr: u32, size: u32| {
+        trace(&c, "proxy_set_header_map_pairs");
         answer((|| {
             let kind = map_type(kind)?;
             let pairs = deserialize_pairs(&read(&mut c, ptr, size)?).ok_or(Status::BadArgument)?;
@@ -226,6 +242,7 @@ pub(crate) fn link_env(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_header_map_value",
         |mut c: Ctx<'_>, kind: u32, key_ptr: u32, key_size: u32, ptr_ptr: u32, size_ptr: u32| {
+            trace(&c, "proxy_get_header_map_value");
             answer((|| {
                 let kind = map_type(kind)?;
                 let key = read(&mut c, key_ptr, key_size)?;
@@ -239,6 +256,7 @@ pub(crate) fn link_env(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_remove_header_map_value",
         |mut c: Ctx<'_>, kind: u32, key_ptr: u32, key_size: u32| {
+            trace(&c, "proxy_remove_header_map_value");
             answer((|| {
                 let kind = map_type(kind)?;
                 let key = read(&mut c, key_ptr, key_size)?;
@@ -252,6 +270,7 @@ pub(crate) fn link_env(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_replace_header_map_value",
         |mut c: Ctx<'_>, kind: u32, key_ptr: u32, key_size: u32, ptr: u32, size: u32| {
+            trace(&c, "proxy_replace_header_map_value");
             answer(edit_map(&mut c, kind, (key_ptr, key_size), (ptr, size), stream::replace))
         },
     )?;
@@ -259,6 +278,7 @@ pub(crate) fn link_env(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_add_header_map_value",
         |mut c: Ctx<'_>, kind: u32, key_ptr: u32, key_size: u32, ptr: u32, size: u32| {
+            trace(&c, "proxy_add_header_map_value");
             answer(edit_map(&mut c, kind, (key_ptr, key_size), (ptr, size), stream::add))
         },
     )?;
@@ -266,6 +286,7 @@ pub(crate) fn link_env(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_property",
         |mut c: Ctx<'_>, path_ptr: u32, path_size: u32, ptr_ptr: u32, size_ptr: u32| {
+            trace(&c, "proxy_get_property");
             answer((|| {
                 let path = split_path(&read(&mut c, path_ptr, path_size)?);
                 let stream = stream(&mut c).ok_or(Status::NotFound)?;
@@ -283,6 +304,7 @@ pub(crate) fn link_env(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_property",
         |mut c: Ctx<'_>, path_ptr: u32, path_size: u32, ptr: u32, size: u32| {
+            trace(&c, "proxy_set_property");
             answer((|| {
                 let path = split_path(&read(&mut c, path_ptr, path_size)?);
                 let value = read(&mut c, ptr, size)?;
@@ -297,6 +319,7 @@ pub(crate) fn link_env(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_shared_data",
         |mut c: Ctx<'_>, key_ptr: u32, key_size: u32, ptr_ptr: u32, size_ptr: u32, cas_ptr: u32| {
+            trace(&c, "proxy_get_shared_data");
             answer((|| {
                 let key = read(&mut c, key_ptr, key_size)?;
                 let (value, cas) = lock(&c.data().process.shared_data).get(&key)?;
@@ -309,6 +332,7 @@ pub(crate) fn link_env(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_shared_data",
         |mut c: Ctx<'_>, key_ptr: u32, key_size: u32, ptr: u32, size: u32, cas: u32| {
+            trace(&c, "proxy_set_shared_data");
             answer((|| {
                 let key = read(&mut c, key_ptr, key_size)?;
                 let value = read(&mut c, ptr, size)?;
@@ -317,6 +341,7 @@ pub(crate) fn link_env(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         },
     )?;
     linker.func_wrap("env", "proxy_continue_stream", |mut c: Ctx<'_>, kind: u32| {
+        trace(&c, "proxy_continue_stream");
         answer((|| {
             let event = match kind {
                 0 => StreamEvent::ContinueRequest,
@@ -333,6 +358,7 @@ pub(crate) fn link_env(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         })())
     })?;
     linker.func_wrap("env", "proxy_close_stream", |mut c: Ctx<'_>, kind: u32| {
+        trace(&c, "proxy_close_stream");
         answer((|| {
             let event = match kind {
                 0 => StreamEvent::CloseRequest,
@@ -358,6 +384,7 @@ pub(crate) fn link_env(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
          headers_ptr: u32,
          headers_size: u32,
          grpc_status: i32| {
+            trace(&c, "proxy_send_local_response");
             answer((|| {
                 let details = read(&mut c, details_ptr, details_size)?;
                 let body = read(&mut c, body_ptr, body_size)?;
@@ -373,6 +400,7 @@ pub(crate) fn link_env(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         },
     )?;
     linker.func_wrap("env", "proxy_set_effective_context", |mut c: Ctx<'_>, id: u32| {
+        trace(&c, "proxy_set_effective_context");
         let state = c.data_mut();
         if id == state.root_id || state.streams.contains_key(&id) {
             state.active = id;
@@ -386,6 +414,7 @@ pub(crate) fn link_env(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "env",
         "proxy_define_metric",
         |mut c: Ctx<'_>, kind: u32, name_ptr: u32, name_size: u32, id_ptr: u32| {
+            trace(&c, "proxy_define_metric");
             answer((|| {
                 let kind = MetricType::from_abi(kind).ok_or(Status::BadArgument)?;
                 let name = String::from_utf8_lossy(&read(&mut c, name_ptr, name_size)?).into_owned();
@@ -395,18 +424,22 @@ pub(crate) fn link_env(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         },
     )?;
     linker.func_wrap("env", "proxy_get_metric", |mut c: Ctx<'_>, id: u32, value_ptr: u32| {
+        trace(&c, "proxy_get_metric");
         answer((|| {
             let value = lock(&c.data().process.metrics).get(id)?;
             write_u64(&mut c, value_ptr, value)
         })())
     })?;
     linker.func_wrap("env", "proxy_record_metric", |c: Ctx<'_>, id: u32, value: u64| {
+        trace(&c, "proxy_record_metric");
         answer(lock(&c.data().process.metrics).record(id, value).map_err(Abort::from))
     })?;
     linker.func_wrap("env", "proxy_increment_metric", |c: Ctx<'_>, id: u32, offset: i64| {
+        trace(&c, "proxy_increment_metric");
         answer(lock(&c.data().process.metrics).increment(id, offset).map_err(Abort::from))
     })?;
     linker.func_wrap("env", "proxy_get_configuration", |mut c: Ctx<'_>, ptr_ptr: u32, size_ptr: u32| {
+        trace(&c, "proxy_get_configuration");
         // Envoy: the plugin configuration while configuring, else the
         // (empty) VM configuration.
         let state = c.data();

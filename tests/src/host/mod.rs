@@ -175,7 +175,7 @@ impl Host {
             .linker
             .instantiate(&mut store, &self.module)
             .map_err(|e| HostError::Instantiate { message: format!("{e:#}") })?;
-        let mut vm = Vm { store, instance, next_id: ROOT_CONTEXT_ID + 1, trapped: None };
+        let mut vm = Vm { store, instance, next_id: ROOT_CONTEXT_ID + 1, trapped: None, trace_mark: 0 };
         vm.start(config)?;
         Ok(vm)
     }
@@ -207,6 +207,8 @@ pub struct Vm {
     instance: Instance,
     next_id: u32,
     trapped: Option<String>,
+    /// Fuel left at the last look at the hostcall trace.
+    trace_mark: u64,
 }
 
 impl Vm {
@@ -532,6 +534,29 @@ impl Vm {
     /// start-up included.
     pub fn fuel_consumed(&self) -> u64 {
         FUEL_BUDGET - self.store.get_fuel().unwrap_or(FUEL_BUDGET)
+    }
+
+    /// From now on, notes every hostcall the filter makes.
+    pub fn trace_hostcalls(&mut self) {
+        self.store.data_mut().trace = Some(Default::default());
+        self.trace_mark = self.store.get_fuel().unwrap_or(0);
+    }
+
+    /// The hostcalls made since the last look, each with the fuel burnt
+    /// since the previous one (or since tracing began).
+    pub fn take_hostcalls(&mut self) -> Vec<(&'static str, u64)> {
+        let left = self.store.get_fuel().unwrap_or(0);
+        let Some(trace) = self.store.data().trace.as_ref() else { return Vec::new() };
+        let calls = std::mem::take(&mut *trace.borrow_mut());
+        let mut out = Vec::new();
+        let mut before = self.trace_mark;
+        for (name, fuel) in calls {
+            out.push((name, before - fuel));
+            before = fuel;
+        }
+        out.push(("(end)", before - left));
+        self.trace_mark = left;
+        out
     }
 
     /// Why the VM trapped, if it did.

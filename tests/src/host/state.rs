@@ -22,6 +22,9 @@ pub(crate) struct VmState {
     pub(crate) streams: HashMap<u32, StreamState>,
     pub(crate) logs: Vec<LogLine>,
     pub(crate) tick_period: Option<Duration>,
+    /// Hostcalls made, with the fuel left when each was made, once
+    /// [`super::Vm::trace_hostcalls`] turned tracing on.
+    pub(crate) trace: Option<std::cell::RefCell<Vec<(&'static str, u64)>>>,
     random: u64,
 }
 
@@ -36,6 +39,7 @@ impl VmState {
             streams: HashMap::new(),
             logs: Vec::new(),
             tick_period: None,
+            trace: None,
             random: 0x9E37_79B9_7F4A_7C15,
         }
     }
