@@ -7,12 +7,13 @@
 //! them by a test.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::deadline::{parse_config_duration, DeadlinePolicy};
-use crate::method::{MethodPath, MethodPattern};
+use crate::deadline::DeadlinePolicy;
+use crate::method::{Direction, MethodPath, MethodPattern, MethodType};
 
 /// A configuration the plugin refuses to start with.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -26,49 +27,6 @@ pub struct ConfigError {
 impl ConfigError {
     fn new(field: &str, reason: impl Into<String>) -> ConfigError {
         ConfigError { field: field.to_owned(), reason: reason.into() }
-    }
-}
-
-/// Which side of the call this Envoy stands on, which picks the metric family.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    /// In front of a server (a sidecar's inbound listener): `grpc_server_*`.
-    #[default]
-    Inbound,
-    /// In front of a client (egress, outbound listener): `grpc_client_*`.
-    Outbound,
-}
-
-/// The gRPC call type, as go-grpc-prometheus labels it (`grpc_type`). A proxy
-/// cannot read the method descriptor, so it is configured per method.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MethodType {
-    #[default]
-    Unary,
-    ClientStream,
-    ServerStream,
-    BidiStream,
-}
-
-impl Direction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Inbound => "inbound",
-            Direction::Outbound => "outbound",
-        }
-    }
-}
-
-impl MethodType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MethodType::Unary => "unary",
-            MethodType::ClientStream => "client_stream",
-            MethodType::ServerStream => "server_stream",
-            MethodType::BidiStream => "bidi_stream",
-        }
     }
 }
 
@@ -111,7 +69,7 @@ pub struct DedupConfig {
     pub header: String,
     pub methods: Vec<MethodPattern>,
     pub require_key: bool,
-    pub ttl: std::time::Duration,
+    pub ttl: Duration,
     pub max_entries: u32,
     pub max_response_bytes: u32,
     pub scope: Vec<ScopePart>,
@@ -224,8 +182,8 @@ pub struct MethodPolicy {
 /// A per-method override: set fields replace the global value.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct PolicyOverride {
-    deadline_default: Option<std::time::Duration>,
-    deadline_max: Option<std::time::Duration>,
+    deadline_default: Option<Duration>,
+    deadline_max: Option<Duration>,
     max_request_message_bytes: Option<u64>,
 }
 
@@ -484,7 +442,25 @@ fn dedup_config(
     }))
 }
 
-fn duration(field: &str, value: Option<&String>) -> Result<Option<std::time::Duration>, ConfigError> {
+/// Parses a configuration duration: an integer and a unit `ms`, `s`, `m`, `h`
+/// (`"250ms"`, `"5s"`, `"1m"`).
+fn parse_config_duration(text: &str) -> Option<Duration> {
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (digits, unit) = text.split_at(split);
+    if digits.is_empty() || digits.len() > 9 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => Some(Duration::from_secs(n * 60)),
+        "h" => Some(Duration::from_secs(n * 3600)),
+        _ => None,
+    }
+}
+
+fn duration(field: &str, value: Option<&String>) -> Result<Option<Duration>, ConfigError> {
     let Some(text) = value else { return Ok(None) };
     match parse_config_duration(text) {
         Some(d) if !d.is_zero() => Ok(Some(d)),
@@ -552,7 +528,7 @@ fn policies(
     let mut overrides: Vec<(MethodPattern, PolicyOverride)> =
         by_pattern.into_iter().map(|(p, o)| (MethodPattern::new(&p), o)).collect();
     // Most specific first: a longer pattern names fewer methods.
-    overrides.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+    overrides.sort_by_key(|(p, _)| std::cmp::Reverse(p.specificity()));
     Ok((global, overrides))
 }
 
@@ -571,10 +547,20 @@ fn check_pattern(field: &str, pattern: &str) -> Result<(), ConfigError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::time::Duration;
 
     fn err(json: &str) -> ConfigError {
         Config::parse(json.as_bytes()).expect_err("config must be rejected")
+    }
+
+    #[test]
+    fn config_durations_take_ms_s_m_h() {
+        assert_eq!(parse_config_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_config_duration("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_config_duration("1m"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_config_duration("2h"), Some(Duration::from_secs(7200)));
+        for bad in ["", "5", "s", "5 s", "1.5s", "-1s", "5S", "10d", "9999999999s"] {
+            assert_eq!(parse_config_duration(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -72,24 +72,6 @@ pub fn format_grpc_timeout(d: Duration) -> String {
     format!("{MAX_VALUE}H")
 }
 
-/// Parses a configuration duration: an integer and a unit `ms`, `s`, `m`, `h`
-/// (`"250ms"`, `"5s"`, `"1m"`).
-pub fn parse_config_duration(text: &str) -> Option<Duration> {
-    let split = text.find(|c: char| !c.is_ascii_digit())?;
-    let (digits, unit) = text.split_at(split);
-    if digits.is_empty() || digits.len() > 9 {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    match unit {
-        "ms" => Some(Duration::from_millis(n)),
-        "s" => Some(Duration::from_secs(n)),
-        "m" => Some(Duration::from_secs(n * 60)),
-        "h" => Some(Duration::from_secs(n * 3600)),
-        _ => None,
-    }
-}
-
 /// The deadline limits that apply to one method.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DeadlinePolicy {
@@ -257,17 +239,6 @@ mod tests {
         assert_eq!(format_grpc_timeout(Duration::from_secs(3600)), "3600000m");
         assert_eq!(format_grpc_timeout(Duration::from_nanos(1_500)), "1500n");
         assert_eq!(format_grpc_timeout(Duration::from_nanos(100_000_001)), "100001u");
-    }
-
-    #[test]
-    fn config_durations_take_ms_s_m_h() {
-        assert_eq!(parse_config_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_config_duration("5s"), Some(Duration::from_secs(5)));
-        assert_eq!(parse_config_duration("1m"), Some(Duration::from_secs(60)));
-        assert_eq!(parse_config_duration("2h"), Some(Duration::from_secs(7200)));
-        for bad in ["", "5", "s", "5 s", "1.5s", "-1s", "5S", "10d", "9999999999s"] {
-            assert_eq!(parse_config_duration(bad), None, "{bad}");
-        }
     }
 
     const POLICY: DeadlinePolicy =

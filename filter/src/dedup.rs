@@ -5,35 +5,65 @@
 //! threads share. Shared data has no delete and no listing, so the table is a
 //! fixed set of `max_entries` slots, each one shared-data key; a call's key
 //! hashes to a slot and its next few neighbours (linear probing); expired
-//! entries are reused lazily. Every write is a compare-and-swap on the slot,
-//! so two workers racing on one key cannot both claim it.
+//! entries are reused lazily. Every write is a compare-and-swap on the slot
+//! ([`crate::shared`]), so two workers racing on one key cannot both claim it.
 //!
-//! This module knows nothing of proxy-wasm: the store is a trait, implemented
-//! over shared data by the plugin and by a plain map in the tests.
+//! This module knows nothing of proxy-wasm: the store is
+//! [`crate::shared::SharedStore`], shared data in the filter and a plain map
+//! in the tests. What a keyed call does with the table is [`crate::call`]'s.
 
+use sha2::{Digest as _, Sha256};
 use thiserror::Error;
+
+use crate::config::DedupConfig;
+use crate::shared::{self, Decision, SharedStore, StoreError};
+use crate::status::GrpcStatus;
+
+/// Marks a retry being replayed; stripped from every client request so a
+/// client cannot reach the replay route itself.
+pub const REPLAY_HEADER: &str = "x-grpc-guard-replay";
+/// Initial metadata on every replayed answer.
+pub const REPLAYED_HEADER: &str = "grpc-guard-replayed";
+/// Put in front of the marked retry's path, so that no service method can
+/// ever match it.
+pub const REPLAY_PATH_PREFIX: &str = "/grpc-guard.replay";
+/// Content type of the marked retry on its way to the internal listener.
+pub const REPLAY_CONTENT_TYPE: &str = "application/x-grpc-guard-replay";
 
 /// SHA-256 digest: of the key material (scope, method, idempotency key), and
 /// of a request message. A cryptographic hash, because a collision would hand
 /// one caller another caller's answer.
 pub type Digest = [u8; 32];
 
+/// The key's identity: length-prefixed parts (the scope values, the method,
+/// the key itself), so ("ab","c") and ("a","bc") differ.
 pub fn digest(parts: &[&[u8]]) -> Digest {
-    use sha2::{Digest as _, Sha256};
     let mut h = Sha256::new();
     for part in parts {
-        // Length-prefixed, so ("ab","c") and ("a","bc") differ.
         h.update((part.len() as u64).to_le_bytes());
         h.update(part);
     }
     h.finalize().into()
 }
 
-/// The fingerprint of a request body: SHA-256 of its bytes, the same as
-/// hashing them chunk by chunk as they stream.
-pub fn fingerprint(body: &[u8]) -> Digest {
-    use sha2::{Digest as _, Sha256};
-    Sha256::digest(body).into()
+/// The fingerprint of a request body, fed chunk by chunk as the body streams
+/// through: a retry replays only if its whole body has the first call's.
+#[derive(Clone, Debug, Default)]
+pub struct Fingerprint(Sha256);
+
+impl Fingerprint {
+    pub fn update(&mut self, chunk: &[u8]) {
+        self.0.update(chunk);
+    }
+
+    pub fn finish(self) -> Digest {
+        self.0.finalize().into()
+    }
+
+    /// The fingerprint of a body seen whole.
+    pub fn of(body: &[u8]) -> Digest {
+        Sha256::digest(body).into()
+    }
 }
 
 /// Slots probed after the home slot.
@@ -45,8 +75,8 @@ const CAS_ATTEMPTS: usize = 4;
 /// A kept answer, replayed to every retry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {
-    /// gRPC status code of the first call.
-    pub status: u32,
+    /// The first call's status.
+    pub status: GrpcStatus,
     /// The response body as it was sent: gRPC frames.
     pub body: Vec<u8>,
     /// Response trailers (or, for a trailers-only answer, its `grpc-*`
@@ -107,7 +137,7 @@ impl Entry {
                 out.extend_from_slice(fingerprint);
                 if let Some(a) = answer {
                     out.push(1);
-                    out.extend_from_slice(&a.status.to_le_bytes());
+                    out.extend_from_slice(&a.status.code().to_le_bytes());
                     put_bytes(&mut out, &a.body);
                     out.extend_from_slice(&(a.trailers.len() as u32).to_le_bytes());
                     for (name, value) in &a.trailers {
@@ -171,7 +201,7 @@ impl Reader<'_> {
                 let answer = match self.u8()? {
                     0 => None,
                     _ => {
-                        let status = self.u32()?;
+                        let status = GrpcStatus::from_code(self.u32()?)?;
                         let body = self.bytes()?;
                         let count = self.u32()?;
                         let mut trailers = Vec::new();
@@ -190,21 +220,9 @@ impl Reader<'_> {
     }
 }
 
-/// Where the table's slots are kept: proxy-wasm shared data in the filter.
-pub trait SlotStore {
-    /// The slot's bytes (empty or missing = free) and its compare-and-swap
-    /// token.
-    fn get(&mut self, slot: u32) -> (Vec<u8>, Option<u32>);
-    /// Writes the slot if its token is still `cas`.
-    fn set(&mut self, slot: u32, value: &[u8], cas: Option<u32>) -> Result<(), StoreError>;
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
-pub enum StoreError {
-    #[error("the slot changed since it was read")]
-    CasMismatch,
-    #[error("the host refused to store the slot")]
-    Failed,
+/// The shared-data key of one slot.
+fn slot_key(slot: u32) -> String {
+    format!("grpc_guard.dedup.{slot}")
 }
 
 /// What a call finds under its key.
@@ -232,6 +250,10 @@ pub struct DedupTable {
 }
 
 impl DedupTable {
+    pub fn new(config: &DedupConfig) -> DedupTable {
+        DedupTable { max_entries: config.max_entries, ttl_ns: u64::try_from(config.ttl.as_nanos()).unwrap_or(u64::MAX) }
+    }
+
     fn probe_slots(&self, key: &Digest) -> impl Iterator<Item = u32> {
         let home = u64::from_le_bytes([key[0], key[1], key[2], key[3], key[4], key[5], key[6], key[7]]);
         let n = u64::from(self.max_entries.max(1));
@@ -245,7 +267,7 @@ impl DedupTable {
     /// without finishing frees its key then).
     pub fn lookup_or_claim(
         &self,
-        store: &mut dyn SlotStore,
+        store: &mut (impl SharedStore + ?Sized),
         key: &Digest,
         owner: u64,
         now_ns: u64,
@@ -255,8 +277,8 @@ impl DedupTable {
             let slots: Vec<(u32, Entry, Option<u32>)> = self
                 .probe_slots(key)
                 .map(|slot| {
-                    let (bytes, cas) = store.get(slot);
-                    (slot, Entry::decode(&bytes), cas)
+                    let (bytes, cas) = store.get(&slot_key(slot));
+                    (slot, Entry::decode(bytes.as_deref().unwrap_or_default()), cas)
                 })
                 .collect();
             for (_, entry, _) in &slots {
@@ -274,7 +296,7 @@ impl DedupTable {
                 return Lookup::Full;
             };
             let claim = Entry::InFlight { key: *key, owner, expires_ns: in_flight_until_ns };
-            match store.set(*slot, &claim.encode(), *cas) {
+            match store.set(&slot_key(*slot), &claim.encode(), *cas) {
                 Ok(()) => {
                     let evicted = old.key().is_some_and(|k| k != key);
                     return Lookup::Claimed { slot: *slot, evicted };
@@ -291,32 +313,37 @@ impl DedupTable {
     /// is no longer this stream's claim (it expired and was taken).
     pub fn settle(
         &self,
-        store: &mut dyn SlotStore,
+        store: &mut (impl SharedStore + ?Sized),
         slot: u32,
         key: &Digest,
         owner: u64,
         result: Option<Settled>,
         now_ns: u64,
     ) {
-        for _ in 0..CAS_ATTEMPTS {
-            let (bytes, cas) = store.get(slot);
-            match Entry::decode(&bytes) {
-                Entry::InFlight { key: k, owner: o, .. } if &k == key && o == owner => {}
-                _ => return,
+        let next = match result {
+            Some(s) => Entry::Done {
+                key: *key,
+                expires_ns: now_ns.saturating_add(self.ttl_ns),
+                fingerprint: s.fingerprint,
+                answer: s.answer,
+            },
+            None => Entry::Free,
+        };
+        let encoded = next.encode();
+        let _ = shared::update(store, &slot_key(slot), CAS_ATTEMPTS, |bytes| match Entry::decode(bytes) {
+            Entry::InFlight { key: k, owner: o, .. } if &k == key && o == owner => {
+                Decision::Write(encoded.as_slice().into(), ())
             }
-            let next = match &result {
-                Some(s) => Entry::Done {
-                    key: *key,
-                    expires_ns: now_ns.saturating_add(self.ttl_ns),
-                    fingerprint: s.fingerprint,
-                    answer: s.answer.clone(),
-                },
-                None => Entry::Free,
-            };
-            match store.set(slot, &next.encode(), cas) {
-                Err(StoreError::CasMismatch) => continue,
-                _ => return,
-            }
+            _ => Decision::Keep(()),
+        });
+    }
+
+    /// Creates every slot that does not exist yet, so that workers race on
+    /// them with compare-and-swap ([`crate::shared::create`]). Runs at
+    /// configure time, before any call.
+    pub fn create_slots(&self, store: &mut (impl SharedStore + ?Sized)) {
+        for slot in 0..self.max_entries {
+            shared::create(store, &slot_key(slot));
         }
     }
 }
@@ -330,8 +357,15 @@ pub struct Settled {
 
 /// Statuses a retry would get again, so keeping them is safe (DESIGN §3.5);
 /// every other status releases the key and the retry runs.
-pub fn is_kept_status(code: u32) -> bool {
-    matches!(code, 0 | 3 | 5 | 6 | 7 | 9 | 11 | 12 | 16)
+pub fn is_kept_status(status: GrpcStatus) -> bool {
+    use GrpcStatus::*;
+    match status {
+        Ok | InvalidArgument | NotFound | AlreadyExists | PermissionDenied | FailedPrecondition | OutOfRange
+        | Unimplemented | Unauthenticated => true,
+        Cancelled | Unknown | DeadlineExceeded | ResourceExhausted | Aborted | Internal | Unavailable | DataLoss => {
+            false
+        }
+    }
 }
 
 /// Why an idempotency key header is refused.
@@ -362,34 +396,9 @@ pub fn check_key(value: Option<&[u8]>, required: bool) -> Result<Option<&[u8]>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shared::testing::MapStore;
     use proptest::prelude::*;
     use std::collections::HashMap;
-
-    /// Shared data as Envoy keeps it: every write bumps a global cas.
-    #[derive(Default)]
-    struct MapStore {
-        slots: HashMap<u32, (Vec<u8>, u32)>,
-        next_cas: u32,
-    }
-
-    impl SlotStore for MapStore {
-        fn get(&mut self, slot: u32) -> (Vec<u8>, Option<u32>) {
-            match self.slots.get(&slot) {
-                Some((v, cas)) => (v.clone(), Some(*cas)),
-                None => (Vec::new(), None),
-            }
-        }
-        fn set(&mut self, slot: u32, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
-            if let (Some((_, current)), Some(cas)) = (self.slots.get(&slot), cas) {
-                if *current != cas {
-                    return Err(StoreError::CasMismatch);
-                }
-            }
-            self.next_cas += 1;
-            self.slots.insert(slot, (value.to_vec(), self.next_cas));
-            Ok(())
-        }
-    }
 
     const TABLE: DedupTable = DedupTable { max_entries: 64, ttl_ns: 1_000 };
 
@@ -398,7 +407,11 @@ mod tests {
     }
 
     fn ok_answer() -> Answer {
-        Answer { status: 0, body: vec![0, 0, 0, 0, 1, 7], trailers: vec![("grpc-status".into(), b"0".to_vec())] }
+        Answer {
+            status: GrpcStatus::Ok,
+            body: vec![0, 0, 0, 0, 1, 7],
+            trailers: vec![("grpc-status".into(), b"0".to_vec())],
+        }
     }
 
     #[test]
@@ -481,13 +494,41 @@ mod tests {
     }
 
     #[test]
-    fn fingerprint_of_the_whole_equals_the_streamed_hash() {
-        use sha2::{Digest as _, Sha256};
-        let mut h = Sha256::new();
-        h.update(b"hello ");
-        h.update(b"world");
-        let streamed: Digest = h.finalize().into();
-        assert_eq!(fingerprint(b"hello world"), streamed);
+    fn fingerprint_of_the_whole_equals_the_streamed_one() {
+        let mut streamed = Fingerprint::default();
+        streamed.update(b"hello ");
+        streamed.update(b"world");
+        assert_eq!(Fingerprint::of(b"hello world"), streamed.finish());
+        assert_ne!(Fingerprint::of(b"hello world"), Fingerprint::of(b"hello worle"));
+    }
+
+    #[test]
+    fn only_answers_a_retry_would_get_again_are_kept() {
+        let kept: Vec<&str> = GrpcStatus::ALL.iter().filter(|s| is_kept_status(**s)).map(|s| s.go_name()).collect();
+        assert_eq!(
+            kept,
+            [
+                "OK",
+                "InvalidArgument",
+                "NotFound",
+                "AlreadyExists",
+                "PermissionDenied",
+                "FailedPrecondition",
+                "OutOfRange",
+                "Unimplemented",
+                "Unauthenticated"
+            ]
+        );
+    }
+
+    #[test]
+    fn an_entry_with_a_status_out_of_range_is_not_trusted() {
+        let done = Entry::Done { key: key(2), expires_ns: 5, fingerprint: key(3), answer: Some(ok_answer()) };
+        let mut bytes = done.encode();
+        // The status follows the tag, key, expiry, fingerprint and answer flag.
+        let at = 1 + 32 + 8 + 32 + 1;
+        bytes[at..at + 4].copy_from_slice(&17u32.to_le_bytes());
+        assert_eq!(Entry::decode(&bytes), Entry::Free);
     }
 
     #[test]

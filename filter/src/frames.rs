@@ -117,26 +117,28 @@ impl FrameReader {
     pub fn message_bytes(&self) -> u64 {
         self.message_bytes
     }
-
-    /// True between messages: a stream that ends here ended cleanly.
-    pub fn at_boundary(&self) -> bool {
-        matches!(self.state, State::Prefix { have: 0, .. })
-    }
-}
-
-/// Frames `message` as one uncompressed gRPC message.
-pub fn frame_message(message: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(PREFIX_LEN + message.len());
-    out.push(0);
-    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    out.extend_from_slice(message);
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Frames `message` as one uncompressed gRPC message.
+    fn frame_message(message: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(PREFIX_LEN + message.len());
+        out.push(0);
+        out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        out.extend_from_slice(message);
+        out
+    }
+
+    impl FrameReader {
+        /// True between messages: a stream that ends here ended cleanly.
+        fn at_boundary(&self) -> bool {
+            matches!(self.state, State::Prefix { have: 0, .. })
+        }
+    }
 
     /// Feeds `body` split at `cuts` and returns the frames and the copied bytes.
     fn read_in_chunks(body: &[u8], cuts: &[usize]) -> (Result<Vec<Frame>, FrameError>, usize, FrameReader) {

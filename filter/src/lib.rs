@@ -4,8 +4,10 @@
 //! size metrics under go-grpc-prometheus names; one JSON log line per call.
 //!
 //! The modules below are plain Rust with no knowledge of proxy-wasm, tested
-//! natively. `plugin` is the only glue: it moves data between Envoy's
-//! callbacks and these modules, and is compiled for wasm only.
+//! natively. [`call`] is one call's life, from request headers to log line,
+//! as a state machine whose steps return what to do; `plugin` is the only
+//! glue: it hands Envoy's callbacks to those steps and carries out what they
+//! return, and is compiled for wasm only.
 //!
 //! What it is not: a gRPC-Web or transcoding filter (`application/grpc-web*`
 //! passes through untouched), nor a replacement for Envoy's router timeouts.
@@ -14,6 +16,7 @@
 // that worker. Tests may unwrap.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic))]
 
+pub mod call;
 pub mod config;
 pub mod deadline;
 pub mod dedup;
@@ -21,7 +24,10 @@ pub mod frames;
 pub mod method;
 pub mod metrics;
 pub mod record;
+pub mod registry;
+pub mod shared;
 pub mod status;
+pub mod worker;
 
 #[cfg(target_arch = "wasm32")]
 mod plugin;

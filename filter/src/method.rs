@@ -7,6 +7,51 @@
 //! allowlist, and are among the first `max_methods` seen by this Envoy (all
 //! workers together); everything else is counted as `other`.
 
+use serde::Deserialize;
+
+/// Which side of the call this Envoy stands on, which picks the metric family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// In front of a server (a sidecar's inbound listener): `grpc_server_*`.
+    #[default]
+    Inbound,
+    /// In front of a client (egress, outbound listener): `grpc_client_*`.
+    Outbound,
+}
+
+/// The gRPC call type, as go-grpc-prometheus labels it (`grpc_type`). A proxy
+/// cannot read the method descriptor, so it is configured per method.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MethodType {
+    #[default]
+    Unary,
+    ClientStream,
+    ServerStream,
+    BidiStream,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+impl MethodType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MethodType::Unary => "unary",
+            MethodType::ClientStream => "client_stream",
+            MethodType::ServerStream => "server_stream",
+            MethodType::BidiStream => "bidi_stream",
+        }
+    }
+}
+
 /// The label value for every method folded for cardinality.
 pub const OTHER: &str = "other";
 
@@ -58,13 +103,9 @@ impl MethodPattern {
         MethodPattern(pattern.strip_prefix('/').unwrap_or(pattern).to_owned())
     }
 
-    /// Pattern length, for ordering by specificity.
-    pub fn len(&self) -> usize {
+    /// How specific the pattern is: a longer pattern names fewer methods.
+    pub fn specificity(&self) -> usize {
         self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 
     /// Matches a full name `pkg.Svc/Method`.
@@ -130,14 +171,6 @@ impl AdmittedMethods {
         self.names.iter().any(|n| n == full_name)
     }
 
-    pub fn len(&self) -> usize {
-        self.names.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
-    }
-
     /// Decides for `full_name` given a bound of `max` methods.
     pub fn admit(&self, full_name: &str, max: usize) -> Admission {
         if self.contains(full_name) {
@@ -187,6 +220,12 @@ impl std::hash::Hasher for FnvHasher {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    impl AdmittedMethods {
+        fn len(&self) -> usize {
+            self.names.len()
+        }
+    }
 
     #[test]
     fn well_formed_path_splits_into_service_and_method() {

@@ -14,14 +14,14 @@
 //! Label values never contain `;` or `=`: method names are validated
 //! ([`crate::method::MethodPath`]) and the rest are fixed words.
 
-use crate::config::Direction;
+use crate::method::Direction;
 use crate::status::GrpcStatus;
 
 /// Labels every per-method metric carries.
 pub const LABELS: [&str; 4] = ["grpc_service", "grpc_method", "grpc_type", "grpc_code"];
 
 /// The per-method metrics, one family each; `family as usize` indexes `ALL`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Family {
     /// Counter: calls started.
     Started,

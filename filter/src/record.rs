@@ -10,8 +10,8 @@
 //! it runs on every logged call, and this writer takes about a third of the
 //! wasm instructions (fuel, measured in `tests/tests/filter/fuel.rs`).
 
-use crate::config::Direction;
 use crate::deadline::DeadlineSource;
+use crate::method::Direction;
 use crate::status::{GrpcStatus, StatusSource};
 
 /// Longest header-derived value kept in a log line.

@@ -84,7 +84,7 @@ fn plugin_config_has_every_documented_section_and_the_filter_accepts_it() {
     // must accept it, or the plugin would refuse to start (fail closed).
     let parsed = grpc_guard::config::Config::parse(config.to_string().as_bytes())
         .unwrap_or_else(|e| panic!("{WASM_PLUGIN}: the filter refuses pluginConfig: {e}"));
-    assert_eq!(parsed.direction, grpc_guard::config::Direction::Inbound);
+    assert_eq!(parsed.direction, grpc_guard::method::Direction::Inbound);
 }
 
 #[test]

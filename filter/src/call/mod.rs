@@ -1,0 +1,439 @@
+//! One gRPC call, from its request headers to its log record, as a state
+//! machine that knows nothing of proxy-wasm.
+//!
+//! Each step takes what the host reported (read on demand through [`Host`],
+//! so a step reads only what it needs), updates the call's state and says
+//! what to do: the [`Next`] it returns, and the [`Effect`]s it appends (set or
+//! remove a header, answer the call, replace the body, add a trailer, count a
+//! metric, log the record). The proxy-wasm adapter (`plugin`) calls the step
+//! for each callback and carries the effects out; every decision about gRPC
+//! is made here and tested natively (`tests.rs`).
+//!
+//! The steps follow Envoy's order: [`Call::start`] at request headers, then
+//! request body chunks, response headers, body chunks and trailers (any may be
+//! missing), and [`Call::finish`] when the stream is done, however it ended.
+
+mod dedup;
+#[cfg(test)]
+mod tests;
+
+use std::time::Duration;
+
+use crate::deadline::{is_late, DeadlineDecision, DeadlineSource};
+use crate::frames::{Frame, FrameError, FrameReader};
+use crate::method::MethodType;
+use crate::metrics::{guard, Family};
+use crate::record::{cap, CallRecord, DedupOutcome};
+use crate::shared::SharedStore;
+use crate::status::{GrpcStatus, ResetSide, ResponseSeen, StatusSource};
+use crate::worker::Worker;
+
+/// What the host reported about the stream, read when a step needs it. Body
+/// reads are of the chunk the current step was called for.
+pub trait Host: SharedStore {
+    fn request_header(&mut self, name: &str) -> Option<Vec<u8>>;
+    fn response_header(&mut self, name: &str) -> Option<Vec<u8>>;
+    fn response_trailer(&mut self, name: &str) -> Option<Vec<u8>>;
+    fn response_trailers(&mut self) -> Vec<(String, Vec<u8>)>;
+    fn request_body(&mut self, offset: usize, len: usize) -> Option<Vec<u8>>;
+    fn response_body(&mut self, offset: usize, len: usize) -> Option<Vec<u8>>;
+    /// An Envoy attribute, e.g. `["response", "code_details"]`.
+    fn property(&mut self, path: &[&str]) -> Option<Vec<u8>>;
+    /// Wall-clock time, nanoseconds since the Unix epoch.
+    fn now_ns(&mut self) -> u64;
+}
+
+/// Whether the stream goes on after a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    Continue,
+    /// Hold this direction: Envoy buffers the body meanwhile, or the call was
+    /// answered locally.
+    Pause,
+}
+
+/// An answer from the proxy itself; the call goes no further upstream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// A gRPC status and message; Envoy writes (and percent-encodes) them.
+    Status { status: GrpcStatus, message: String },
+    /// A kept trailers-only answer, sent back with exactly these headers on
+    /// an HTTP 200 (its `grpc-message` is already encoded).
+    Headers(Vec<(String, String)>),
+}
+
+/// Something a step asks the host to do, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    SetRequestHeader(&'static str, Vec<u8>),
+    RemoveRequestHeader(&'static str),
+    SetResponseHeader(&'static str, Vec<u8>),
+    RemoveResponseHeader(&'static str),
+    Reply(Reply),
+    /// Replace the response body chunk being delivered.
+    ReplaceResponseBody(Vec<u8>),
+    /// Add a response trailer (only at the response's end of stream).
+    AddResponseTrailer(String, Vec<u8>),
+    /// Add `by` to a method's counter (`code` for the families labelled
+    /// with `grpc_code`).
+    Count {
+        slot: usize,
+        family: Family,
+        code: Option<GrpcStatus>,
+        by: u64,
+    },
+    /// Record a value in a method's histogram.
+    Record {
+        slot: usize,
+        family: Family,
+        value: u64,
+    },
+    /// Add one to an unlabelled guard counter ([`crate::metrics::guard`]).
+    CountGuard(&'static str),
+    /// Write the status name where an access log reads it (filter state).
+    Tag(GrpcStatus),
+    /// Log this line at info level.
+    Log(String),
+}
+
+pub type Effects = Vec<Effect>;
+
+/// Which side's body a step reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    Request,
+    Response,
+}
+
+/// Why a body chunk stops a call.
+enum ChunkError {
+    Frame(FrameError),
+    TooLarge { largest: u32, limit: u64 },
+}
+
+/// What a call keeps of its method once the request headers are through.
+#[derive(Clone, Copy, Debug)]
+struct Method {
+    slot: usize,
+    grpc_type: MethodType,
+    /// See [`crate::registry::Resolved::split`].
+    split: Option<usize>,
+    /// Largest request message let through.
+    max_request_message_bytes: Option<u64>,
+}
+
+/// The state of one call. Kept small: Envoy's callbacks hand it around.
+#[derive(Debug)]
+pub struct Call {
+    path: String,
+    method: Method,
+    start_ns: u64,
+    request: FrameReader,
+    response: FrameReader,
+    /// Messages already added to the message counters (streams flush as they go).
+    counted_req: u64,
+    counted_resp: u64,
+    seen: ResponseSeen,
+    /// The status last written to filter state.
+    tagged: Option<GrpcStatus>,
+    /// The deadline the call runs under, and where it came from.
+    deadline: Option<Duration>,
+    deadline_source: DeadlineSource,
+    /// When the upstream's final status arrived, from the request headers
+    /// (measured only for calls with a deadline; zero otherwise).
+    answered_after: Option<Duration>,
+    /// grpc-guard answered the call itself: it never reached the upstream.
+    answered_by_guard: bool,
+    /// The idempotency key's part in this call, if it has one (boxed: most
+    /// calls have none, and the call is moved whole between callbacks).
+    dedup: Option<Box<dedup::Phase>>,
+    dedup_outcome: DedupOutcome,
+}
+
+impl Call {
+    /// Request headers: starts the call in `slot`, or leaves it empty for a
+    /// request that is not gRPC, which then passes untouched. `stream` tells
+    /// this stream apart from the worker's others.
+    pub fn start<H: Host>(
+        slot: &mut Option<Call>,
+        worker: &mut Worker,
+        host: &mut H,
+        stream: u32,
+        end_of_stream: bool,
+        fx: &mut Effects,
+    ) -> Next {
+        if worker.config.dedup.is_some() {
+            // Only grpc-guard may send a request to the replay route.
+            fx.push(Effect::RemoveRequestHeader(crate::dedup::REPLAY_HEADER));
+        }
+        let is_grpc = host.request_header("content-type").is_some_and(|ct| crate::is_grpc_content_type(&ct));
+        if !is_grpc {
+            return Next::Continue;
+        }
+        let path = host.request_header(":path").map(lossy).unwrap_or_default();
+        let resolved = worker.methods.resolve(&worker.config, &path, host);
+        let call = slot.insert(Call {
+            path,
+            method: Method {
+                slot: resolved.slot,
+                grpc_type: resolved.grpc_type,
+                split: resolved.split,
+                max_request_message_bytes: resolved.policy.max_request_message_bytes,
+            },
+            start_ns: host.now_ns(),
+            request: FrameReader::default(),
+            response: FrameReader::default(),
+            counted_req: 0,
+            counted_resp: 0,
+            seen: ResponseSeen::default(),
+            tagged: None,
+            deadline: None,
+            deadline_source: DeadlineSource::None,
+            answered_after: None,
+            answered_by_guard: false,
+            dedup: None,
+            dedup_outcome: DedupOutcome::None,
+        });
+        let decision = resolved.policy.deadline.decide(host.request_header("grpc-timeout").as_deref());
+        call.deadline = decision.deadline();
+        call.deadline_source = decision.source();
+        call.count(Family::Started, None, 1, fx);
+        match decision {
+            DeadlineDecision::Keep(_) => {}
+            DeadlineDecision::Rewrite { header, source, .. } => {
+                let family =
+                    if source == DeadlineSource::Default { Family::DeadlineInjected } else { Family::DeadlineClamped };
+                call.count(family, None, 1, fx);
+                fx.push(Effect::SetRequestHeader("grpc-timeout", header.into_bytes()));
+            }
+            DeadlineDecision::Reject { status, message, .. } => {
+                call.count(Family::DeadlineRejected, Some(status), 1, fx);
+                return call.answer(status, message, fx);
+            }
+        }
+        match &worker.config.dedup {
+            Some(config) if resolved.dedup => call.dedup_request_headers(config, host, stream, end_of_stream, fx),
+            _ => Next::Continue,
+        }
+    }
+
+    /// A chunk of the request body, `len` bytes.
+    pub fn on_request_body<H: Host>(
+        &mut self,
+        host: &mut H,
+        len: usize,
+        end_of_stream: bool,
+        fx: &mut Effects,
+    ) -> Next {
+        if let Some(next) = self.dedup_request_body(host, len, end_of_stream, fx) {
+            return next;
+        }
+        match self.read_frames(Side::Request, len, |offset, n| host.request_body(offset, n), fx) {
+            Ok(()) => Next::Continue,
+            Err(ChunkError::Frame(e)) => {
+                fx.push(Effect::CountGuard(guard::BAD_FRAMES));
+                self.answer(GrpcStatus::Internal, format!("grpc-guard: request body is not gRPC: {e}"), fx)
+            }
+            Err(ChunkError::TooLarge { largest, limit }) => {
+                self.count(Family::RequestTooLarge, None, 1, fx);
+                let message = format!(
+                    "grpc-guard: request message of {largest} bytes is over this method's limit of {limit} bytes"
+                );
+                self.answer(GrpcStatus::ResourceExhausted, message, fx)
+            }
+        }
+    }
+
+    /// The response headers.
+    pub fn on_response_headers<H: Host>(&mut self, host: &mut H, end_of_stream: bool, fx: &mut Effects) -> Next {
+        if self.replay_response_headers(host, fx) {
+            return Next::Continue;
+        }
+        self.seen.http_status =
+            host.response_header(":status").and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()));
+        self.seen.header_status = host.response_header("grpc-status").and_then(|v| GrpcStatus::from_header(&v));
+        self.seen.complete |= end_of_stream;
+        self.note_answer(host);
+        if self.seen.header_status.is_some() {
+            self.keep_status_headers(host);
+        }
+        self.tag_seen_status(fx);
+        Next::Continue
+    }
+
+    /// A chunk of the response body, `len` bytes.
+    pub fn on_response_body<H: Host>(
+        &mut self,
+        host: &mut H,
+        len: usize,
+        end_of_stream: bool,
+        fx: &mut Effects,
+    ) -> Next {
+        if let Some(next) = self.dedup_response_body(host, len, end_of_stream, fx) {
+            return next;
+        }
+        // A response that is not framed is not ours to fix; counting stops.
+        let _ = self.read_frames(Side::Response, len, |offset, n| host.response_body(offset, n), fx);
+        self.seen.complete |= end_of_stream;
+        Next::Continue
+    }
+
+    /// The response trailers.
+    pub fn on_response_trailers<H: Host>(&mut self, host: &mut H, fx: &mut Effects) -> Next {
+        self.seen.trailer_status = host.response_trailer("grpc-status").and_then(|v| GrpcStatus::from_header(&v));
+        self.seen.complete = true;
+        self.note_answer(host);
+        self.keep_trailers(host);
+        self.tag_seen_status(fx);
+        Next::Continue
+    }
+
+    /// The stream is done, however it ended: the final status, the metrics,
+    /// the key settled, the log line.
+    pub fn finish<H: Host>(&mut self, worker: &mut Worker, host: &mut H, fx: &mut Effects) {
+        self.flush_message_counts(fx);
+        let (status, source) = self.seen.final_status(|| ResetSide::from_code_details(&code_details(host)));
+        self.dedup_settle(worker, host, status, source);
+        if self.tagged != Some(status) {
+            fx.push(Effect::Tag(status));
+        }
+        let duration_ms = host.now_ns().saturating_sub(self.start_ns) / 1_000_000;
+        self.count(Family::Handled, Some(status), 1, fx);
+        fx.push(Effect::Record { slot: self.method.slot, family: Family::HandlingMs, value: duration_ms });
+        // A DEADLINE_EXCEEDED that Envoy answered itself (its router ending
+        // the call at grpc-timeout) is not the upstream's answer.
+        let ended_by_proxy_timeout = !self.answered_by_guard
+            && status == GrpcStatus::DeadlineExceeded
+            && source == StatusSource::Headers
+            && code_details(host) != "via_upstream";
+        let answered_after = if ended_by_proxy_timeout { None } else { self.answered_after };
+        let late =
+            !self.answered_by_guard && is_late(self.deadline, answered_after, status, source, ended_by_proxy_timeout);
+        if late {
+            self.count(Family::LateResponses, None, 1, fx);
+        }
+
+        if status == GrpcStatus::Ok && !worker.sampler.sample() {
+            return;
+        }
+        let config = &worker.config;
+        let (service, method) = match self.method.split {
+            Some(at) => (self.path.get(1..at).unwrap_or_default(), self.path.get(at + 1..).unwrap_or_default()),
+            None => ("", cap(&self.path)),
+        };
+        // Read only for calls that are logged: a host call saved on the
+        // sampled-out ones.
+        let request_id = host.request_header(&config.request_id_header).map(lossy);
+        let record = CallRecord {
+            direction: config.direction,
+            service,
+            method,
+            grpc_type: self.method.grpc_type.as_str(),
+            status,
+            status_source: source,
+            http_status: self.seen.http_status.unwrap_or(0),
+            duration_ms,
+            req_msgs: self.request.messages(),
+            req_bytes: self.request.message_bytes(),
+            resp_msgs: self.response.messages(),
+            resp_bytes: self.response.message_bytes(),
+            request_id: request_id.as_deref().map(cap),
+            deadline_ms: self.deadline.map(|d| u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)),
+            deadline_source: self.deadline_source,
+            late,
+            dedup: self.dedup_outcome,
+        };
+        fx.push(Effect::Log(record.to_json()));
+    }
+
+    /// The method's metric slot: the adapter's key for its stat ids.
+    pub fn slot(&self) -> usize {
+        self.method.slot
+    }
+
+    /// Answers the call from the proxy; it goes no further upstream. Valid in
+    /// request steps only.
+    fn answer(&mut self, status: GrpcStatus, message: impl Into<String>, fx: &mut Effects) -> Next {
+        self.answered_by_guard = true;
+        fx.push(Effect::Reply(Reply::Status { status, message: message.into() }));
+        Next::Pause
+    }
+
+    fn count(&self, family: Family, code: Option<GrpcStatus>, by: u64, fx: &mut Effects) {
+        if by > 0 {
+            fx.push(Effect::Count { slot: self.method.slot, family, code, by });
+        }
+    }
+
+    /// Notes that the final status has arrived, if it has and not before.
+    fn note_answer<H: Host>(&mut self, host: &mut H) {
+        let final_status = self.seen.trailer_status.or(self.seen.header_status).is_some();
+        if final_status && self.answered_after.is_none() {
+            self.answered_after = Some(match self.deadline {
+                Some(_) => Duration::from_nanos(host.now_ns().saturating_sub(self.start_ns)),
+                None => Duration::ZERO,
+            });
+        }
+    }
+
+    /// Tags the status the response carries so far, if it carries one: as
+    /// soon as it is known, so an access log running before this filter's
+    /// own log callback sees it, and again if trailers overrule the headers.
+    fn tag_seen_status(&mut self, fx: &mut Effects) {
+        if let Some(status) = self.seen.trailer_status.or(self.seen.header_status) {
+            if self.tagged != Some(status) {
+                self.tagged = Some(status);
+                fx.push(Effect::Tag(status));
+            }
+        }
+    }
+
+    /// Adds the messages read since the last flush to the message counters.
+    fn flush_message_counts(&mut self, fx: &mut Effects) {
+        let (req, resp) = (self.request.messages(), self.response.messages());
+        self.count(Family::MsgFromClient, None, req - self.counted_req, fx);
+        self.count(Family::MsgToClient, None, resp - self.counted_resp, fx);
+        self.counted_req = req;
+        self.counted_resp = resp;
+    }
+
+    /// Reads the frames of the next body chunk of one side: each message's
+    /// size is recorded, a streaming call's messages are counted at once,
+    /// and a request message over the method's limit stops the call.
+    fn read_frames(
+        &mut self,
+        side: Side,
+        len: usize,
+        read: impl FnMut(usize, usize) -> Option<Vec<u8>>,
+        fx: &mut Effects,
+    ) -> Result<(), ChunkError> {
+        let slot = self.method.slot;
+        let (reader, family, limit) = match side {
+            Side::Request => (&mut self.request, Family::RequestBytes, self.method.max_request_message_bytes),
+            Side::Response => (&mut self.response, Family::ResponseBytes, None),
+        };
+        let mut largest: Option<u32> = None;
+        let result = reader.advance(len, read, |frame: Frame| {
+            largest = largest.max(Some(frame.len));
+            fx.push(Effect::Record { slot, family, value: u64::from(frame.len) });
+        });
+        if self.method.grpc_type != MethodType::Unary {
+            self.flush_message_counts(fx);
+        }
+        result.map_err(ChunkError::Frame)?;
+        match (limit, largest) {
+            (Some(limit), Some(largest)) if u64::from(largest) > limit => Err(ChunkError::TooLarge { largest, limit }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Envoy's `response.code_details`: who ended the stream and why.
+fn code_details<H: Host>(host: &mut H) -> String {
+    lossy(host.property(&["response", "code_details"]).unwrap_or_default())
+}
+
+/// Header bytes as text; invalid UTF-8 is replaced, never trusted.
+fn lossy(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}

@@ -1,0 +1,933 @@
+//! Whole calls driven through the state machine natively: a small Envoy
+//! stand-in plays the host, carries out the effects the way Envoy would
+//! (headers edited, local replies, bodies replaced, trailers added) and keeps
+//! what a user would see: the status and message the client got, the
+//! counters, the histograms, the filter-state tag and the log line.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use super::*;
+use crate::shared::testing::MapStore;
+use crate::shared::StoreError;
+
+const MS: u64 = 1_000_000;
+const PATH: &str = "/pkg.Orders/Create";
+
+/// Headers as Envoy holds them: lower-case names, in order.
+type Map = Vec<(String, Vec<u8>)>;
+
+fn get(map: &Map, name: &str) -> Option<Vec<u8>> {
+    map.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+}
+
+fn set(map: &mut Map, name: &str, value: &[u8]) {
+    map.retain(|(n, _)| n != name);
+    map.push((name.to_owned(), value.to_vec()));
+}
+
+/// The host of one stream; the shared store is shared by every worker.
+struct Fake {
+    store: Rc<RefCell<MapStore>>,
+    clock: Rc<RefCell<u64>>,
+    request_headers: Map,
+    response_headers: Map,
+    trailers: Map,
+    request_chunk: Vec<u8>,
+    response_chunk: Vec<u8>,
+    code_details: String,
+}
+
+impl SharedStore for Fake {
+    fn get(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        self.store.borrow_mut().get(key)
+    }
+    fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+        self.store.borrow_mut().set(key, value, cas)
+    }
+}
+
+impl Host for Fake {
+    fn request_header(&mut self, name: &str) -> Option<Vec<u8>> {
+        get(&self.request_headers, name)
+    }
+    fn response_header(&mut self, name: &str) -> Option<Vec<u8>> {
+        get(&self.response_headers, name)
+    }
+    fn response_trailer(&mut self, name: &str) -> Option<Vec<u8>> {
+        get(&self.trailers, name)
+    }
+    fn response_trailers(&mut self) -> Vec<(String, Vec<u8>)> {
+        self.trailers.clone()
+    }
+    fn request_body(&mut self, offset: usize, len: usize) -> Option<Vec<u8>> {
+        self.request_chunk.get(offset..offset + len).map(<[u8]>::to_vec)
+    }
+    fn response_body(&mut self, offset: usize, len: usize) -> Option<Vec<u8>> {
+        self.response_chunk.get(offset..offset + len).map(<[u8]>::to_vec)
+    }
+    fn property(&mut self, path: &[&str]) -> Option<Vec<u8>> {
+        match path {
+            ["response", "code_details"] => Some(self.code_details.clone().into_bytes()),
+            ["source", "principal"] => Some(b"spiffe://cluster.local/ns/shop/sa/web".to_vec()),
+            _ => None,
+        }
+    }
+    fn now_ns(&mut self) -> u64 {
+        *self.clock.borrow()
+    }
+}
+
+/// One Envoy: a store and a clock shared by its workers.
+#[derive(Clone, Default)]
+struct Envoy {
+    store: Rc<RefCell<MapStore>>,
+    clock: Rc<RefCell<u64>>,
+}
+
+impl Envoy {
+    fn worker(&self, config: &str) -> Worker {
+        Worker::configure(config.as_bytes(), &mut *self.store.borrow_mut()).unwrap()
+    }
+
+    fn advance(&self, ms: u64) {
+        *self.clock.borrow_mut() += ms * MS;
+    }
+}
+
+/// What a user sees of one call.
+#[derive(Debug, Default)]
+struct Seen {
+    /// The proxy's own answer, if it gave one.
+    reply: Option<Reply>,
+    /// (family, code) → total, for this call's method slot.
+    counts: HashMap<(Family, Option<GrpcStatus>), u64>,
+    records: Vec<(Family, u64)>,
+    guard_counts: Vec<&'static str>,
+    tags: Vec<GrpcStatus>,
+    log: Option<serde_json::Value>,
+}
+
+impl Seen {
+    fn count(&self, family: Family, code: Option<GrpcStatus>) -> u64 {
+        self.counts.get(&(family, code)).copied().unwrap_or(0)
+    }
+    fn log(&self, field: &str) -> &serde_json::Value {
+        &self.log.as_ref().expect("the call was logged")[field]
+    }
+}
+
+/// One stream through one worker.
+struct Stream<'w> {
+    worker: &'w mut Worker,
+    host: Fake,
+    call: Option<Call>,
+    seen: Seen,
+    fx: Effects,
+}
+
+fn frame(message: &[u8]) -> Vec<u8> {
+    let mut out = vec![0];
+    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    out.extend_from_slice(message);
+    out
+}
+
+impl<'w> Stream<'w> {
+    /// A gRPC call to `path` with `extra` request headers.
+    fn open(envoy: &Envoy, worker: &'w mut Worker, path: &str, extra: &[(&str, &str)]) -> Stream<'w> {
+        let mut headers: Map = vec![
+            (":method".into(), b"POST".to_vec()),
+            (":path".into(), path.as_bytes().to_vec()),
+            (":authority".into(), b"orders.shop".to_vec()),
+            ("content-type".into(), b"application/grpc".to_vec()),
+            ("te".into(), b"trailers".to_vec()),
+        ];
+        for (n, v) in extra {
+            set(&mut headers, n, v.as_bytes());
+        }
+        Stream::with_headers(envoy, worker, headers)
+    }
+
+    fn with_headers(envoy: &Envoy, worker: &'w mut Worker, request_headers: Map) -> Stream<'w> {
+        let host = Fake {
+            store: envoy.store.clone(),
+            clock: envoy.clock.clone(),
+            request_headers,
+            response_headers: Vec::new(),
+            trailers: Vec::new(),
+            request_chunk: Vec::new(),
+            response_chunk: Vec::new(),
+            code_details: "via_upstream".into(),
+        };
+        Stream { worker, host, call: None, seen: Seen::default(), fx: Vec::new() }
+    }
+
+    /// Request headers; `end` when the request has no body.
+    fn headers(&mut self, end: bool) -> Next {
+        let next = Call::start(&mut self.call, self.worker, &mut self.host, 7, end, &mut self.fx);
+        self.apply(next)
+    }
+
+    fn request_body(&mut self, chunk: &[u8], end: bool) -> Next {
+        self.host.request_chunk = chunk.to_vec();
+        let Some(call) = self.call.as_mut() else { return Next::Continue };
+        let next = call.on_request_body(&mut self.host, chunk.len(), end, &mut self.fx);
+        self.apply(next)
+    }
+
+    fn response_headers(&mut self, headers: &[(&str, &str)], end: bool) -> Next {
+        self.host.response_headers = headers.iter().map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec())).collect();
+        let Some(call) = self.call.as_mut() else { return Next::Continue };
+        let next = call.on_response_headers(&mut self.host, end, &mut self.fx);
+        self.apply(next)
+    }
+
+    fn response_body(&mut self, chunk: &[u8], end: bool) -> Next {
+        self.host.response_chunk = chunk.to_vec();
+        let Some(call) = self.call.as_mut() else { return Next::Continue };
+        let next = call.on_response_body(&mut self.host, chunk.len(), end, &mut self.fx);
+        self.apply(next)
+    }
+
+    fn trailers(&mut self, trailers: &[(&str, &str)]) -> Next {
+        self.host.trailers = trailers.iter().map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec())).collect();
+        let Some(call) = self.call.as_mut() else { return Next::Continue };
+        let next = call.on_response_trailers(&mut self.host, &mut self.fx);
+        self.apply(next)
+    }
+
+    /// The stream ends; `details` is Envoy's `response.code_details`.
+    fn finish(mut self, details: &str) -> Seen {
+        self.host.code_details = details.to_owned();
+        if let Some(mut call) = self.call.take() {
+            call.finish(self.worker, &mut self.host, &mut self.fx);
+            self.apply(Next::Continue);
+        }
+        self.seen
+    }
+
+    /// An upstream answer: headers, one message, trailers with `code`.
+    fn upstream_answers(&mut self, message: &[u8], code: &str) {
+        assert_eq!(
+            self.response_headers(&[(":status", "200"), ("content-type", "application/grpc")], false),
+            Next::Continue
+        );
+        assert_eq!(self.response_body(&frame(message), false), Next::Continue);
+        assert_eq!(self.trailers(&[("grpc-status", code), ("grpc-message", "")]), Next::Continue);
+    }
+
+    /// Carries out the effects as Envoy would.
+    fn apply(&mut self, next: Next) -> Next {
+        for effect in self.fx.drain(..) {
+            match effect {
+                Effect::SetRequestHeader(n, v) => set(&mut self.host.request_headers, n, &v),
+                Effect::RemoveRequestHeader(n) => self.host.request_headers.retain(|(k, _)| k != n),
+                Effect::SetResponseHeader(n, v) => set(&mut self.host.response_headers, n, &v),
+                Effect::RemoveResponseHeader(n) => self.host.response_headers.retain(|(k, _)| k != n),
+                Effect::Reply(reply) => {
+                    assert!(self.seen.reply.is_none(), "answered twice");
+                    self.seen.reply = Some(reply);
+                }
+                Effect::ReplaceResponseBody(body) => self.host.response_chunk = body,
+                Effect::AddResponseTrailer(n, v) => self.host.trailers.push((n, v)),
+                Effect::Count { family, code, by, .. } => *self.seen.counts.entry((family, code)).or_default() += by,
+                Effect::Record { family, value, .. } => self.seen.records.push((family, value)),
+                Effect::CountGuard(name) => self.seen.guard_counts.push(name),
+                Effect::Tag(status) => self.seen.tags.push(status),
+                Effect::Log(line) => {
+                    assert!(self.seen.log.is_none(), "logged twice");
+                    self.seen.log = Some(serde_json::from_str(&line).unwrap());
+                }
+            }
+        }
+        next
+    }
+
+    fn request_header(&self, name: &str) -> Option<String> {
+        get(&self.host.request_headers, name).map(|v| String::from_utf8(v).unwrap())
+    }
+}
+
+/// A unary call answered `code` by the upstream; returns what was seen.
+fn unary(envoy: &Envoy, worker: &mut Worker, extra: &[(&str, &str)], request: &[u8], code: &str) -> Seen {
+    let mut s = Stream::open(envoy, worker, PATH, extra);
+    assert_eq!(s.headers(false), Next::Continue);
+    assert_eq!(s.request_body(&frame(request), true), Next::Continue);
+    s.upstream_answers(b"reply", code);
+    s.finish("via_upstream")
+}
+
+fn reply_status(seen: &Seen) -> Option<(GrpcStatus, &str)> {
+    match &seen.reply {
+        Some(Reply::Status { status, message }) => Some((*status, message.as_str())),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------- status
+
+#[test]
+fn final_status_comes_from_trailers_then_headers_then_http_then_resets() {
+    struct Case {
+        name: &'static str,
+        headers: &'static [(&'static str, &'static str)],
+        headers_end: bool,
+        trailers: Option<&'static [(&'static str, &'static str)]>,
+        details: &'static str,
+        status: GrpcStatus,
+        source: &'static str,
+    }
+    let grpc_200: &[(&str, &str)] = &[(":status", "200"), ("content-type", "application/grpc")];
+    let cases = [
+        Case {
+            name: "trailers",
+            headers: grpc_200,
+            headers_end: false,
+            trailers: Some(&[("grpc-status", "5")]),
+            details: "via_upstream",
+            status: GrpcStatus::NotFound,
+            source: "trailers",
+        },
+        Case {
+            name: "trailers-only",
+            headers: &[(":status", "200"), ("grpc-status", "14")],
+            headers_end: true,
+            trailers: None,
+            details: "via_upstream",
+            status: GrpcStatus::Unavailable,
+            source: "headers",
+        },
+        Case {
+            name: "trailers overrule headers",
+            headers: &[(":status", "200"), ("grpc-status", "0")],
+            headers_end: false,
+            trailers: Some(&[("grpc-status", "13")]),
+            details: "via_upstream",
+            status: GrpcStatus::Internal,
+            source: "trailers",
+        },
+        Case {
+            name: "http 503",
+            headers: &[(":status", "503")],
+            headers_end: true,
+            trailers: None,
+            details: "via_upstream",
+            status: GrpcStatus::Unavailable,
+            source: "http",
+        },
+        Case {
+            name: "http 200 without grpc-status",
+            headers: grpc_200,
+            headers_end: true,
+            trailers: None,
+            details: "via_upstream",
+            status: GrpcStatus::Internal,
+            source: "missing",
+        },
+        Case {
+            name: "client reset",
+            headers: &[],
+            headers_end: false,
+            trailers: None,
+            details: "http2.remote_reset",
+            status: GrpcStatus::Cancelled,
+            source: "reset",
+        },
+        Case {
+            name: "upstream connect failure",
+            headers: &[],
+            headers_end: false,
+            trailers: None,
+            details: "upstream_reset_before_response_started{connection_failure}",
+            status: GrpcStatus::Unavailable,
+            source: "reset",
+        },
+        Case {
+            name: "upstream reset mid-answer",
+            headers: grpc_200,
+            headers_end: false,
+            trailers: None,
+            details: "upstream_reset_after_response_started{remote_reset}",
+            status: GrpcStatus::Unavailable,
+            source: "reset",
+        },
+    ];
+    for case in cases {
+        let envoy = Envoy::default();
+        let mut worker = envoy.worker("{}");
+        let mut s = Stream::open(&envoy, &mut worker, PATH, &[]);
+        s.headers(false);
+        s.request_body(&frame(b"req"), true);
+        if !case.headers.is_empty() {
+            s.response_headers(case.headers, case.headers_end);
+        }
+        if let Some(trailers) = case.trailers {
+            s.trailers(trailers);
+        }
+        let seen = s.finish(case.details);
+        assert_eq!(seen.count(Family::Handled, Some(case.status)), 1, "{}", case.name);
+        assert_eq!(seen.tags.last(), Some(&case.status), "{}: the access log sees the final status", case.name);
+        assert_eq!(seen.log("grpc_code"), case.status.go_name(), "{}", case.name);
+        assert_eq!(seen.log("status_source"), case.source, "{}", case.name);
+    }
+}
+
+#[test]
+fn non_grpc_requests_pass_untouched_and_uncounted() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker("{}");
+    let headers: Map = vec![(":path".into(), b"/index.html".to_vec()), ("content-type".into(), b"text/html".to_vec())];
+    let mut s = Stream::with_headers(&envoy, &mut worker, headers.clone());
+    assert_eq!(s.headers(false), Next::Continue);
+    assert!(s.call.is_none());
+    assert_eq!(s.host.request_headers, headers);
+    let seen = s.finish("via_upstream");
+    assert!(seen.counts.is_empty() && seen.log.is_none() && seen.tags.is_empty());
+}
+
+#[test]
+fn an_ok_call_counts_started_handled_messages_sizes_and_logs_one_line() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(r#"{"log":{"request_id_header":"x-req"}}"#);
+    let mut s = Stream::open(&envoy, &mut worker, "/pkg.Orders/Get", &[("x-req", "r-1")]);
+    s.headers(false);
+    s.request_body(&frame(&[1; 10]), true);
+    envoy.advance(12);
+    s.upstream_answers(&[2; 30], "0");
+    let seen = s.finish("via_upstream");
+    assert_eq!(seen.count(Family::Started, None), 1);
+    assert_eq!(seen.count(Family::Handled, Some(GrpcStatus::Ok)), 1);
+    assert_eq!(seen.count(Family::MsgFromClient, None), 1);
+    assert_eq!(seen.count(Family::MsgToClient, None), 1);
+    assert_eq!(
+        seen.records,
+        [(Family::RequestBytes, 10), (Family::ResponseBytes, 30), (Family::HandlingMs, 12)],
+        "one size per message, then the duration"
+    );
+    let log = seen.log.unwrap();
+    assert_eq!((log["service"].as_str(), log["method"].as_str()), (Some("pkg.Orders"), Some("Get")));
+    assert_eq!((log["req_bytes"].as_u64(), log["resp_bytes"].as_u64()), (Some(10), Some(30)));
+    assert_eq!((log["duration_ms"].as_u64(), log["request_id"].as_str()), (Some(12), Some("r-1")));
+    assert_eq!((log["dedup"].as_str(), log["late"].as_bool()), (Some("none"), Some(false)));
+}
+
+#[test]
+fn a_streaming_call_counts_its_messages_as_they_pass() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(r#"{"metrics":{"method_types":{"pkg.Orders/Watch":"server_stream"}}}"#);
+    let mut s = Stream::open(&envoy, &mut worker, "/pkg.Orders/Watch", &[]);
+    s.headers(false);
+    s.request_body(&frame(b"q"), true);
+    assert_eq!(s.seen.count(Family::MsgFromClient, None), 1, "counted before the call ends");
+    s.response_headers(&[(":status", "200"), ("content-type", "application/grpc")], false);
+    let two: Vec<u8> = [frame(b"a"), frame(b"b")].concat();
+    s.response_body(&two, false);
+    assert_eq!(s.seen.count(Family::MsgToClient, None), 2);
+    s.trailers(&[("grpc-status", "0")]);
+    let seen = s.finish("via_upstream");
+    assert_eq!(seen.count(Family::MsgToClient, None), 2, "not counted twice at the end");
+}
+
+#[test]
+fn ok_calls_follow_the_log_sample_and_errors_are_always_logged() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(r#"{"log":{"ok_sample":0}}"#);
+    assert!(unary(&envoy, &mut worker, &[], b"x", "0").log.is_none());
+    let failed = unary(&envoy, &mut worker, &[], b"x", "14");
+    assert_eq!(failed.log("grpc_code"), "Unavailable");
+    assert_eq!(failed.count(Family::Handled, Some(GrpcStatus::Ok)), 0);
+}
+
+#[test]
+fn a_malformed_path_is_logged_as_it_came_and_counted_as_other() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker("{}");
+    let mut s = Stream::open(&envoy, &mut worker, "/not a method", &[]);
+    s.headers(false);
+    assert_eq!(s.call.as_ref().map(Call::slot), Some(crate::registry::OTHER_SLOT));
+    s.request_body(&frame(b"x"), true);
+    s.upstream_answers(b"y", "12");
+    let seen = s.finish("via_upstream");
+    assert_eq!((seen.log("service").as_str(), seen.log("method").as_str()), (Some(""), Some("/not a method")));
+}
+
+// ---------------------------------------------------------------- deadlines
+
+#[test]
+fn deadline_policy_injects_clamps_and_rejects() {
+    let config = r#"{"deadline":{"default":"10s","max":"60s"}}"#;
+    struct Case {
+        timeout: Option<&'static str>,
+        upstream_sees: Option<&'static str>,
+        family: Option<Family>,
+        reply: Option<GrpcStatus>,
+        source: &'static str,
+        deadline_ms: Option<u64>,
+    }
+    let cases = [
+        Case {
+            timeout: None,
+            upstream_sees: Some("10000000u"),
+            family: Some(Family::DeadlineInjected),
+            reply: None,
+            source: "default",
+            deadline_ms: Some(10_000),
+        },
+        Case {
+            timeout: Some("5S"),
+            upstream_sees: Some("5S"),
+            family: None,
+            reply: None,
+            source: "client",
+            deadline_ms: Some(5_000),
+        },
+        Case {
+            timeout: Some("2M"),
+            upstream_sees: Some("60000000u"),
+            family: Some(Family::DeadlineClamped),
+            reply: None,
+            source: "clamped",
+            deadline_ms: Some(60_000),
+        },
+        Case {
+            timeout: Some("1.5S"),
+            upstream_sees: Some("1.5S"),
+            family: Some(Family::DeadlineRejected),
+            reply: Some(GrpcStatus::InvalidArgument),
+            source: "invalid",
+            deadline_ms: None,
+        },
+        Case {
+            timeout: Some("0m"),
+            upstream_sees: Some("0m"),
+            family: Some(Family::DeadlineRejected),
+            reply: Some(GrpcStatus::DeadlineExceeded),
+            source: "expired",
+            deadline_ms: None,
+        },
+    ];
+    for case in cases {
+        let envoy = Envoy::default();
+        let mut worker = envoy.worker(config);
+        let extra: Vec<(&str, &str)> = case.timeout.map(|t| ("grpc-timeout", t)).into_iter().collect();
+        let mut s = Stream::open(&envoy, &mut worker, PATH, &extra);
+        let next = s.headers(false);
+        assert_eq!(s.request_header("grpc-timeout").as_deref(), case.upstream_sees, "{:?}", case.timeout);
+        let seen = match case.reply {
+            Some(status) => {
+                assert_eq!(next, Next::Pause, "{:?}: the call must not reach the upstream", case.timeout);
+                // Envoy's local reply is trailers-only.
+                s.response_headers(&[(":status", "200"), ("grpc-status", &status.code().to_string())], true);
+                let seen = s.finish("via_upstream");
+                let (replied, message) = reply_status(&seen).unwrap();
+                assert_eq!(replied, status);
+                assert!(message.contains("grpc-timeout"), "{message}");
+                assert_eq!(seen.count(Family::DeadlineRejected, Some(status)), 1);
+                assert_eq!(seen.log("late"), false, "a call answered by the proxy is never late");
+                seen
+            }
+            None => {
+                assert_eq!(next, Next::Continue);
+                s.request_body(&frame(b"x"), true);
+                s.upstream_answers(b"y", "0");
+                let seen = s.finish("via_upstream");
+                if let Some(family) = case.family {
+                    assert_eq!(seen.count(family, None), 1, "{:?}", case.timeout);
+                }
+                seen
+            }
+        };
+        assert_eq!(seen.log("deadline_source"), case.source);
+        assert_eq!(seen.log("deadline_ms").as_u64(), case.deadline_ms);
+    }
+}
+
+#[test]
+fn late_answers_are_counted_when_the_upstream_outlives_the_deadline_or_the_client() {
+    struct Case {
+        name: &'static str,
+        timeout: Option<&'static str>,
+        answer_after_ms: u64,
+        /// `None`: no answer, the stream ends with these code details.
+        answer: Option<&'static [(&'static str, &'static str)]>,
+        details: &'static str,
+        late: bool,
+    }
+    let ok: &[(&str, &str)] = &[(":status", "200"), ("grpc-status", "0")];
+    let cases = [
+        Case {
+            name: "in time",
+            timeout: Some("100m"),
+            answer_after_ms: 50,
+            answer: Some(ok),
+            details: "via_upstream",
+            late: false,
+        },
+        Case {
+            name: "after the deadline",
+            timeout: Some("100m"),
+            answer_after_ms: 150,
+            answer: Some(ok),
+            details: "via_upstream",
+            late: true,
+        },
+        Case {
+            name: "no deadline",
+            timeout: None,
+            answer_after_ms: 5_000,
+            answer: Some(ok),
+            details: "via_upstream",
+            late: false,
+        },
+        Case {
+            name: "Envoy cut the call at its deadline",
+            timeout: Some("100m"),
+            answer_after_ms: 100,
+            answer: Some(&[(":status", "200"), ("grpc-status", "4")]),
+            details: "max_duration_timeout",
+            late: true,
+        },
+        Case {
+            name: "the upstream itself said DEADLINE_EXCEEDED in time",
+            timeout: Some("100m"),
+            answer_after_ms: 90,
+            answer: Some(&[(":status", "200"), ("grpc-status", "4")]),
+            details: "via_upstream",
+            late: false,
+        },
+        Case {
+            name: "the client left",
+            timeout: None,
+            answer_after_ms: 10,
+            answer: None,
+            details: "http2.remote_reset",
+            late: true,
+        },
+        Case {
+            name: "the upstream reset",
+            timeout: None,
+            answer_after_ms: 10,
+            answer: None,
+            details: "upstream_reset_before_response_started{remote_reset}",
+            late: false,
+        },
+    ];
+    for case in cases {
+        let envoy = Envoy::default();
+        let mut worker = envoy.worker("{}");
+        let extra: Vec<(&str, &str)> = case.timeout.map(|t| ("grpc-timeout", t)).into_iter().collect();
+        let mut s = Stream::open(&envoy, &mut worker, PATH, &extra);
+        s.headers(false);
+        s.request_body(&frame(b"x"), true);
+        envoy.advance(case.answer_after_ms);
+        if let Some(headers) = case.answer {
+            s.response_headers(headers, true);
+        }
+        let seen = s.finish(case.details);
+        assert_eq!(seen.count(Family::LateResponses, None), u64::from(case.late), "{}", case.name);
+        assert_eq!(seen.log("late"), case.late, "{}", case.name);
+    }
+}
+
+// ---------------------------------------------------------------- size guard
+
+#[test]
+fn a_request_message_over_the_limit_is_refused_before_the_upstream_sees_it() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(r#"{"limits":{"max_request_message_bytes":16}}"#);
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[]);
+    s.headers(false);
+    let big = frame(&[7; 17]);
+    // The prefix arrives split across chunks; the limit acts on the prefix.
+    assert_eq!(s.request_body(&big[..3], false), Next::Continue);
+    assert_eq!(s.request_body(&big[3..8], false), Next::Pause);
+    let seen = s.finish("local_reply");
+    let (status, message) = reply_status(&seen).unwrap();
+    assert_eq!(status, GrpcStatus::ResourceExhausted);
+    assert!(message.contains("17 bytes") && message.contains("limit of 16"), "{message}");
+    assert_eq!(seen.count(Family::RequestTooLarge, None), 1);
+    assert_eq!(seen.log("late"), false);
+}
+
+#[test]
+fn a_message_at_the_limit_passes() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(r#"{"limits":{"max_request_message_bytes":16}}"#);
+    let seen = unary(&envoy, &mut worker, &[], &[7; 16], "0");
+    assert!(seen.reply.is_none());
+    assert_eq!(seen.count(Family::RequestTooLarge, None), 0);
+}
+
+#[test]
+fn a_request_body_that_is_not_grpc_frames_is_answered_internal() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker("{}");
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[]);
+    s.headers(false);
+    assert_eq!(s.request_body(b"GET / HTTP/1.1", true), Next::Pause);
+    let seen = s.finish("local_reply");
+    assert_eq!(reply_status(&seen).map(|r| r.0), Some(GrpcStatus::Internal));
+    assert_eq!(seen.guard_counts, [guard::BAD_FRAMES]);
+}
+
+// ---------------------------------------------------------------- dedup
+
+const DEDUP: &str = r#"{"dedup":{"methods":["pkg.Orders/Create"]}}"#;
+const KEY: &str = "x-idempotency-key";
+
+/// A retry that finds its key done: it must be marked for the replay hop,
+/// never sent upstream as gRPC.
+fn assert_sent_to_replay_hop(s: &Stream) {
+    assert_eq!(s.request_header("content-type").as_deref(), Some(crate::dedup::REPLAY_CONTENT_TYPE));
+    assert_eq!(s.request_header(crate::dedup::REPLAY_HEADER).as_deref(), Some("1"));
+    assert_eq!(s.request_header(":path"), Some(format!("{}{PATH}", crate::dedup::REPLAY_PATH_PREFIX)));
+}
+
+/// The internal listener's plain 200 and its placeholder body, as Envoy
+/// delivers them (the end of stream sometimes as a separate empty chunk).
+fn replay_hop_answers(s: &mut Stream, split: bool) {
+    let placeholder = b"grpc-guard replay";
+    s.response_headers(&[(":status", "200"), ("content-type", "text/plain"), ("content-length", "17")], false);
+    if split {
+        assert_eq!(s.response_body(placeholder, false), Next::Pause, "held until the kept answer replaces it");
+        assert_eq!(s.response_body(b"", true), Next::Continue);
+    } else {
+        assert_eq!(s.response_body(placeholder, true), Next::Continue);
+    }
+}
+
+#[test]
+fn a_retry_of_a_kept_ok_answer_is_replayed_through_the_hop_without_running() {
+    for split in [false, true] {
+        let envoy = Envoy::default();
+        let mut worker = envoy.worker(DEDUP);
+        let first = unary(&envoy, &mut worker, &[(KEY, "order-1")], b"create 1", "0");
+        assert_eq!(first.log("dedup"), "first");
+        assert_eq!(first.count(Family::DedupFirst, None), 1);
+
+        let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "order-1")]);
+        assert_eq!(s.headers(false), Next::Continue);
+        assert_sent_to_replay_hop(&s);
+        let request = frame(b"create 1");
+        assert_eq!(s.request_body(&request[..4], false), Next::Pause, "no byte goes on before the fingerprint matched");
+        assert_eq!(s.request_body(&request, true), Next::Continue);
+        replay_hop_answers(&mut s, split);
+        assert_eq!(get(&s.host.response_headers, "content-type"), Some(b"application/grpc".to_vec()));
+        assert_eq!(get(&s.host.response_headers, "content-length"), None);
+        assert_eq!(get(&s.host.response_headers, crate::dedup::REPLAYED_HEADER), Some(b"true".to_vec()));
+        assert_eq!(s.host.response_chunk, frame(b"reply"), "the kept message replaces the placeholder");
+        assert_eq!(get(&s.host.trailers, "grpc-status"), Some(b"0".to_vec()));
+        let seen = s.finish("via_upstream");
+        assert!(seen.reply.is_none());
+        assert_eq!(seen.log("dedup"), "replay");
+        assert_eq!(seen.log("grpc_code"), "OK");
+        assert_eq!(seen.log("resp_bytes"), 5, "the replayed message is counted");
+        assert_eq!(seen.count(Family::DedupReplayed, None), 1);
+        assert_eq!(seen.count(Family::Handled, Some(GrpcStatus::Ok)), 1);
+    }
+}
+
+#[test]
+fn a_bodyless_retry_is_checked_at_its_headers() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(DEDUP);
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    s.headers(true);
+    s.upstream_answers(b"done", "0");
+    s.finish("via_upstream");
+    let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    assert_eq!(retry.headers(true), Next::Continue);
+    assert_sent_to_replay_hop(&retry);
+    replay_hop_answers(&mut retry, false);
+    assert_eq!(retry.host.response_chunk, frame(b"done"));
+    assert_eq!(retry.finish("via_upstream").log("dedup"), "replay");
+}
+
+#[test]
+fn a_retry_while_the_first_call_runs_is_aborted_on_any_worker() {
+    let envoy = Envoy::default();
+    let mut a = envoy.worker(DEDUP);
+    let mut b = envoy.worker(DEDUP);
+    let mut first = Stream::open(&envoy, &mut a, PATH, &[(KEY, "pay-1")]);
+    first.headers(false);
+    first.request_body(&frame(b"pay"), true);
+    let mut retry = Stream::open(&envoy, &mut b, PATH, &[(KEY, "pay-1")]);
+    assert_eq!(retry.headers(false), Next::Pause);
+    let seen = retry.finish("local_reply");
+    let (status, message) = reply_status(&seen).unwrap();
+    assert_eq!(status, GrpcStatus::Aborted);
+    assert!(message.contains("in progress; retry"), "{message}");
+    assert_eq!((seen.log("dedup").as_str(), seen.count(Family::DedupInFlight, None)), (Some("in_flight"), 1));
+    first.upstream_answers(b"paid", "0");
+    first.finish("via_upstream");
+}
+
+#[test]
+fn the_same_key_with_another_request_is_invalid_argument() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(DEDUP);
+    unary(&envoy, &mut worker, &[(KEY, "k")], b"order 1", "0");
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    s.headers(false);
+    assert_eq!(s.request_body(&frame(b"order 2"), true), Next::Pause);
+    let seen = s.finish("local_reply");
+    assert_eq!(
+        reply_status(&seen),
+        Some((GrpcStatus::InvalidArgument, "grpc-guard: idempotency key reused with a different request"))
+    );
+    assert_eq!((seen.log("dedup").as_str(), seen.count(Family::DedupMismatch, None)), (Some("mismatch"), 1));
+}
+
+#[test]
+fn an_answer_too_large_to_keep_makes_retries_already_exists() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(r#"{"dedup":{"methods":["pkg.Orders/Create"],"max_response_bytes":8}}"#);
+    let first = unary(&envoy, &mut worker, &[(KEY, "k")], b"x", "0");
+    assert_eq!(first.log("dedup"), "not_kept");
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    s.headers(false);
+    s.request_body(&frame(b"x"), true);
+    let seen = s.finish("local_reply");
+    assert_eq!(reply_status(&seen).map(|r| r.0), Some(GrpcStatus::AlreadyExists));
+    assert_eq!((seen.log("dedup").as_str(), seen.count(Family::DedupNotKept, None)), (Some("not_kept"), 1));
+}
+
+#[test]
+fn a_kept_error_is_replayed_locally_with_its_message() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(DEDUP);
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    s.headers(false);
+    s.request_body(&frame(b"x"), true);
+    s.response_headers(&[(":status", "200"), ("grpc-status", "5"), ("grpc-message", "no%20such%20order")], true);
+    s.finish("via_upstream");
+    let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    retry.headers(false);
+    assert_eq!(retry.request_body(&frame(b"x"), true), Next::Pause);
+    let seen = retry.finish("local_reply");
+    let Some(Reply::Headers(headers)) = &seen.reply else { panic!("{:?}", seen.reply) };
+    let header = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+    assert_eq!(header("grpc-status"), Some("5"));
+    assert_eq!(header("grpc-message"), Some("no%20such%20order"), "sent as it was kept, not encoded again");
+    assert_eq!(header(crate::dedup::REPLAYED_HEADER), Some("true"));
+    assert_eq!((seen.log("dedup").as_str(), seen.count(Family::DedupReplayed, None)), (Some("replay"), 1));
+}
+
+#[test]
+fn a_transient_failure_or_a_reset_frees_the_key_and_the_retry_runs() {
+    // grpc-status 14 and 13; an HTTP 404 without grpc-status (Unimplemented
+    // by gRPC's mapping, but no gRPC server said so); a reset.
+    let endings: [(&[(&str, &str)], &str); 4] = [
+        (&[(":status", "200"), ("grpc-status", "14")], "via_upstream"),
+        (&[(":status", "200"), ("grpc-status", "13")], "via_upstream"),
+        (&[(":status", "404")], "via_upstream"),
+        (&[], "upstream_reset_before_response_started{remote_reset}"),
+    ];
+    for (answer, details) in endings {
+        let envoy = Envoy::default();
+        let mut worker = envoy.worker(DEDUP);
+        let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+        s.headers(false);
+        s.request_body(&frame(b"x"), true);
+        if !answer.is_empty() {
+            s.response_headers(answer, true);
+        }
+        s.finish(details);
+        let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+        retry.headers(false);
+        assert_eq!(
+            retry.request_header("content-type").as_deref(),
+            Some("application/grpc"),
+            "{answer:?} {details}: runs upstream"
+        );
+        retry.request_body(&frame(b"x"), true);
+        retry.upstream_answers(b"ok", "0");
+        assert_eq!(retry.finish("via_upstream").log("dedup"), "first");
+    }
+}
+
+#[test]
+fn a_bad_or_missing_key_is_refused_with_the_header_named() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(r#"{"dedup":{"methods":["pkg.Orders/Create"],"require_key":true}}"#);
+    for extra in [&[][..], &[(KEY, "a b")][..]] {
+        let mut s = Stream::open(&envoy, &mut worker, PATH, extra);
+        assert_eq!(s.headers(false), Next::Pause);
+        let seen = s.finish("local_reply");
+        let (status, message) = reply_status(&seen).unwrap();
+        assert_eq!(status, GrpcStatus::InvalidArgument);
+        assert!(message.contains(KEY), "{message}");
+        assert_eq!((seen.log("dedup").as_str(), seen.count(Family::DedupKeyRejected, None)), (Some("bad_key"), 1));
+    }
+}
+
+#[test]
+fn a_call_without_a_key_runs_undeduplicated_unless_one_is_required() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(DEDUP);
+    let seen = unary(&envoy, &mut worker, &[], b"x", "0");
+    assert_eq!(seen.log("dedup"), "none");
+    assert_eq!(seen.count(Family::DedupFirst, None), 0);
+}
+
+#[test]
+fn a_full_table_rejects_or_forwards_as_configured() {
+    for (when_full, next, reply) in
+        [("reject", Next::Pause, Some(GrpcStatus::ResourceExhausted)), ("forward", Next::Continue, None)]
+    {
+        let envoy = Envoy::default();
+        let config =
+            format!(r#"{{"dedup":{{"methods":["pkg.Orders/Create"],"max_entries":1,"when_full":"{when_full}"}}}}"#);
+        let mut worker = envoy.worker(&config);
+        let mut other = envoy.worker(&config);
+        let mut holder = Stream::open(&envoy, &mut other, PATH, &[(KEY, "a")]);
+        holder.headers(false);
+        let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "b")]);
+        assert_eq!(s.headers(false), next, "{when_full}");
+        if next == Next::Continue {
+            assert_eq!(s.request_header("content-type").as_deref(), Some("application/grpc"));
+        }
+        let seen = s.finish("local_reply");
+        assert_eq!(reply_status(&seen).map(|r| r.0), reply, "{when_full}");
+        assert_eq!((seen.log("dedup").as_str(), seen.count(Family::DedupFull, None)), (Some("full"), 1));
+    }
+}
+
+#[test]
+fn a_missing_replay_hop_sends_its_answer_on_unmarked() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(DEDUP);
+    unary(&envoy, &mut worker, &[(KEY, "k")], b"x", "0");
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    s.headers(false);
+    s.request_body(&frame(b"x"), true);
+    // No replay route: the marked path reached the service, which has no such method.
+    s.response_headers(&[(":status", "200"), ("grpc-status", "12")], true);
+    assert_eq!(get(&s.host.response_headers, crate::dedup::REPLAYED_HEADER), None);
+    let seen = s.finish("via_upstream");
+    assert_eq!(
+        (seen.log("dedup").as_str(), seen.log("grpc_code").as_str()),
+        (Some("replay_failed"), Some("Unimplemented"))
+    );
+    assert_eq!(seen.count(Family::DedupReplayed, None), 0);
+}
+
+#[test]
+fn keys_are_scoped_by_the_caller() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(DEDUP);
+    unary(&envoy, &mut worker, &[(KEY, "same"), ("authorization", "Bearer a")], b"x", "0");
+    let other = unary(&envoy, &mut worker, &[(KEY, "same"), ("authorization", "Bearer b")], b"x", "0");
+    assert_eq!(other.log("dedup"), "first", "another caller's key is another key");
+}
+
+#[test]
+fn a_client_cannot_send_the_replay_mark_itself() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(DEDUP);
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(crate::dedup::REPLAY_HEADER, "1")]);
+    s.headers(false);
+    assert_eq!(s.request_header(crate::dedup::REPLAY_HEADER), None);
+}
