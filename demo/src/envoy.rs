@@ -81,6 +81,9 @@ pub struct EnvoyParams {
     /// The filter's JSON configuration.
     pub plugin_config: String,
     pub http_filter: HttpFilter,
+    /// HTTP filters (YAML list items, indented as the template's) that run
+    /// before grpc-guard, e.g. a JWT check whose result the filter reads.
+    pub filters_before: String,
 }
 
 impl EnvoyParams {
@@ -94,6 +97,7 @@ impl EnvoyParams {
             wasm,
             plugin_config: plugin_config.to_owned(),
             http_filter: HttpFilter::GrpcGuard,
+            filters_before: String::new(),
         })
     }
 
@@ -124,6 +128,11 @@ impl EnvoyParams {
             HttpFilter::GrpcStats => swap_filter(template, GRPC_STATS_FILTER)?,
             HttpFilter::None => swap_filter(template, "")?,
         };
+        if !self.filters_before.is_empty() {
+            let at =
+                out.find(FILTER_BEGIN).ok_or_else(|| EnvoyError::Unfilled("grpc-guard filter block".to_owned()))?;
+            out.insert_str(at, &self.filters_before);
+        }
         for (key, value) in values {
             out = out.replace(key, &value);
         }
@@ -329,6 +338,7 @@ mod tests {
             wasm: "/x/grpc_guard.wasm".into(),
             plugin_config: r#"{"log":{"request_id_header":"it's"}}"#.into(),
             http_filter: HttpFilter::GrpcGuard,
+            filters_before: String::new(),
         }
     }
 

@@ -20,17 +20,25 @@ mod service;
 pub use duration::{parse_duration, DurationError};
 pub use error::DemoError;
 pub use observed::Observed;
-pub use service::{DemoServer, MAX_MESSAGE_BYTES};
+pub use service::{DemoServer, EXECUTION_HEADER, MAX_MESSAGE_BYTES};
 
 use std::future::Future;
 
 use tokio::net::TcpListener;
+use tonic::codec::CompressionEncoding;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint, Server};
 
 /// Code generated from `proto/demo.proto` (package `grpcguard.demo.v1`).
 pub mod pb {
     tonic::include_proto!("grpcguard.demo.v1");
+}
+
+/// How the demo server answers besides what each call asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServeOptions {
+    /// gzip-compress every answer to a client that accepts gzip.
+    pub gzip: bool,
 }
 
 /// Serves the demo service on an already-bound listener until `shutdown`
@@ -41,8 +49,22 @@ pub async fn serve(
     observed: Observed,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DemoError> {
+    serve_with(listener, observed, ServeOptions::default(), shutdown).await
+}
+
+/// [`serve`], with `options`.
+pub async fn serve_with(
+    listener: TcpListener,
+    observed: Observed,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DemoError> {
+    let mut service = DemoServer::new(observed).into_service();
+    if options.gzip {
+        service = service.send_compressed(CompressionEncoding::Gzip);
+    }
     Server::builder()
-        .add_service(DemoServer::new(observed).into_service())
+        .add_service(service.accept_compressed(CompressionEncoding::Gzip))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
         .await
         .map_err(DemoError::Serve)

@@ -37,14 +37,27 @@ impl DemoServer {
     }
 }
 
+/// Initial metadata on every Echo answer: which execution of Echo answered.
+pub const EXECUTION_HEADER: &str = "x-demo-execution";
+
 /// The status a call asked to end with, or `None` for OK. The message names
 /// the code so a person reading client or proxy logs can tell a requested
-/// failure from a real one.
+/// failure from a real one; the status details (`grpc-status-details-bin`)
+/// name it too, as rich-error servers send them.
 fn requested_failure(fail_code: i32) -> Option<Status> {
     match Code::from(fail_code) {
         Code::Ok => None,
-        code => Some(Status::new(code, format!("demo failure: {code:?}"))),
+        code => Some(Status::with_details(
+            code,
+            format!("demo failure: {code:?}"),
+            format!("demo details: {code:?}").into_bytes().into(),
+        )),
     }
+}
+
+/// `metadata` with [`EXECUTION_HEADER`] set to `execution`.
+fn mark_execution(metadata: &mut tonic::metadata::MetadataMap, execution: u64) {
+    metadata.insert(EXECUTION_HEADER, tonic::metadata::MetadataValue::from(execution));
 }
 
 #[tonic::async_trait]
@@ -54,7 +67,8 @@ impl pb::demo_server::Demo for DemoServer {
         let request = request.into_inner();
         tokio::time::sleep(Duration::from_millis(request.delay_ms.into())).await;
         self.observed.completed("Echo");
-        if let Some(status) = requested_failure(request.fail_code) {
+        if let Some(mut status) = requested_failure(request.fail_code) {
+            mark_execution(status.metadata_mut(), execution);
             return Err(status);
         }
         let padding = usize::try_from(request.reply_padding).unwrap_or(usize::MAX);
@@ -66,7 +80,9 @@ impl pb::demo_server::Demo for DemoServer {
         }
         let mut message = request.message;
         message.extend(std::iter::repeat_n('.', padding));
-        Ok(Response::new(EchoReply { message, execution }))
+        let mut response = Response::new(EchoReply { message, execution });
+        mark_execution(response.metadata_mut(), execution);
+        Ok(response)
     }
 
     type CountStream = ReceiverStream<Result<CountReply, Status>>;

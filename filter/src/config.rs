@@ -35,12 +35,46 @@ pub const DEFAULT_MAX_METHODS: usize = 200;
 /// code seen, in every Envoy, for Envoy's lifetime.
 pub const MAX_MAX_METHODS: usize = 10_000;
 pub const DEFAULT_REQUEST_ID_HEADER: &str = "x-request-id";
-/// The caller's identity: the mTLS peer, the credentials, the virtual host.
-pub const DEFAULT_DEDUP_SCOPE: [&str; 3] = ["source.principal", "header:authorization", ":authority"];
-/// Most slots a dedup table may have (each is one shared-data entry).
+/// The caller's identity: the mTLS peer, the verified JWT (Istio), the
+/// credentials, and the virtual host.
+pub const DEFAULT_DEDUP_SCOPE: [&str; 4] =
+    ["source.principal", "request.auth.principal", "header:authorization", ":authority"];
+/// Most entries a dedup table may have.
 pub const MAX_DEDUP_ENTRIES: u32 = 1_000_000;
 /// Largest answer that may be kept for replay.
 pub const MAX_DEDUP_RESPONSE_BYTES: u32 = 4 * 1024 * 1024;
+/// Largest `dedup.max_metadata_bytes`.
+pub const MAX_DEDUP_METADATA_BYTES: u32 = 64 * 1024;
+/// The most memory a dedup table may need at worst, per Envoy:
+/// `max_entries` × (`max_response_bytes` + `max_metadata_bytes` +
+/// [`crate::dedup::ENTRY_OVERHEAD`]). A configuration above it is refused.
+pub const MAX_DEDUP_TABLE_BYTES: u64 = 1 << 30;
+
+/// What a request on a gRPC method path gets when its content type is not
+/// gRPC. gRPC servers route by path: tonic and grpcio execute such a request
+/// as the method, so passing it would let it around every guard.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NonGrpc {
+    /// HTTP 415 with `grpc-status: 13`, as grpc-go answers it.
+    #[default]
+    Refuse,
+    /// Pass it on untouched and unguarded (a Connect or gRPC-Web server that
+    /// serves other content types on the same paths).
+    Pass,
+}
+
+/// What a keyed call gets when every identity part of its scope is empty.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Anonymous {
+    /// UNAUTHENTICATED: a key without a caller cannot be told apart from
+    /// another caller's same key.
+    #[default]
+    Reject,
+    /// Run it undeduplicated, and count it.
+    Forward,
+}
 
 /// What a call with an idempotency key gets when its slots are all taken.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -54,13 +88,36 @@ pub enum WhenFull {
 }
 
 /// One value that scopes idempotency keys, so that one caller can never get
-/// another caller's answer.
+/// another caller's answer. Only their digest is ever kept.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ScopePart {
     /// Envoy's `source.principal`: the mTLS peer's identity (SPIFFE ID).
     SourcePrincipal,
-    /// A request header (its SHA-256 is what is kept, never the value).
+    /// A value of the request's dynamic metadata, by its path: namespace,
+    /// key, then fields (`request.auth.principal` is Istio's verified JWT
+    /// principal, `metadata:envoy.filters.http.jwt_authn/payload/sub` a
+    /// field of Envoy's jwt_authn payload).
+    Metadata(Vec<String>),
+    /// A request header.
     Header(String),
+}
+
+impl ScopePart {
+    /// An identity part tells callers apart; `:authority` only names the
+    /// virtual host they called.
+    pub fn is_identity(&self) -> bool {
+        !matches!(self, ScopePart::Header(name) if name == ":authority")
+    }
+
+    /// The Envoy property path of a metadata part.
+    pub fn property_path(&self) -> Option<Vec<&str>> {
+        match self {
+            ScopePart::Metadata(path) => {
+                Some(["metadata", "filter_metadata"].into_iter().chain(path.iter().map(String::as_str)).collect())
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The deduplication settings; `None` in [`Config::dedup`] when no method is listed.
@@ -70,16 +127,30 @@ pub struct DedupConfig {
     pub methods: Vec<MethodPattern>,
     pub require_key: bool,
     pub ttl: Duration,
+    /// A multiple of [`crate::dedup::WAYS`] (rounded up).
     pub max_entries: u32,
     pub max_response_bytes: u32,
+    /// Kept headers and trailers, counted as [`crate::dedup::metadata_bytes`].
+    pub max_metadata_bytes: u32,
     pub scope: Vec<ScopePart>,
     pub when_full: WhenFull,
+    pub anonymous: Anonymous,
+    /// Most ways of one bucket of [`crate::dedup::WAYS`] one caller may hold.
+    pub caller_ways: usize,
+}
+
+impl DedupConfig {
+    /// The table this configuration describes.
+    pub fn table(&self) -> crate::dedup::DedupTable {
+        crate::dedup::DedupTable::new(self.max_entries, self.ttl, self.caller_ways)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawConfig {
     direction: Direction,
+    non_grpc: NonGrpc,
     metrics: RawMetrics,
     log: RawLog,
     deadline: RawDeadline,
@@ -96,8 +167,11 @@ struct RawDedup {
     ttl: String,
     max_entries: u32,
     max_response_bytes: u32,
+    max_metadata_bytes: u32,
     scope: Vec<String>,
     when_full: WhenFull,
+    anonymous: Anonymous,
+    caller_share: f64,
 }
 
 impl Default for RawDedup {
@@ -109,8 +183,11 @@ impl Default for RawDedup {
             ttl: "5m".to_owned(),
             max_entries: 10_000,
             max_response_bytes: 65_536,
+            max_metadata_bytes: 4096,
             scope: DEFAULT_DEDUP_SCOPE.iter().map(|s| (*s).to_owned()).collect(),
             when_full: WhenFull::Reject,
+            anonymous: Anonymous::Reject,
+            caller_share: 0.25,
         }
     }
 }
@@ -191,6 +268,8 @@ struct PolicyOverride {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub direction: Direction,
+    /// What a non-gRPC request on a gRPC method path gets.
+    pub non_grpc: NonGrpc,
     /// Methods that may get their own metric labels.
     pub methods: Vec<MethodPattern>,
     /// How many distinct methods get their own label, across all workers.
@@ -276,6 +355,7 @@ impl Config {
             global,
             overrides,
             direction: raw.direction,
+            non_grpc: raw.non_grpc,
             methods: m.methods.iter().map(|p| MethodPattern::new(p)).collect(),
             max_methods: m.max_methods,
             method_types,
@@ -409,23 +489,70 @@ fn dedup_config(
             format!("must be between 1 and {MAX_DEDUP_RESPONSE_BYTES}, got {}", raw.max_response_bytes),
         ));
     }
+    if raw.max_metadata_bytes > MAX_DEDUP_METADATA_BYTES {
+        return Err(ConfigError::new(
+            "dedup.max_metadata_bytes",
+            format!("must be at most {MAX_DEDUP_METADATA_BYTES}, got {}", raw.max_metadata_bytes),
+        ));
+    }
+    // Whole buckets: the table holds `WAYS` entries per bucket.
+    let max_entries = raw.max_entries.div_ceil(crate::dedup::WAYS as u32) * crate::dedup::WAYS as u32;
+    let per_entry =
+        u64::from(raw.max_response_bytes) + u64::from(raw.max_metadata_bytes) + crate::dedup::ENTRY_OVERHEAD;
+    let worst = u64::from(max_entries) * per_entry;
+    if worst > MAX_DEDUP_TABLE_BYTES {
+        return Err(ConfigError::new(
+            "dedup.max_entries",
+            format!(
+                "{} entries of up to {per_entry} bytes (max_response_bytes + max_metadata_bytes + {}) could take {} \
+                 MiB, over the {} MiB a table may take; lower max_entries or max_response_bytes",
+                max_entries,
+                crate::dedup::ENTRY_OVERHEAD,
+                worst >> 20,
+                MAX_DEDUP_TABLE_BYTES >> 20
+            ),
+        ));
+    }
+    let ways = crate::dedup::WAYS as f64;
+    if !(raw.caller_share > 0.0 && raw.caller_share <= 1.0) {
+        return Err(ConfigError::new("dedup.caller_share", "must be above 0 and at most 1"));
+    }
+    // At least one way: a caller always gets somewhere.
+    let caller_ways = ((raw.caller_share * ways).ceil() as usize).clamp(1, crate::dedup::WAYS);
     let mut scope = Vec::new();
     for (i, part) in raw.scope.iter().enumerate() {
+        let field = || format!("dedup.scope[{i}]");
         scope.push(match part.as_str() {
             "source.principal" => ScopePart::SourcePrincipal,
+            "request.auth.principal" => {
+                ScopePart::Metadata(vec!["istio_authn".to_owned(), "request.auth.principal".to_owned()])
+            }
             ":authority" => ScopePart::Header(":authority".to_owned()),
-            other => match other.strip_prefix("header:") {
-                Some(name) if !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic()) => {
+            other => match (other.strip_prefix("header:"), other.strip_prefix("metadata:")) {
+                (Some(name), _) if !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic()) => {
                     ScopePart::Header(name.to_ascii_lowercase())
+                }
+                (_, Some(path)) if path.split('/').count() >= 2 && path.split('/').all(|p| !p.is_empty()) => {
+                    ScopePart::Metadata(path.split('/').map(str::to_owned).collect())
                 }
                 _ => {
                     return Err(ConfigError::new(
-                        &format!("dedup.scope[{i}]"),
-                        format!("{other:?} is not \"source.principal\", \":authority\" or \"header:NAME\""),
+                        &field(),
+                        format!(
+                            "{other:?} is not \"source.principal\", \"request.auth.principal\", \":authority\", \
+                             \"header:NAME\" or \"metadata:NAMESPACE/KEY[/FIELD...]\""
+                        ),
                     ))
                 }
             },
         });
+    }
+    if !scope.iter().any(ScopePart::is_identity) {
+        return Err(ConfigError::new(
+            "dedup.scope",
+            "names no caller identity (\"source.principal\", \"request.auth.principal\", \"header:authorization\", \
+             ...): one caller could be replayed another's answer",
+        ));
     }
     if methods.is_empty() {
         return Ok(None);
@@ -435,10 +562,13 @@ fn dedup_config(
         methods,
         require_key: raw.require_key,
         ttl,
-        max_entries: raw.max_entries,
+        max_entries,
         max_response_bytes: raw.max_response_bytes,
+        max_metadata_bytes: raw.max_metadata_bytes,
         scope,
         when_full: raw.when_full,
+        anonymous: raw.anonymous,
+        caller_ways,
     }))
 }
 
@@ -706,16 +836,18 @@ mod tests {
         assert_eq!(d.header, "x-idempotency-key");
         assert!(!d.require_key);
         assert_eq!(d.ttl, Duration::from_secs(300));
-        assert_eq!((d.max_entries, d.max_response_bytes), (10_000, 65_536));
+        assert_eq!((d.max_entries, d.max_response_bytes, d.max_metadata_bytes), (10_000, 65_536, 4096));
         assert_eq!(
             d.scope,
             [
                 ScopePart::SourcePrincipal,
+                ScopePart::Metadata(vec!["istio_authn".into(), "request.auth.principal".into()]),
                 ScopePart::Header("authorization".into()),
                 ScopePart::Header(":authority".into())
             ]
         );
-        assert_eq!(d.when_full, WhenFull::Reject);
+        assert_eq!((d.when_full, d.anonymous, d.caller_ways), (WhenFull::Reject, Anonymous::Reject, 2));
+        assert_eq!(c.non_grpc, NonGrpc::Refuse);
         assert!(c.dedup_applies("pkg.Orders/CreateOrder"));
         assert!(!c.dedup_applies("pkg.Orders/Get"));
     }
@@ -737,6 +869,47 @@ mod tests {
         assert_eq!(err(r#"{"dedup":{"when_full":"drop"}}"#).field, "dedup.when_full");
         assert_eq!(err(r#"{"dedup":{"header":"bad header"}}"#).field, "dedup.header");
         assert_eq!(err(r#"{"dedup":{"methods":["nope"]}}"#).field, "dedup.methods[0]");
+        assert_eq!(err(r#"{"dedup":{"scope":["metadata:only-a-namespace"]}}"#).field, "dedup.scope[0]");
+        assert_eq!(err(r#"{"dedup":{"caller_share":0}}"#).field, "dedup.caller_share");
+        assert_eq!(err(r#"{"dedup":{"caller_share":1.5}}"#).field, "dedup.caller_share");
+        assert_eq!(err(r#"{"dedup":{"max_metadata_bytes":70000}}"#).field, "dedup.max_metadata_bytes");
+        assert_eq!(err(r#"{"dedup":{"anonymous":"allow"}}"#).field, "dedup.anonymous");
+        assert_eq!(err(r#"{"non_grpc":"drop"}"#).field, "non_grpc");
+    }
+
+    #[test]
+    fn a_scope_that_identifies_nobody_is_refused() {
+        for scope in [r#"[]"#, r#"[":authority"]"#] {
+            let e = err(&format!(r#"{{"dedup":{{"methods":["pkg.Svc/M"],"scope":{scope}}}}}"#));
+            assert_eq!(e.field, "dedup.scope", "{scope}");
+            assert!(e.reason.contains("no caller identity"), "{e}");
+        }
+        let ok = Config::parse(br#"{"dedup":{"methods":["pkg.Svc/M"],"scope":["header:x-user"]}}"#).unwrap();
+        assert_eq!(ok.dedup.unwrap().scope, [ScopePart::Header("x-user".into())]);
+        let jwt =
+            r#"{"dedup":{"methods":["pkg.Svc/M"],"scope":["metadata:envoy.filters.http.jwt_authn/payload/sub"]}}"#;
+        let part = Config::parse(jwt.as_bytes()).unwrap().dedup.unwrap().scope.remove(0);
+        assert_eq!(
+            part.property_path().unwrap(),
+            ["metadata", "filter_metadata", "envoy.filters.http.jwt_authn", "payload", "sub"]
+        );
+    }
+
+    #[test]
+    fn a_table_whose_worst_case_is_over_the_cap_is_refused_naming_the_field() {
+        let e = err(r#"{"dedup":{"methods":["pkg.Svc/M"],"max_entries":100000,"max_response_bytes":65536}}"#);
+        assert_eq!(e.field, "dedup.max_entries");
+        assert!(e.reason.contains("MiB"), "{e}");
+        let fits = r#"{"dedup":{"methods":["pkg.Svc/M"],"max_entries":10000,"max_response_bytes":65536}}"#;
+        assert!(Config::parse(fits.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn the_table_holds_whole_buckets_and_a_caller_at_least_one_way() {
+        let d = |json: &str| Config::parse(json.as_bytes()).unwrap().dedup.unwrap();
+        assert_eq!(d(r#"{"dedup":{"methods":["a.B/C"],"max_entries":9}}"#).max_entries, 16);
+        assert_eq!(d(r#"{"dedup":{"methods":["a.B/C"],"caller_share":0.01}}"#).caller_ways, 1);
+        assert_eq!(d(r#"{"dedup":{"methods":["a.B/C"],"caller_share":1}}"#).caller_ways, crate::dedup::WAYS);
     }
 
     proptest! {

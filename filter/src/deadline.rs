@@ -143,6 +143,15 @@ impl DeadlineDecision {
 }
 
 impl DeadlinePolicy {
+    /// The policy for a call that must end within `bound`: a default and a
+    /// maximum, neither above it.
+    pub fn within(self, bound: Duration) -> DeadlinePolicy {
+        DeadlinePolicy {
+            default: Some(self.default.map_or(bound, |d| d.min(bound))),
+            max: Some(self.max.map_or(bound, |m| m.min(bound))),
+        }
+    }
+
     /// Decides for a call whose `grpc-timeout` header is `header`.
     pub fn decide(&self, header: Option<&[u8]>) -> DeadlineDecision {
         let Some(raw) = header else {
@@ -158,7 +167,7 @@ impl DeadlinePolicy {
         match parse_grpc_timeout(raw) {
             Err(e) => DeadlineDecision::Reject {
                 status: GrpcStatus::InvalidArgument,
-                message: format!("grpc-guard: grpc-timeout header {:?} {e}", shown(raw)),
+                message: format!("grpc-guard: grpc-timeout header {:?} {e}", crate::printable(raw)),
                 source: DeadlineSource::Invalid,
             },
             Ok(d) if d.is_zero() => DeadlineDecision::Reject {
@@ -177,11 +186,6 @@ impl DeadlinePolicy {
             },
         }
     }
-}
-
-/// The start of a header value, for a message: printable ASCII only.
-fn shown(raw: &[u8]) -> String {
-    raw.iter().take(32).map(|&b| if (0x20..0x7f).contains(&b) { char::from(b) } else { '?' }).collect()
 }
 
 /// Whether a finished call is a late response: the upstream's work outlived
@@ -239,6 +243,14 @@ mod tests {
         assert_eq!(format_grpc_timeout(Duration::from_secs(3600)), "3600000m");
         assert_eq!(format_grpc_timeout(Duration::from_nanos(1_500)), "1500n");
         assert_eq!(format_grpc_timeout(Duration::from_nanos(100_000_001)), "100001u");
+    }
+
+    #[test]
+    fn a_bound_caps_the_default_and_the_maximum() {
+        let bound = Duration::from_secs(30);
+        assert_eq!(DeadlinePolicy::default().within(bound), DeadlinePolicy { default: Some(bound), max: Some(bound) });
+        assert_eq!(POLICY.within(bound), DeadlinePolicy { default: Some(Duration::from_secs(10)), max: Some(bound) });
+        assert_eq!(POLICY.within(Duration::from_secs(5)).default, Some(Duration::from_secs(5)));
     }
 
     const POLICY: DeadlinePolicy =

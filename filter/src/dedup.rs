@@ -1,27 +1,50 @@
 //! Idempotency keys: the table that lets a retried unary call run upstream at
-//! most once and gives every retry the first call's answer.
+//! most once and gives every retry the first call's answer, and the rules for
+//! what a finished first call leaves behind.
 //!
-//! The table lives in proxy-wasm shared data, the only state Envoy's worker
-//! threads share. Shared data has no delete and no listing, so the table is a
-//! fixed set of `max_entries` slots, each one shared-data key; a call's key
-//! hashes to a slot and its next few neighbours (linear probing); expired
-//! entries are reused lazily. Every write is a compare-and-swap on the slot
-//! ([`crate::shared`]), so two workers racing on one key cannot both claim it.
+//! # The table
+//! It lives in proxy-wasm shared data, the only state Envoy's worker threads
+//! share. Shared data has no delete and no listing, so the table is a fixed
+//! set of buckets, each one shared-data value holding [`WAYS`] small index
+//! records (key digest, caller, state, expiry, request fingerprint). A key
+//! belongs to exactly one bucket, and every change to a bucket is one
+//! compare-and-swap of the whole bucket ([`crate::shared::update`]): two
+//! workers racing on one key see each other's claim, and a key can never be
+//! claimed in two places. Kept answers live beside the index, one value per
+//! way, tagged with the claim that wrote them, so a lookup reads only the
+//! small bucket unless it finds an answer to replay.
+//!
+//! # Fairness
+//! Each record carries a tag of its caller (the scope values). A caller may
+//! hold at most `caller_ways` of a bucket's [`WAYS`] ways, so one caller can
+//! take at most that share of the table, however many keys it sends, held
+//! open or left unknown.
+//!
+//! # What a first call leaves
+//! [`disposition`]: the key is freed only when the upstream provably did not
+//! execute the call; a kept answer is replayed; every other ending is
+//! *unknown* and keeps the key until the TTL, so a retry is told the first
+//! attempt may have run instead of running it again.
 //!
 //! This module knows nothing of proxy-wasm: the store is
-//! [`crate::shared::SharedStore`], shared data in the filter and a plain map
-//! in the tests. What a keyed call does with the table is [`crate::call`]'s.
+//! [`crate::shared::SharedStore`]. What a keyed call does with the table is
+//! [`crate::call`]'s.
+
+use std::borrow::Cow;
+use std::hash::Hasher;
 
 use sha2::{Digest as _, Sha256};
 use thiserror::Error;
 
-use crate::config::DedupConfig;
-use crate::shared::{self, Decision, SharedStore, StoreError};
+use crate::method::FnvBuildHasher;
+use crate::shared::{self, Decision, SharedStore};
 use crate::status::GrpcStatus;
 
-/// Marks a retry being replayed; stripped from every client request so a
-/// client cannot reach the replay route itself.
-pub const REPLAY_HEADER: &str = "x-grpc-guard-replay";
+/// Filter-state property that sends a marked retry to the replay route
+/// (`wasm.grpc_guard.replay` in Envoy's route match). Filter state is set by
+/// filters only, never by a client, so no request can reach the replay hop
+/// by itself.
+pub const REPLAY_PROPERTY: &str = "grpc_guard.replay";
 /// Initial metadata on every replayed answer.
 pub const REPLAYED_HEADER: &str = "grpc-guard-replayed";
 /// Put in front of the marked retry's path, so that no service method can
@@ -29,6 +52,18 @@ pub const REPLAYED_HEADER: &str = "grpc-guard-replayed";
 pub const REPLAY_PATH_PREFIX: &str = "/grpc-guard.replay";
 /// Content type of the marked retry on its way to the internal listener.
 pub const REPLAY_CONTENT_TYPE: &str = "application/x-grpc-guard-replay";
+
+/// Ways (records) per bucket.
+pub const WAYS: usize = 8;
+/// Most attempts at a compare-and-swap before giving up on a busy bucket.
+const CAS_ATTEMPTS: usize = 4;
+/// Bytes the table may need per entry beyond the kept body and metadata:
+/// the index record, the answer's framing, and Envoy's cost of one more
+/// shared-data key, rounded up. [`crate::config`] bounds the table with it.
+pub const ENTRY_OVERHEAD: u64 = 256;
+/// How a kept header or trailer counts against `max_metadata_bytes`: its name
+/// and value plus 32 bytes, as HTTP/2 counts a header (RFC 7541 §4.1).
+pub const METADATA_PAIR_OVERHEAD: usize = 32;
 
 /// SHA-256 digest: of the key material (scope, method, idempotency key), and
 /// of a request message. A cryptographic hash, because a collision would hand
@@ -44,6 +79,18 @@ pub fn digest(parts: &[&[u8]]) -> Digest {
         h.update(part);
     }
     h.finalize().into()
+}
+
+/// The caller's tag for fairness: FNV-1a of the scope values. Not a secret
+/// and not an identity check (the key digest is that); only how records are
+/// counted against a caller's share.
+pub fn caller_tag(parts: &[&[u8]]) -> u64 {
+    let mut h = std::hash::BuildHasher::build_hasher(&FnvBuildHasher);
+    for part in parts {
+        h.write(&(part.len() as u64).to_le_bytes());
+        h.write(part);
+    }
+    h.finish()
 }
 
 /// The fingerprint of a request body, fed chunk by chunk as the body streams
@@ -66,102 +113,225 @@ impl Fingerprint {
     }
 }
 
-/// Slots probed after the home slot.
-pub const PROBES: u32 = 4;
-
-/// Most attempts at a compare-and-swap before giving up on a busy slot.
-const CAS_ATTEMPTS: usize = 4;
-
 /// A kept answer, replayed to every retry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {
-    /// The first call's status.
     pub status: GrpcStatus,
+    /// Response headers the message depends on (`content-type`,
+    /// `grpc-encoding`) and the custom initial metadata.
+    pub headers: Vec<(String, Vec<u8>)>,
     /// The response body as it was sent: gRPC frames.
     pub body: Vec<u8>,
     /// Response trailers (or, for a trailers-only answer, its `grpc-*`
-    /// headers), `grpc-status` and `grpc-message` included.
+    /// status headers), `grpc-status` and `grpc-message` included.
     pub trailers: Vec<(String, Vec<u8>)>,
 }
 
-/// One slot's content.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Entry {
-    Free,
-    /// A first call is running; `owner` tells its stream apart from others.
-    InFlight {
-        key: Digest,
-        owner: u64,
-        expires_ns: u64,
-    },
-    /// The first call finished. `answer` is `None` when it was too large to
-    /// keep: a retry is told the call already ran.
-    Done {
-        key: Digest,
-        expires_ns: u64,
-        fingerprint: Digest,
-        answer: Option<Answer>,
-    },
+impl Answer {
+    /// Bytes of headers and trailers as counted against `max_metadata_bytes`.
+    pub fn metadata_bytes(&self) -> usize {
+        metadata_bytes(&self.headers) + metadata_bytes(&self.trailers)
+    }
 }
 
-impl Entry {
-    fn key(&self) -> Option<&Digest> {
-        match self {
-            Entry::Free => None,
-            Entry::InFlight { key, .. } | Entry::Done { key, .. } => Some(key),
+/// How a list of kept headers counts against `max_metadata_bytes`.
+pub fn metadata_bytes(pairs: &[(String, Vec<u8>)]) -> usize {
+    pairs.iter().map(|(n, v)| n.len() + v.len() + METADATA_PAIR_OVERHEAD).sum()
+}
+
+/// Statuses a retry would get again, so keeping them is safe (DESIGN §3.5):
+/// the call ran to a definite answer, or definitely did nothing.
+pub fn is_kept_status(status: GrpcStatus) -> bool {
+    use GrpcStatus::*;
+    match status {
+        Ok | InvalidArgument | NotFound | AlreadyExists | PermissionDenied | FailedPrecondition | OutOfRange
+        | Unimplemented | Unauthenticated => true,
+        Cancelled | Unknown | DeadlineExceeded | ResourceExhausted | Aborted | Internal | Unavailable | DataLoss => {
+            false
         }
     }
+}
 
-    fn live(&self, now_ns: u64) -> bool {
-        match self {
-            Entry::Free => false,
-            Entry::InFlight { expires_ns, .. } | Entry::Done { expires_ns, .. } => *expires_ns > now_ns,
+/// How a first call ended, as far as its key is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// grpc-guard answered it itself: it never went on to the upstream.
+    Guard,
+    /// The request's end never passed the filter (the client reset or sent
+    /// a body that never finished): no upstream saw a whole unary request.
+    Incomplete,
+    /// The upstream answered with this `grpc-status`.
+    Upstream(GrpcStatus),
+    /// The upstream answered with this HTTP status and no `grpc-status`.
+    UpstreamHttp(u32),
+    /// Envoy ended it (a local reply, a reset, its deadline timer, the client
+    /// gone); `sent` when an upstream connection carried the request.
+    Envoy { sent: bool },
+}
+
+/// What a finished first call leaves under its key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// The upstream provably did not execute it: a retry runs.
+    Free,
+    /// A definite answer, kept for `ttl` and replayed.
+    Keep,
+    /// It may have run: kept for `ttl`, and a retry is told so.
+    Unknown,
+}
+
+/// The rule (README "Idempotency keys"). An upstream that answers
+/// UNAVAILABLE, RESOURCE_EXHAUSTED or ABORTED says, by gRPC's own definition
+/// of those codes, that the call was refused or rolled back and the client
+/// should retry: it is taken at its word. HTTP 4xx without `grpc-status` is a
+/// refusal before any handler ran. Everything else that is not a definite
+/// answer may have run: DEADLINE_EXCEEDED ("may be returned even if the
+/// operation has completed successfully"), CANCELLED, UNKNOWN, INTERNAL,
+/// DATA_LOSS, HTTP 5xx, and any reset or cut after the request left Envoy.
+pub fn disposition(ending: Ending) -> Disposition {
+    use GrpcStatus::{Aborted, ResourceExhausted, Unavailable};
+    match ending {
+        Ending::Guard | Ending::Incomplete | Ending::Envoy { sent: false } => Disposition::Free,
+        Ending::Upstream(status) if is_kept_status(status) => Disposition::Keep,
+        Ending::Upstream(Unavailable | ResourceExhausted | Aborted) => Disposition::Free,
+        Ending::UpstreamHttp(http) if (400..500).contains(&http) => Disposition::Free,
+        Ending::Upstream(_) | Ending::UpstreamHttp(_) | Ending::Envoy { sent: true } => Disposition::Unknown,
+    }
+}
+
+/// The state of one way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Free = 0,
+    /// A first call is running until `claim_until`; after that (its stream
+    /// vanished without settling) the key counts as [`State::Unknown`].
+    InFlight = 1,
+    /// Done; the answer is kept beside the index.
+    Kept = 2,
+    /// Done; the answer was too large to keep.
+    NotKept = 3,
+    /// Done; the call may have run.
+    Unknown = 4,
+}
+
+/// One way of a bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub state: State,
+    pub key: Digest,
+    /// [`caller_tag`] of the key's scope.
+    pub caller: u64,
+    /// The claim's owner: tells its stream apart from others, and tags the
+    /// answer it keeps.
+    pub owner: u64,
+    pub claim_until: u64,
+    pub expires: u64,
+    pub fingerprint: Digest,
+}
+
+const FREE: Record =
+    Record { state: State::Free, key: [0; 32], caller: 0, owner: 0, claim_until: 0, expires: 0, fingerprint: [0; 32] };
+const RECORD_LEN: usize = 1 + 32 + 8 + 8 + 8 + 8 + 32;
+/// First byte of a bucket: a bucket of another format is not trusted.
+const BUCKET_FORMAT: u8 = 1;
+
+impl Record {
+    fn live(&self, now: u64) -> bool {
+        self.state != State::Free && self.expires > now
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.push(self.state as u8);
+        out.extend_from_slice(&self.key);
+        for n in [self.caller, self.owner, self.claim_until, self.expires] {
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+        out.extend_from_slice(&self.fingerprint);
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Option<Record> {
+        let state = match r.u8()? {
+            0 => State::Free,
+            1 => State::InFlight,
+            2 => State::Kept,
+            3 => State::NotKept,
+            4 => State::Unknown,
+            _ => return None,
+        };
+        Some(Record {
+            state,
+            key: r.digest()?,
+            caller: r.u64()?,
+            owner: r.u64()?,
+            claim_until: r.u64()?,
+            expires: r.u64()?,
+            fingerprint: r.digest()?,
+        })
+    }
+}
+
+type Bucket = [Record; WAYS];
+
+/// A bucket's bytes; anything unreadable (another format, a torn value) is
+/// an empty bucket rather than trusted.
+pub fn decode_bucket(bytes: &[u8]) -> Bucket {
+    let mut r = Reader(bytes);
+    let mut bucket = [FREE; WAYS];
+    if r.u8() != Some(BUCKET_FORMAT) {
+        return bucket;
+    }
+    for way in bucket.iter_mut() {
+        match Record::decode(&mut r) {
+            Some(record) => *way = record,
+            None => return [FREE; WAYS],
         }
     }
+    bucket
+}
 
-    /// Binary form stored in a slot. Free is empty.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        match self {
-            Entry::Free => {}
-            Entry::InFlight { key, owner, expires_ns } => {
-                out.push(1);
-                out.extend_from_slice(key);
-                out.extend_from_slice(&owner.to_le_bytes());
-                out.extend_from_slice(&expires_ns.to_le_bytes());
-            }
-            Entry::Done { key, expires_ns, fingerprint, answer } => {
-                out.push(2);
-                out.extend_from_slice(key);
-                out.extend_from_slice(&expires_ns.to_le_bytes());
-                out.extend_from_slice(fingerprint);
-                if let Some(a) = answer {
-                    out.push(1);
-                    out.extend_from_slice(&a.status.code().to_le_bytes());
-                    put_bytes(&mut out, &a.body);
-                    out.extend_from_slice(&(a.trailers.len() as u32).to_le_bytes());
-                    for (name, value) in &a.trailers {
-                        put_bytes(&mut out, name.as_bytes());
-                        put_bytes(&mut out, value);
-                    }
-                } else {
-                    out.push(0);
-                }
-            }
-        }
-        out
+pub fn encode_bucket(bucket: &Bucket) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + WAYS * RECORD_LEN);
+    out.push(BUCKET_FORMAT);
+    for record in bucket {
+        record.encode(&mut out);
     }
+    out
+}
 
-    /// Reads a slot; anything unreadable (another version's format, a torn
-    /// value) is treated as free rather than trusted.
-    pub fn decode(bytes: &[u8]) -> Entry {
-        Reader(bytes).entry().unwrap_or(Entry::Free)
+/// A kept answer's bytes, tagged with the claim that kept it.
+pub fn encode_answer(owner: u64, answer: &Answer) -> Vec<u8> {
+    let mut out = Vec::with_capacity(answer.body.len() + answer.metadata_bytes() + 32);
+    out.extend_from_slice(&owner.to_le_bytes());
+    out.extend_from_slice(&answer.status.code().to_le_bytes());
+    put_pairs(&mut out, &answer.headers);
+    put_bytes(&mut out, &answer.body);
+    put_pairs(&mut out, &answer.trailers);
+    out
+}
+
+/// The answer kept by the claim `owner`, or `None` if what is stored is
+/// another claim's or unreadable.
+pub fn decode_answer(bytes: &[u8], owner: u64) -> Option<Answer> {
+    let mut r = Reader(bytes);
+    if r.u64()? != owner {
+        return None;
     }
+    let status = GrpcStatus::from_code(r.u32()?)?;
+    let answer = Answer { status, headers: r.pairs()?, body: r.bytes()?, trailers: r.pairs()? };
+    r.0.is_empty().then_some(answer)
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
     out.extend_from_slice(bytes);
+}
+
+fn put_pairs(out: &mut Vec<u8>, pairs: &[(String, Vec<u8>)]) {
+    out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
+    for (name, value) in pairs {
+        put_bytes(out, name.as_bytes());
+        put_bytes(out, value);
+    }
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -188,183 +358,216 @@ impl Reader<'_> {
         let n = usize::try_from(self.u32()?).ok()?;
         Some(self.take(n)?.to_vec())
     }
-    fn entry(&mut self) -> Option<Entry> {
-        if self.0.is_empty() {
-            return Some(Entry::Free);
+    fn pairs(&mut self) -> Option<Vec<(String, Vec<u8>)>> {
+        let count = self.u32()?;
+        let mut pairs = Vec::new();
+        for _ in 0..count {
+            let name = String::from_utf8(self.bytes()?).ok()?;
+            pairs.push((name, self.bytes()?));
         }
-        let entry = match self.u8()? {
-            1 => Entry::InFlight { key: self.digest()?, owner: self.u64()?, expires_ns: self.u64()? },
-            2 => {
-                let key = self.digest()?;
-                let expires_ns = self.u64()?;
-                let fingerprint = self.digest()?;
-                let answer = match self.u8()? {
-                    0 => None,
-                    _ => {
-                        let status = GrpcStatus::from_code(self.u32()?)?;
-                        let body = self.bytes()?;
-                        let count = self.u32()?;
-                        let mut trailers = Vec::new();
-                        for _ in 0..count {
-                            let name = String::from_utf8(self.bytes()?).ok()?;
-                            trailers.push((name, self.bytes()?));
-                        }
-                        Some(Answer { status, body, trailers })
-                    }
-                };
-                Entry::Done { key, expires_ns, fingerprint, answer }
-            }
-            _ => return None,
-        };
-        self.0.is_empty().then_some(entry)
+        Some(pairs)
     }
 }
 
-/// The shared-data key of one slot.
-fn slot_key(slot: u32) -> String {
-    format!("grpc_guard.dedup.{slot}")
+/// A claimed way: what settling it needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Claim {
+    pub bucket: u32,
+    pub way: usize,
+    pub key: Digest,
+    pub owner: u64,
+}
+
+/// What a finished first call left, as a lookup finds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Kept(Answer),
+    /// It ran; its answer was too large to keep.
+    NotKept,
+    /// It may have run.
+    Unknown,
 }
 
 /// What a call finds under its key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Lookup {
     /// First call: this stream owns the key; forward it. `evicted` when an
-    /// expired entry of another key made room.
-    Claimed { slot: u32, evicted: bool },
-    /// The first call is still running: answer ABORTED.
+    /// expired record of another key made room.
+    Claimed { claim: Claim, evicted: bool },
+    /// The first call is still running: answer ABORTED, the retry will find
+    /// it settled.
     InFlight,
-    /// The first call finished: compare request fingerprints, then replay.
-    Done { fingerprint: Digest, answer: Option<Answer> },
-    /// Every probed slot holds a live entry of another key.
+    /// A claim whose stream never settled it (the VM went away): it may have
+    /// run.
+    Abandoned,
+    /// The first call finished: compare request fingerprints, then answer.
+    Done { fingerprint: Digest, outcome: Outcome },
+    /// Every way of the key's bucket holds a live record of another key.
     Full,
-    /// Other workers kept changing the slots: answer ABORTED, the retry will
-    /// find the key settled.
+    /// This caller holds its whole share of the key's bucket.
+    CallerFull,
+    /// Other workers kept changing the bucket.
     Contended,
+}
+
+/// How a first call is settled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Settlement {
+    /// The key is freed: a retry runs.
+    Free,
+    /// Kept for `ttl`; `answer` is `None` when it was too large to keep.
+    Keep { fingerprint: Digest, answer: Option<Answer> },
+    /// Kept for `ttl` as "may have run".
+    Unknown { fingerprint: Digest },
 }
 
 /// The table's shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DedupTable {
-    pub max_entries: u32,
+    pub buckets: u32,
     pub ttl_ns: u64,
+    /// Most ways of one bucket a caller may hold.
+    pub caller_ways: usize,
+}
+
+fn index_key(bucket: u32) -> String {
+    format!("grpc_guard.dedup.{bucket}")
+}
+
+fn answer_key(bucket: u32, way: usize) -> String {
+    format!("grpc_guard.dedup.{bucket}.{way}")
+}
+
+/// What the compare-and-swap of a lookup decided.
+enum Found {
+    Claimed(Claim, bool),
+    InFlight,
+    Abandoned,
+    Kept { way: usize, owner: u64, fingerprint: Digest },
+    Done { fingerprint: Digest, outcome: Outcome },
+    Full,
+    CallerFull,
 }
 
 impl DedupTable {
-    pub fn new(config: &DedupConfig) -> DedupTable {
-        DedupTable { max_entries: config.max_entries, ttl_ns: u64::try_from(config.ttl.as_nanos()).unwrap_or(u64::MAX) }
+    /// A table of `max_entries` (whole buckets), keeping outcomes for `ttl`.
+    pub fn new(max_entries: u32, ttl: std::time::Duration, caller_ways: usize) -> DedupTable {
+        DedupTable {
+            buckets: max_entries.div_ceil(WAYS as u32).max(1),
+            ttl_ns: u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX),
+            caller_ways,
+        }
     }
 
-    fn probe_slots(&self, key: &Digest) -> impl Iterator<Item = u32> {
+    fn bucket_of(&self, key: &Digest) -> u32 {
         let home = u64::from_le_bytes([key[0], key[1], key[2], key[3], key[4], key[5], key[6], key[7]]);
-        let n = u64::from(self.max_entries.max(1));
-        let home = home % n;
-        let max = self.max_entries.max(1);
-        (0..PROBES.min(max)).map(move |i| ((home + u64::from(i)) % n) as u32)
+        // The remainder is below `buckets`, a u32.
+        (home % u64::from(self.buckets.max(1))) as u32
     }
 
-    /// Finds `key`, or claims a slot for it as in flight until
-    /// `in_flight_until_ns` (the call's deadline, so a stream that dies
-    /// without finishing frees its key then).
+    /// Creates every bucket that does not exist yet, so that workers race on
+    /// them with compare-and-swap ([`crate::shared::create`]). Runs at
+    /// configure time, before any call.
+    pub fn create(&self, store: &mut (impl SharedStore + ?Sized)) {
+        for bucket in 0..self.buckets {
+            shared::create(store, &index_key(bucket));
+        }
+    }
+
+    /// Finds `key`, or claims a way for it: in flight until `claim_until`,
+    /// kept at most until `now + ttl`.
     pub fn lookup_or_claim(
         &self,
         store: &mut (impl SharedStore + ?Sized),
         key: &Digest,
+        caller: u64,
         owner: u64,
-        now_ns: u64,
-        in_flight_until_ns: u64,
+        now: u64,
+        claim_until: u64,
     ) -> Lookup {
-        for _ in 0..CAS_ATTEMPTS {
-            let slots: Vec<(u32, Entry, Option<u32>)> = self
-                .probe_slots(key)
-                .map(|slot| {
-                    let (bytes, cas) = store.get(&slot_key(slot));
-                    (slot, Entry::decode(bytes.as_deref().unwrap_or_default()), cas)
-                })
-                .collect();
-            for (_, entry, _) in &slots {
-                if entry.key() == Some(key) && entry.live(now_ns) {
-                    return match entry {
-                        Entry::InFlight { .. } => Lookup::InFlight,
-                        Entry::Done { fingerprint, answer, .. } => {
-                            Lookup::Done { fingerprint: *fingerprint, answer: answer.clone() }
-                        }
-                        Entry::Free => Lookup::Contended,
-                    };
-                }
+        let bucket = self.bucket_of(key);
+        let found = shared::update(store, &index_key(bucket), CAS_ATTEMPTS, |bytes| {
+            let mut ways = decode_bucket(bytes);
+            if let Some((way, r)) = ways.iter().enumerate().find(|(_, r)| r.live(now) && &r.key == key) {
+                return Decision::Keep(match r.state {
+                    State::InFlight if now < r.claim_until => Found::InFlight,
+                    State::InFlight | State::Free => Found::Abandoned,
+                    State::Kept => Found::Kept { way, owner: r.owner, fingerprint: r.fingerprint },
+                    State::NotKept => Found::Done { fingerprint: r.fingerprint, outcome: Outcome::NotKept },
+                    State::Unknown => Found::Done { fingerprint: r.fingerprint, outcome: Outcome::Unknown },
+                });
             }
-            let Some((slot, old, cas)) = slots.iter().find(|(_, e, _)| !e.live(now_ns)) else {
-                return Lookup::Full;
+            if ways.iter().all(|r| r.live(now)) {
+                return Decision::Keep(Found::Full);
+            }
+            if ways.iter().filter(|r| r.live(now) && r.caller == caller).count() >= self.caller_ways {
+                return Decision::Keep(Found::CallerFull);
+            }
+            let Some((way, old)) = ways.iter_mut().enumerate().find(|(_, r)| !r.live(now)) else {
+                return Decision::Keep(Found::Full);
             };
-            let claim = Entry::InFlight { key: *key, owner, expires_ns: in_flight_until_ns };
-            match store.set(&slot_key(*slot), &claim.encode(), *cas) {
-                Ok(()) => {
-                    let evicted = old.key().is_some_and(|k| k != key);
-                    return Lookup::Claimed { slot: *slot, evicted };
-                }
-                Err(StoreError::CasMismatch) => continue,
-                Err(StoreError::Failed) => return Lookup::Contended,
-            }
-        }
-        Lookup::Contended
-    }
-
-    /// Ends this stream's claim on `slot`: `Some(done)` keeps the result for
-    /// `ttl`, `None` frees the key so a retry runs. Does nothing if the slot
-    /// is no longer this stream's claim (it expired and was taken).
-    pub fn settle(
-        &self,
-        store: &mut (impl SharedStore + ?Sized),
-        slot: u32,
-        key: &Digest,
-        owner: u64,
-        result: Option<Settled>,
-        now_ns: u64,
-    ) {
-        let next = match result {
-            Some(s) => Entry::Done {
+            // An expired record of another key made room (the key's own
+            // expired record is no loss).
+            let evicted = old.state != State::Free && &old.key != key;
+            *old = Record {
+                state: State::InFlight,
                 key: *key,
-                expires_ns: now_ns.saturating_add(self.ttl_ns),
-                fingerprint: s.fingerprint,
-                answer: s.answer,
-            },
-            None => Entry::Free,
-        };
-        let encoded = next.encode();
-        let _ = shared::update(store, &slot_key(slot), CAS_ATTEMPTS, |bytes| match Entry::decode(bytes) {
-            Entry::InFlight { key: k, owner: o, .. } if &k == key && o == owner => {
-                Decision::Write(encoded.as_slice().into(), ())
-            }
-            _ => Decision::Keep(()),
+                caller,
+                owner,
+                claim_until,
+                expires: now.saturating_add(self.ttl_ns),
+                fingerprint: [0; 32],
+            };
+            let claim = Claim { bucket, way, key: *key, owner };
+            Decision::Write(Cow::Owned(encode_bucket(&ways)), Found::Claimed(claim, evicted))
         });
-    }
-
-    /// Creates every slot that does not exist yet, so that workers race on
-    /// them with compare-and-swap ([`crate::shared::create`]). Runs at
-    /// configure time, before any call.
-    pub fn create_slots(&self, store: &mut (impl SharedStore + ?Sized)) {
-        for slot in 0..self.max_entries {
-            shared::create(store, &slot_key(slot));
+        match found {
+            Ok(Found::Claimed(claim, evicted)) => Lookup::Claimed { claim, evicted },
+            Ok(Found::InFlight) => Lookup::InFlight,
+            Ok(Found::Abandoned) => Lookup::Abandoned,
+            Ok(Found::Kept { way, owner, fingerprint }) => {
+                let (bytes, _) = store.get(&answer_key(bucket, way));
+                // An answer that is not the one this record kept (a late
+                // writer, a torn value) is never replayed.
+                let outcome = match bytes.as_deref().and_then(|b| decode_answer(b, owner)) {
+                    Some(answer) => Outcome::Kept(answer),
+                    None => Outcome::Unknown,
+                };
+                Lookup::Done { fingerprint, outcome }
+            }
+            Ok(Found::Done { fingerprint, outcome }) => Lookup::Done { fingerprint, outcome },
+            Ok(Found::Full) => Lookup::Full,
+            Ok(Found::CallerFull) => Lookup::CallerFull,
+            Err(_) => Lookup::Contended,
         }
     }
-}
 
-/// A finished first call, as kept.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Settled {
-    pub fingerprint: Digest,
-    pub answer: Option<Answer>,
-}
-
-/// Statuses a retry would get again, so keeping them is safe (DESIGN §3.5);
-/// every other status releases the key and the retry runs.
-pub fn is_kept_status(status: GrpcStatus) -> bool {
-    use GrpcStatus::*;
-    match status {
-        Ok | InvalidArgument | NotFound | AlreadyExists | PermissionDenied | FailedPrecondition | OutOfRange
-        | Unimplemented | Unauthenticated => true,
-        Cancelled | Unknown | DeadlineExceeded | ResourceExhausted | Aborted | Internal | Unavailable | DataLoss => {
-            false
-        }
+    /// Ends `claim`: frees it, or keeps its outcome for `ttl` from `now`.
+    /// Does nothing if the way is no longer this claim (it was abandoned and
+    /// taken).
+    pub fn settle(&self, store: &mut (impl SharedStore + ?Sized), claim: &Claim, settlement: Settlement, now: u64) {
+        let (state, fingerprint) = match settlement {
+            Settlement::Free => (State::Free, [0; 32]),
+            Settlement::Keep { fingerprint, answer: Some(answer) } => {
+                // The answer first: once the record says Kept, a lookup reads it.
+                store.set(&answer_key(claim.bucket, claim.way), &encode_answer(claim.owner, &answer), None).ok();
+                (State::Kept, fingerprint)
+            }
+            Settlement::Keep { fingerprint, answer: None } => (State::NotKept, fingerprint),
+            Settlement::Unknown { fingerprint } => (State::Unknown, fingerprint),
+        };
+        let _ = shared::update(store, &index_key(claim.bucket), CAS_ATTEMPTS, |bytes| {
+            let mut ways = decode_bucket(bytes);
+            let Some(record) = ways.get_mut(claim.way) else { return Decision::Keep(()) };
+            if record.state != State::InFlight || record.owner != claim.owner || record.key != claim.key {
+                return Decision::Keep(());
+            }
+            *record = match state {
+                State::Free => FREE,
+                _ => Record { state, expires: now.saturating_add(self.ttl_ns), fingerprint, ..*record },
+            };
+            Decision::Write(Cow::Owned(encode_bucket(&ways)), ())
+        });
     }
 }
 
@@ -394,239 +597,4 @@ pub fn check_key(value: Option<&[u8]>, required: bool) -> Result<Option<&[u8]>, 
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::shared::testing::MapStore;
-    use proptest::prelude::*;
-    use std::collections::HashMap;
-
-    const TABLE: DedupTable = DedupTable { max_entries: 64, ttl_ns: 1_000 };
-
-    fn key(n: u8) -> Digest {
-        digest(&[b"tenant", b"/pkg.Svc/Create", &[n]])
-    }
-
-    fn ok_answer() -> Answer {
-        Answer {
-            status: GrpcStatus::Ok,
-            body: vec![0, 0, 0, 0, 1, 7],
-            trailers: vec![("grpc-status".into(), b"0".to_vec())],
-        }
-    }
-
-    #[test]
-    fn entries_round_trip_through_their_encoding() {
-        for e in [
-            Entry::Free,
-            Entry::InFlight { key: key(1), owner: 9, expires_ns: 77 },
-            Entry::Done { key: key(2), expires_ns: 5, fingerprint: key(3), answer: None },
-            Entry::Done { key: key(2), expires_ns: 5, fingerprint: key(3), answer: Some(ok_answer()) },
-        ] {
-            assert_eq!(Entry::decode(&e.encode()), e);
-        }
-        assert_eq!(Entry::decode(&[2, 1, 2]), Entry::Free, "a torn value is not trusted");
-    }
-
-    #[test]
-    fn first_call_claims_then_duplicates_see_in_flight_then_the_answer() {
-        let mut store = MapStore::default();
-        let k = key(1);
-        let Lookup::Claimed { slot, evicted: false } = TABLE.lookup_or_claim(&mut store, &k, 1, 0, 500) else {
-            panic!("first call must claim")
-        };
-        assert_eq!(TABLE.lookup_or_claim(&mut store, &k, 2, 10, 500), Lookup::InFlight);
-        let fp = digest(&[b"request"]);
-        TABLE.settle(&mut store, slot, &k, 1, Some(Settled { fingerprint: fp, answer: Some(ok_answer()) }), 20);
-        assert_eq!(
-            TABLE.lookup_or_claim(&mut store, &k, 3, 30, 500),
-            Lookup::Done { fingerprint: fp, answer: Some(ok_answer()) }
-        );
-    }
-
-    #[test]
-    fn released_key_runs_again() {
-        let mut store = MapStore::default();
-        let k = key(1);
-        let Lookup::Claimed { slot, .. } = TABLE.lookup_or_claim(&mut store, &k, 1, 0, 500) else { panic!() };
-        TABLE.settle(&mut store, slot, &k, 1, None, 10);
-        assert!(matches!(TABLE.lookup_or_claim(&mut store, &k, 2, 20, 500), Lookup::Claimed { .. }));
-    }
-
-    #[test]
-    fn kept_answers_expire_after_the_ttl_and_dead_claims_after_their_deadline() {
-        let mut store = MapStore::default();
-        let k = key(1);
-        let Lookup::Claimed { slot, .. } = TABLE.lookup_or_claim(&mut store, &k, 1, 0, 100) else { panic!() };
-        assert!(
-            matches!(TABLE.lookup_or_claim(&mut store, &k, 2, 101, 300), Lookup::Claimed { .. }),
-            "dead claim freed"
-        );
-        TABLE.settle(&mut store, slot, &k, 1, None, 150);
-        assert_eq!(
-            TABLE.lookup_or_claim(&mut store, &k, 3, 200, 300),
-            Lookup::InFlight,
-            "the old owner cannot settle a claim it lost"
-        );
-    }
-
-    #[test]
-    fn table_reports_full_when_every_probed_slot_is_live() {
-        let mut store = MapStore::default();
-        let small = DedupTable { max_entries: 4, ttl_ns: 1_000 };
-        for n in 0..4 {
-            assert!(matches!(small.lookup_or_claim(&mut store, &key(n), 1, 0, 500), Lookup::Claimed { .. }));
-        }
-        assert_eq!(small.lookup_or_claim(&mut store, &key(9), 1, 0, 500), Lookup::Full);
-        assert!(matches!(
-            small.lookup_or_claim(&mut store, &key(9), 1, 600, 900),
-            Lookup::Claimed { evicted: true, .. }
-        ));
-    }
-
-    #[test]
-    fn keys_are_checked_like_the_contract_says() {
-        assert_eq!(check_key(None, true), Err(KeyError::Missing));
-        assert_eq!(check_key(None, false), Ok(None));
-        assert_eq!(check_key(Some(b""), false), Err(KeyError::Empty));
-        assert_eq!(check_key(Some(&[b'a'; 256]), false), Err(KeyError::TooLong(256)));
-        assert_eq!(check_key(Some(b"a b"), false), Err(KeyError::NotPrintable));
-        assert_eq!(check_key(Some(b"order-42"), true), Ok(Some(&b"order-42"[..])));
-    }
-
-    #[test]
-    fn fingerprint_of_the_whole_equals_the_streamed_one() {
-        let mut streamed = Fingerprint::default();
-        streamed.update(b"hello ");
-        streamed.update(b"world");
-        assert_eq!(Fingerprint::of(b"hello world"), streamed.finish());
-        assert_ne!(Fingerprint::of(b"hello world"), Fingerprint::of(b"hello worle"));
-    }
-
-    #[test]
-    fn only_answers_a_retry_would_get_again_are_kept() {
-        let kept: Vec<&str> = GrpcStatus::ALL.iter().filter(|s| is_kept_status(**s)).map(|s| s.go_name()).collect();
-        assert_eq!(
-            kept,
-            [
-                "OK",
-                "InvalidArgument",
-                "NotFound",
-                "AlreadyExists",
-                "PermissionDenied",
-                "FailedPrecondition",
-                "OutOfRange",
-                "Unimplemented",
-                "Unauthenticated"
-            ]
-        );
-    }
-
-    #[test]
-    fn an_entry_with_a_status_out_of_range_is_not_trusted() {
-        let done = Entry::Done { key: key(2), expires_ns: 5, fingerprint: key(3), answer: Some(ok_answer()) };
-        let mut bytes = done.encode();
-        // The status follows the tag, key, expiry, fingerprint and answer flag.
-        let at = 1 + 32 + 8 + 32 + 1;
-        bytes[at..at + 4].copy_from_slice(&17u32.to_le_bytes());
-        assert_eq!(Entry::decode(&bytes), Entry::Free);
-    }
-
-    #[test]
-    fn digest_separates_its_parts() {
-        assert_ne!(digest(&[b"ab", b"c"]), digest(&[b"a", b"bc"]));
-    }
-
-    /// Reference model: what each key's state should be.
-    #[derive(Clone, Debug, PartialEq)]
-    enum Model {
-        InFlight {
-            owner: u64,
-            until: u64,
-        },
-        Done {
-            until: u64,
-        },
-        /// A claim settled after it expired: kept if nobody took the slot in
-        /// between, gone otherwise. The next call tells.
-        DoneOrGone {
-            until: u64,
-        },
-    }
-
-    #[derive(Clone, Debug)]
-    enum Op {
-        Call { key: u8, owner: u64 },
-        Finish { key: u8, keep: bool },
-        Advance(u64),
-    }
-
-    fn op() -> impl Strategy<Value = Op> {
-        prop_oneof![
-            (0u8..6, 1u64..1000).prop_map(|(key, owner)| Op::Call { key, owner }),
-            (0u8..6, any::<bool>()).prop_map(|(key, keep)| Op::Finish { key, keep }),
-            (1u64..400).prop_map(Op::Advance),
-        ]
-    }
-
-    proptest! {
-        /// Random calls, completions, failures and clock jumps on a table so
-        /// small that keys collide in their slots: the table must agree with
-        /// the reference model whenever it has room, and never let two
-        /// callers own one key.
-        #[test]
-        fn table_agrees_with_a_reference_model(ops in proptest::collection::vec(op(), 1..60)) {
-            let table = DedupTable { max_entries: 8, ttl_ns: 300 };
-            let mut store = MapStore::default();
-            let mut model: HashMap<u8, Model> = HashMap::new();
-            let mut claims: HashMap<u8, (u32, u64)> = HashMap::new();
-            let mut now = 0u64;
-            for op in ops {
-                match op {
-                    Op::Advance(d) => now += d,
-                    Op::Call { key: k, owner } => {
-                        let expected = match model.get(&k) {
-                            Some(Model::InFlight { until, .. }) if *until > now => Some("in_flight"),
-                            Some(Model::Done { until }) if *until > now => Some("done"),
-                            Some(Model::DoneOrGone { until }) if *until > now => Some("done_or_gone"),
-                            _ => None,
-                        };
-                        let got = table.lookup_or_claim(&mut store, &key(k), owner, now, now + 200);
-                        match (&got, expected) {
-                            (Lookup::InFlight, Some("in_flight"))
-                            | (Lookup::Done { .. }, Some("done"))
-                            | (Lookup::Done { .. }, Some("done_or_gone")) => {}
-                            (Lookup::Claimed { slot, .. }, Some("done_or_gone")) => {
-                                model.insert(k, Model::InFlight { owner, until: now + 200 });
-                                claims.insert(k, (*slot, owner));
-                            }
-                            (Lookup::Claimed { slot, .. }, None) => {
-                                model.insert(k, Model::InFlight { owner, until: now + 200 });
-                                claims.insert(k, (*slot, owner));
-                            }
-                            // A full table may refuse a new key; never a known one.
-                            (Lookup::Full, None) => {}
-                            (got, expected) => prop_assert!(false, "key {} at {}: got {:?}, model says {:?}", k, now, got, expected),
-                        }
-                    }
-                    Op::Finish { key: k, keep } => {
-                        if let Some((slot, owner)) = claims.remove(&k) {
-                            let result = keep.then(|| Settled { fingerprint: key(99), answer: None });
-                            table.settle(&mut store, slot, &key(k), owner, result, now);
-                            if let Some(Model::InFlight { owner: o, until }) = model.get(&k).cloned() {
-                                // A live claim is settled for sure; an expired one
-                                // only if its slot was not reused meanwhile.
-                                match (o == owner, until > now, keep) {
-                                    (true, true, true) => { model.insert(k, Model::Done { until: now + 300 }); }
-                                    (true, true, false) => { model.remove(&k); }
-                                    (true, false, true) => { model.insert(k, Model::DoneOrGone { until: now + 300 }); }
-                                    (true, false, false) => { model.remove(&k); }
-                                    (false, _, _) => {}
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
+mod tests;

@@ -45,9 +45,22 @@ pub fn is_grpc_content_type(value: &[u8]) -> bool {
     }
 }
 
+/// The start of an outside value, for a message or a header: printable
+/// ASCII only, `%` included neither (a `grpc-message` is percent-encoded).
+pub fn printable(raw: &[u8]) -> String {
+    raw.iter().take(64).map(|&b| if (0x20..0x7f).contains(&b) && b != b'%' { char::from(b) } else { '?' }).collect()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::is_grpc_content_type;
+    use super::{is_grpc_content_type, printable};
+
+    #[test]
+    fn outside_values_are_shown_short_and_printable() {
+        assert_eq!(printable(b"text/plain"), "text/plain");
+        assert_eq!(printable(b"a\nb%c\xff"), "a?b?c?");
+        assert_eq!(printable(&[b'x'; 100]).len(), 64);
+    }
 
     #[test]
     fn grpc_content_types_are_recognised_and_grpc_web_is_not() {

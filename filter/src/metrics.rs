@@ -69,10 +69,17 @@ pub enum Family {
     /// Counter: idempotency keys refused (missing where required, empty,
     /// too long, not printable).
     DedupKeyRejected,
+    /// Counter: retries of a key whose first call may have run (ended by a
+    /// deadline, a cancel or a reset), answered FAILED_PRECONDITION.
+    DedupUnknown,
+    /// Counter: keyed calls without any caller identity.
+    DedupAnonymous,
+    /// Counter: keyed calls whose caller held its whole share of the table.
+    DedupCallerFull,
 }
 
 impl Family {
-    pub const ALL: [Family; 20] = [
+    pub const ALL: [Family; 23] = [
         Family::Started,
         Family::Handled,
         Family::MsgFromClient,
@@ -93,6 +100,9 @@ impl Family {
         Family::DedupEvicted,
         Family::DedupFull,
         Family::DedupKeyRejected,
+        Family::DedupUnknown,
+        Family::DedupAnonymous,
+        Family::DedupCallerFull,
     ];
 
     /// The families labelled with `grpc_code`, and their index among them.
@@ -153,6 +163,12 @@ impl Family {
             (Family::DedupFull, Outbound) => "grpc_client_dedup_full_total",
             (Family::DedupKeyRejected, Inbound) => "grpc_server_dedup_key_rejected_total",
             (Family::DedupKeyRejected, Outbound) => "grpc_client_dedup_key_rejected_total",
+            (Family::DedupUnknown, Inbound) => "grpc_server_dedup_unknown_total",
+            (Family::DedupUnknown, Outbound) => "grpc_client_dedup_unknown_total",
+            (Family::DedupAnonymous, Inbound) => "grpc_server_dedup_anonymous_total",
+            (Family::DedupAnonymous, Outbound) => "grpc_client_dedup_anonymous_total",
+            (Family::DedupCallerFull, Inbound) => "grpc_server_dedup_caller_full_total",
+            (Family::DedupCallerFull, Outbound) => "grpc_client_dedup_caller_full_total",
         }
     }
 }
@@ -188,6 +204,9 @@ pub mod guard {
     pub const CONFIG_REJECTED: &str = "grpc_guard_config_rejected_total";
     /// Request bodies that were not gRPC frames (answered INTERNAL).
     pub const BAD_FRAMES: &str = "grpc_guard_bad_frames_total";
+    /// Requests on a gRPC method path with a content type that is not gRPC
+    /// (answered HTTP 415).
+    pub const NON_GRPC_REFUSED: &str = "grpc_guard_non_grpc_refused_total";
 }
 
 #[cfg(test)]

@@ -58,6 +58,13 @@ pub enum DedupOutcome {
     NotKept,
     /// The table was full (rejected, or forwarded undeduplicated).
     Full,
+    /// The caller held its whole share of the table (rejected, or forwarded
+    /// undeduplicated).
+    CallerFull,
+    /// The key's first call may have run: refused FAILED_PRECONDITION.
+    Unknown,
+    /// The call had a key but no caller identity.
+    Anonymous,
     /// The key was refused.
     BadKey,
     /// A kept OK answer could not be replayed: the replay hop is missing
@@ -75,6 +82,9 @@ impl DedupOutcome {
             DedupOutcome::Mismatch => "mismatch",
             DedupOutcome::NotKept => "not_kept",
             DedupOutcome::Full => "full",
+            DedupOutcome::CallerFull => "caller_full",
+            DedupOutcome::Unknown => "unknown",
+            DedupOutcome::Anonymous => "anonymous",
             DedupOutcome::BadKey => "bad_key",
             DedupOutcome::ReplayFailed => "replay_failed",
         }

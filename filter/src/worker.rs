@@ -3,7 +3,6 @@
 //! ([`crate::shared`]).
 
 use crate::config::{Config, ConfigError};
-use crate::dedup::DedupTable;
 use crate::record::Sampler;
 use crate::registry::Registry;
 use crate::shared::SharedStore;
@@ -13,17 +12,27 @@ pub struct Worker {
     pub config: Config,
     pub methods: Registry,
     pub sampler: Sampler,
+    /// Tells this worker's dedup claims from other workers' (the clock when
+    /// it was configured).
+    seed: u64,
 }
 
 impl Worker {
     /// Validates the plugin configuration and creates the shared tables it
-    /// needs, before any call runs.
-    pub fn configure(json: &[u8], store: &mut (impl SharedStore + ?Sized)) -> Result<Worker, ConfigError> {
+    /// needs, before any call runs. `seed` differs between workers (the
+    /// clock will do).
+    pub fn configure(json: &[u8], store: &mut (impl SharedStore + ?Sized), seed: u64) -> Result<Worker, ConfigError> {
         let config = Config::parse(json)?;
         Registry::create_table(&config, store);
         if let Some(dedup) = &config.dedup {
-            DedupTable::new(dedup).create_slots(store);
+            dedup.table().create(store);
         }
-        Ok(Worker { sampler: Sampler::new(config.ok_sample), methods: Registry::new(), config })
+        Ok(Worker { sampler: Sampler::new(config.ok_sample), methods: Registry::new(), config, seed })
+    }
+
+    /// The owner of a claim made by `stream`, started at `start_ns`: unique
+    /// among this worker's streams and, by the seed, across workers.
+    pub fn owner_id(&self, stream: u32, start_ns: u64) -> u64 {
+        self.seed.rotate_left(29) ^ (u64::from(stream) << 40) ^ start_ns
     }
 }

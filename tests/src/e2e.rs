@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use grpc_guard_demo::envoy::{Envoy, EnvoyError, EnvoyParams};
-use grpc_guard_demo::Observed;
+use grpc_guard_demo::{Observed, ServeOptions};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -57,11 +57,15 @@ pub struct Upstream {
 
 impl Upstream {
     pub async fn start() -> Upstream {
+        Upstream::start_with(ServeOptions::default()).await
+    }
+
+    pub async fn start_with(options: ServeOptions) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let observed = Observed::default();
         let (stop, stopped) = oneshot::channel();
-        tokio::spawn(grpc_guard_demo::serve(listener, observed.clone(), async move {
+        tokio::spawn(grpc_guard_demo::serve_with(listener, observed.clone(), options, async move {
             let _ = stopped.await;
         }));
         Upstream { addr, observed, stop: Some(stop) }
@@ -82,9 +86,21 @@ impl Drop for Upstream {
 /// running beside this one can take one in between; Envoy then exits with
 /// "Address already in use" and is started again on other ports.
 pub fn start_envoy(name: &str, upstream: SocketAddr, plugin_config: &str) -> Result<Envoy, EnvoyError> {
+    start_envoy_with(name, upstream, plugin_config, "")
+}
+
+/// [`start_envoy`], with the HTTP filters `filters_before` (YAML list items)
+/// running before grpc-guard.
+pub fn start_envoy_with(
+    name: &str,
+    upstream: SocketAddr,
+    plugin_config: &str,
+    filters_before: &str,
+) -> Result<Envoy, EnvoyError> {
     let mut attempt = 0;
     loop {
-        let params = EnvoyParams::on_free_ports(upstream, wasm_path(), plugin_config)?;
+        let mut params = EnvoyParams::on_free_ports(upstream, wasm_path(), plugin_config)?;
+        params.filters_before = filters_before.to_owned();
         match Envoy::start(&envoy_binary(), params, CONCURRENCY, &scratch_dir(name)) {
             Err(EnvoyError::Exited { log_tail, .. }) if attempt < 3 && log_tail.contains("Address already in use") => {
                 attempt += 1;
@@ -92,4 +108,19 @@ pub fn start_envoy(name: &str, upstream: SocketAddr, plugin_config: &str) -> Res
             result => return result,
         }
     }
+}
+
+/// The credentials of the tests' keyed calls: grpc-guard matches an
+/// idempotency key only within one caller's scope, and refuses a key that
+/// comes from nobody.
+pub const CALLER: &str = "Bearer e2e-caller";
+
+/// `message` as a request with the idempotency key `key`, from the caller
+/// whose `authorization` is `credentials`.
+pub fn keyed<T>(message: T, key: &str, credentials: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let metadata = request.metadata_mut();
+    metadata.insert("x-idempotency-key", key.parse().expect("a test key is printable ASCII"));
+    metadata.insert("authorization", credentials.parse().expect("test credentials are printable ASCII"));
+    request
 }

@@ -64,6 +64,7 @@ impl Args {
             wasm: self.filter.wasm.clone(),
             plugin_config: self.filter.plugin_config.clone(),
             http_filter: HttpFilter::GrpcGuard,
+            filters_before: String::new(),
         }
     }
 }

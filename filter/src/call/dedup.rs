@@ -1,34 +1,52 @@
 //! A keyed call's part in deduplication (DESIGN §3.5): claim the key or find
-//! it, replay or refuse a retry, keep the first call's answer, and settle
-//! the key when the call ends. The table itself is [`crate::dedup`].
+//! it, replay or refuse a retry, keep the first call's answer, and settle the
+//! key when the call ends, however it ended. The table and the rules are
+//! [`crate::dedup`].
 //!
 //! Replaying an OK answer needs a second hop inside Envoy: a local reply to a
 //! gRPC request is always trailers-only, so it cannot carry a message. The
-//! retry is marked with [`REPLAY_HEADER`] and given a non-gRPC content type;
-//! the route that matches the header sends it to an internal listener that
-//! answers a plain 200 once the whole request is in (`envoy/envoy.yaml`).
-//! On the way back that answer becomes the kept one: gRPC content type, the
-//! kept message, the kept trailers, and `grpc-guard-replayed: true`.
+//! retry is marked in filter state ([`REPLAY_PROPERTY`], which no client can
+//! set) and given a non-gRPC content type; the route that matches the mark
+//! sends it to an internal listener that answers a plain 200 once the whole
+//! request is in (`envoy/envoy.yaml`). On the way back that answer becomes the
+//! kept one: its content type, encoding and metadata, the kept message, the
+//! kept trailers, and `grpc-guard-replayed: true`.
 
-use super::{Call, Effect, Effects, Host, Next, Reply, Side};
-use crate::config::{DedupConfig, ScopePart, WhenFull};
+use std::borrow::Cow;
+
+use super::{lossy, Call, Effect, Effects, Host, Next, Reply, Side};
+use crate::config::{Anonymous, DedupConfig, ScopePart, WhenFull};
 use crate::dedup::{
-    check_key, digest, is_kept_status, Answer, DedupTable, Digest, Fingerprint, Lookup, Settled, REPLAYED_HEADER,
-    REPLAY_CONTENT_TYPE, REPLAY_HEADER, REPLAY_PATH_PREFIX,
+    caller_tag, check_key, digest, disposition, metadata_bytes, Answer, Claim, Digest, Disposition, Ending,
+    Fingerprint, Lookup, Outcome, Settlement, REPLAYED_HEADER, REPLAY_CONTENT_TYPE, REPLAY_PATH_PREFIX,
 };
 use crate::metrics::Family;
 use crate::record::DedupOutcome;
 use crate::status::{GrpcStatus, StatusSource};
 use crate::worker::Worker;
 
+/// How long after its deadline a claim is still taken as running: Envoy ends
+/// the stream at the deadline, and the filter settles it right after.
+const CLAIM_GRACE_NS: u64 = 1_000_000_000;
+
+/// Response headers never kept: hop-by-hop, per-response, or Envoy's own.
+fn kept_header(name: &str) -> bool {
+    !(name.starts_with(':')
+        || name.starts_with("x-envoy-")
+        || matches!(
+            name,
+            "content-length" | "date" | "server" | "transfer-encoding" | "connection" | "keep-alive" | "te" | "trailer"
+        ))
+}
+
 /// Where a keyed call stands.
 #[derive(Debug)]
 pub(super) enum Phase {
-    /// This call runs upstream and its answer will be kept.
+    /// This call runs upstream and what it ends with will be kept.
     First(FirstCall),
     /// The key's first call finished; the whole request is awaited to compare
     /// its fingerprint.
-    Verify { fingerprint: Digest, answer: Option<Answer> },
+    Verify { fingerprint: Digest, outcome: Outcome },
     /// An OK answer is being replayed through the second hop.
     Replay(Answer),
 }
@@ -36,15 +54,24 @@ pub(super) enum Phase {
 /// What the first call of a key collects to keep.
 #[derive(Debug)]
 pub(super) struct FirstCall {
-    slot: u32,
-    owner: u64,
-    key: Digest,
+    claim: Claim,
     request: Fingerprint,
-    response: Vec<u8>,
-    /// Largest response body kept ([`DedupConfig::max_response_bytes`]).
-    limit: usize,
+    answer: Answer,
+    /// Largest body and metadata kept ([`DedupConfig`]).
+    max_body: usize,
+    max_metadata: usize,
     too_large: bool,
-    trailers: Vec<(String, Vec<u8>)>,
+}
+
+impl FirstCall {
+    /// Notes more metadata; past the bound, nothing is kept but the fact.
+    fn keep_metadata(&mut self, headers: Vec<(String, Vec<u8>)>, trailers: bool) {
+        let list = if trailers { &mut self.answer.trailers } else { &mut self.answer.headers };
+        *list = headers;
+        if self.answer.metadata_bytes() > self.max_metadata {
+            self.too_large = true;
+        }
+    }
 }
 
 impl Call {
@@ -53,17 +80,18 @@ impl Call {
         self.count(family, None, 1, fx);
     }
 
-    /// Request headers of a call to a deduplicated method: check the key,
-    /// then claim it, refuse the call, or send it to the replay hop.
+    /// Request headers of a call to a deduplicated method that carries the
+    /// key header `value`: check the key, then claim it, refuse the call, or
+    /// send it to the replay hop.
     pub(super) fn dedup_request_headers<H: Host>(
         &mut self,
+        worker: &Worker,
         config: &DedupConfig,
         host: &mut H,
-        stream: u32,
+        value: Option<Vec<u8>>,
         end_of_stream: bool,
         fx: &mut Effects,
     ) -> Next {
-        let value = host.request_header(&config.header);
         let key = match check_key(value.as_deref(), config.require_key) {
             Ok(Some(key)) => key,
             Ok(None) => return Next::Continue,
@@ -73,26 +101,60 @@ impl Call {
                 return self.answer(GrpcStatus::InvalidArgument, message, fx);
             }
         };
-        let key = self.key_digest(config, host, key);
-        // Unique among this worker's streams, and across workers by the time.
-        let owner = (u64::from(stream) << 40) ^ self.start_ns;
+        let scope: Vec<(bool, Vec<u8>)> = config
+            .scope
+            .iter()
+            .map(|part| {
+                let value = match part {
+                    ScopePart::SourcePrincipal => host.property(&["source", "principal"]),
+                    ScopePart::Header(name) => host.request_header(name),
+                    ScopePart::Metadata(_) => part.property_path().and_then(|path| host.property(&path)),
+                };
+                (part.is_identity(), value.unwrap_or_default())
+            })
+            .collect();
+        if scope.iter().all(|(identity, value)| !identity || value.is_empty()) {
+            self.set_outcome(DedupOutcome::Anonymous, Family::DedupAnonymous, fx);
+            return match config.anonymous {
+                Anonymous::Forward => Next::Continue,
+                Anonymous::Reject => self.answer(
+                    GrpcStatus::Unauthenticated,
+                    "grpc-guard: an idempotency key needs a caller identity (mTLS peer, verified JWT or \
+                     credentials) so that no other caller can be answered with this call's result",
+                    fx,
+                ),
+            };
+        }
+        let mut parts: Vec<&[u8]> = scope.iter().map(|(_, v)| v.as_slice()).collect();
+        let caller = caller_tag(&parts);
+        // A deduplicated method always has a well-formed path: `pkg.Svc/Method`.
+        parts.push(self.method_name().as_bytes());
+        parts.push(key);
+        let key = digest(&parts);
+        let owner = worker.owner_id(self.stream, self.start_ns);
         let in_flight_for = self.deadline.unwrap_or(config.ttl);
-        let until = self.start_ns.saturating_add(u64::try_from(in_flight_for.as_nanos()).unwrap_or(u64::MAX));
-        match DedupTable::new(config).lookup_or_claim(host, &key, owner, self.start_ns, until) {
-            Lookup::Claimed { slot, evicted } => {
+        let claim_until = self
+            .start_ns
+            .saturating_add(u64::try_from(in_flight_for.as_nanos()).unwrap_or(u64::MAX))
+            .saturating_add(CLAIM_GRACE_NS);
+        match config.table().lookup_or_claim(host, &key, caller, owner, self.start_ns, claim_until) {
+            Lookup::Claimed { claim, evicted } => {
                 self.set_outcome(DedupOutcome::First, Family::DedupFirst, fx);
                 if evicted {
                     self.count(Family::DedupEvicted, None, 1, fx);
                 }
                 self.dedup = Some(Box::new(Phase::First(FirstCall {
-                    slot,
-                    owner,
-                    key,
+                    claim,
                     request: Fingerprint::default(),
-                    response: Vec::new(),
-                    limit: config.max_response_bytes as usize,
+                    answer: Answer {
+                        status: GrpcStatus::Ok,
+                        headers: Vec::new(),
+                        body: Vec::new(),
+                        trailers: Vec::new(),
+                    },
+                    max_body: config.max_response_bytes as usize,
+                    max_metadata: config.max_metadata_bytes as usize,
                     too_large: false,
-                    trailers: Vec::new(),
                 })));
                 Next::Continue
             }
@@ -104,56 +166,62 @@ impl Call {
                     fx,
                 )
             }
-            Lookup::Done { fingerprint, answer } => {
-                self.dedup = Some(Box::new(Phase::Verify { fingerprint, answer }));
+            Lookup::Abandoned => self.answer_unknown(fx),
+            Lookup::Done { fingerprint, outcome } => {
+                self.dedup = Some(Box::new(Phase::Verify { fingerprint, outcome }));
                 // Only the whole request's fingerprint tells a retry from a
                 // reuse of the key, and a paused header callback would hold the
                 // body back from this filter too (proxy-wasm turns Pause into
                 // StopAllIteration). So the retry goes on now, but to the
                 // replay hop, never upstream; its listener answers only once
                 // the whole body has passed this filter's check.
-                fx.push(Effect::SetRequestHeader("content-type", REPLAY_CONTENT_TYPE.as_bytes().to_vec()));
-                fx.push(Effect::SetRequestHeader(REPLAY_HEADER, b"1".to_vec()));
+                fx.push(Effect::SetRequestHeader(
+                    Cow::Borrowed("content-type"),
+                    REPLAY_CONTENT_TYPE.as_bytes().to_vec(),
+                ));
+                fx.push(Effect::MarkReplay);
                 // Should the replay route be missing (an Istio install without
                 // its EnvoyFilter), the retry reaches the service on a path no
                 // method has: it is answered Unimplemented, never executed.
                 let replay_path = format!("{REPLAY_PATH_PREFIX}{}", self.path);
-                fx.push(Effect::SetRequestHeader(":path", replay_path.into_bytes()));
+                fx.push(Effect::SetRequestHeader(Cow::Borrowed(":path"), replay_path.into_bytes()));
                 if end_of_stream {
-                    return self.verify_and_replay(&[], fx);
+                    return self.verify_and_answer(&[], fx);
                 }
                 Next::Continue
             }
             Lookup::Full => {
                 self.set_outcome(DedupOutcome::Full, Family::DedupFull, fx);
-                match config.when_full {
-                    WhenFull::Forward => Next::Continue,
-                    WhenFull::Reject => self.answer(
-                        GrpcStatus::ResourceExhausted,
-                        "grpc-guard: the idempotency table is full; retry later",
-                        fx,
-                    ),
-                }
+                self.when_full(config, "grpc-guard: the idempotency table is full; retry later", fx)
+            }
+            Lookup::CallerFull => {
+                self.set_outcome(DedupOutcome::CallerFull, Family::DedupCallerFull, fx);
+                self.when_full(
+                    config,
+                    "grpc-guard: this caller holds its whole share of the idempotency table; retry later",
+                    fx,
+                )
             }
         }
     }
 
-    /// The key's identity: the scope values, the method and the key itself.
-    fn key_digest<H: Host>(&self, config: &DedupConfig, host: &mut H, key: &[u8]) -> Digest {
-        let values: Vec<Vec<u8>> = config
-            .scope
-            .iter()
-            .map(|part| match part {
-                ScopePart::SourcePrincipal => host.property(&["source", "principal"]),
-                ScopePart::Header(name) => host.request_header(name),
-            })
-            .map(Option::unwrap_or_default)
-            .collect();
-        let mut parts: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
-        // A deduplicated method always has a well-formed path: `pkg.Svc/Method`.
-        parts.push(self.path.get(1..).unwrap_or_default().as_bytes());
-        parts.push(key);
-        digest(&parts)
+    fn when_full(&mut self, config: &DedupConfig, message: &str, fx: &mut Effects) -> Next {
+        match config.when_full {
+            WhenFull::Forward => Next::Continue,
+            WhenFull::Reject => self.answer(GrpcStatus::ResourceExhausted, message, fx),
+        }
+    }
+
+    /// A retry of a key whose first call may have run: not run again, and
+    /// not retried by gRPC's default or the README's client policy.
+    fn answer_unknown(&mut self, fx: &mut Effects) -> Next {
+        self.set_outcome(DedupOutcome::Unknown, Family::DedupUnknown, fx);
+        self.answer(
+            GrpcStatus::FailedPrecondition,
+            "grpc-guard: an earlier call with this idempotency key ended without an answer (deadline, cancel or \
+             reset) and may have run; it is not run again while the key is kept",
+            fx,
+        )
     }
 
     /// A request body chunk of a keyed call; `None` when the chunk is read
@@ -173,7 +241,7 @@ impl Call {
                     return Some(Next::Pause);
                 }
                 let body = host.request_body(0, len).unwrap_or_default();
-                let next = self.verify_and_replay(&body, fx);
+                let next = self.verify_and_answer(&body, fx);
                 let _ = self.read_frames(
                     Side::Request,
                     len,
@@ -192,10 +260,10 @@ impl Call {
         }
     }
 
-    /// A retry of a finished key, with its whole request: replay the kept
-    /// answer if the request is the same, refuse it otherwise.
-    fn verify_and_replay(&mut self, body: &[u8], fx: &mut Effects) -> Next {
-        let Some(Phase::Verify { fingerprint, answer }) = self.dedup.take().map(|p| *p) else { return Next::Continue };
+    /// A retry of a finished key, with its whole request: answer with what
+    /// the first call left if the request is the same, refuse it otherwise.
+    fn verify_and_answer(&mut self, body: &[u8], fx: &mut Effects) -> Next {
+        let Some(Phase::Verify { fingerprint, outcome }) = self.dedup.take().map(|p| *p) else { return Next::Continue };
         if Fingerprint::of(body) != fingerprint {
             self.set_outcome(DedupOutcome::Mismatch, Family::DedupMismatch, fx);
             return self.answer(
@@ -204,27 +272,32 @@ impl Call {
                 fx,
             );
         }
-        let Some(answer) = answer else {
-            self.set_outcome(DedupOutcome::NotKept, Family::DedupNotKept, fx);
-            return self.answer(
-                GrpcStatus::AlreadyExists,
-                "grpc-guard: this call already ran; its answer was too large to keep for replay",
-                fx,
-            );
+        let answer = match outcome {
+            Outcome::Kept(answer) => answer,
+            Outcome::NotKept => {
+                self.set_outcome(DedupOutcome::NotKept, Family::DedupNotKept, fx);
+                return self.answer(
+                    GrpcStatus::AlreadyExists,
+                    "grpc-guard: this call already ran; its answer was too large to keep for replay",
+                    fx,
+                );
+            }
+            Outcome::Unknown => return self.answer_unknown(fx),
         };
         self.dedup_outcome = DedupOutcome::Replay;
         self.answered_by_guard = true;
         if answer.status != GrpcStatus::Ok {
-            // An error has no message: a trailers-only local reply carries it whole.
+            // An error has no message: a trailers-only local reply carries it
+            // whole, status details and metadata included.
             self.count(Family::DedupReplayed, None, 1, fx);
-            let mut headers = vec![
-                ("grpc-status".to_owned(), answer.status.code().to_string()),
-                (REPLAYED_HEADER.to_owned(), "true".to_owned()),
-            ];
-            if let Some((_, message)) = answer.trailers.iter().find(|(n, _)| n == "grpc-message") {
-                headers.push(("grpc-message".to_owned(), String::from_utf8_lossy(message).into_owned()));
-            }
-            fx.push(Effect::Reply(Reply::Headers(headers)));
+            let mut headers: Vec<(String, String)> = answer
+                .trailers
+                .iter()
+                .chain(answer.headers.iter().filter(|(n, _)| n != "content-type"))
+                .map(|(n, v)| (n.clone(), lossy(v.clone())))
+                .collect();
+            headers.push((REPLAYED_HEADER.to_owned(), "true".to_owned()));
+            fx.push(Effect::Reply(Reply::Http { code: 200, headers, body: None }));
             return Next::Pause;
         }
         // An OK answer carries a message: the retry, already on its way to the
@@ -236,9 +309,7 @@ impl Call {
     /// Response headers of a retry sent to the replay hop: true when they
     /// were the hop's answer and now are the kept answer's.
     pub(super) fn replay_response_headers<H: Host>(&mut self, host: &mut H, fx: &mut Effects) -> bool {
-        if !matches!(self.dedup.as_deref(), Some(Phase::Replay(_))) {
-            return false;
-        }
+        let Some(Phase::Replay(answer)) = self.dedup.as_deref() else { return false };
         let hop_answered =
             host.response_header(":status").as_deref() == Some(b"200") && host.response_header("grpc-status").is_none();
         if !hop_answered {
@@ -248,12 +319,20 @@ impl Call {
             self.dedup_outcome = DedupOutcome::ReplayFailed;
             return false;
         }
-        self.count(Family::DedupReplayed, None, 1, fx);
-        // The internal listener's plain 200 becomes the kept gRPC answer;
-        // its body and trailers follow in the body step.
-        fx.push(Effect::SetResponseHeader("content-type", b"application/grpc".to_vec()));
+        // The internal listener's plain 200 becomes the kept gRPC answer:
+        // its content type, encoding and metadata; its body and trailers
+        // follow in the body step.
+        let content_type = answer.headers.iter().find(|(n, _)| n == "content-type").map(|(_, v)| v.clone());
+        fx.push(Effect::SetResponseHeader(
+            Cow::Borrowed("content-type"),
+            content_type.unwrap_or_else(|| b"application/grpc".to_vec()),
+        ));
         fx.push(Effect::RemoveResponseHeader("content-length"));
-        fx.push(Effect::SetResponseHeader(REPLAYED_HEADER, b"true".to_vec()));
+        for (name, value) in answer.headers.iter().filter(|(n, _)| n != "content-type") {
+            fx.push(Effect::SetResponseHeader(Cow::Owned(name.clone()), value.clone()));
+        }
+        fx.push(Effect::SetResponseHeader(Cow::Borrowed(REPLAYED_HEADER), b"true".to_vec()));
+        self.count(Family::DedupReplayed, None, 1, fx);
         self.seen.http_status = Some(200);
         true
     }
@@ -294,11 +373,11 @@ impl Call {
                 Some(Next::Continue)
             }
             Phase::First(first) if !first.too_large => {
-                if first.response.len() + len > first.limit {
+                if first.answer.body.len() + len > first.max_body {
                     first.too_large = true;
-                    first.response = Vec::new();
+                    first.answer.body = Vec::new();
                 } else if let Some(chunk) = host.response_body(0, len) {
-                    first.response.extend_from_slice(&chunk);
+                    first.answer.body.extend_from_slice(&chunk);
                 }
                 None
             }
@@ -306,26 +385,31 @@ impl Call {
         }
     }
 
-    /// A trailers-only answer of a first call: its `grpc-status` and
-    /// `grpc-message` headers are kept in place of trailers.
-    pub(super) fn keep_status_headers<H: Host>(&mut self, host: &mut H) {
-        if let Some(Phase::First(first)) = self.dedup.as_deref_mut() {
-            first.trailers = ["grpc-status", "grpc-message"]
-                .iter()
-                .filter_map(|name| host.response_header(name).map(|v| ((*name).to_owned(), v)))
-                .collect();
+    /// The response headers of a first call: what a replay needs of them. In
+    /// a trailers-only answer the status headers stand for the trailers.
+    pub(super) fn keep_response_headers<H: Host>(&mut self, host: &mut H) {
+        let Some(Phase::First(first)) = self.dedup.as_deref_mut() else { return };
+        let all = host.response_headers();
+        let status = |n: &str| matches!(n, "grpc-status" | "grpc-message" | "grpc-status-details-bin");
+        let trailers_only = all.iter().any(|(n, _)| n == "grpc-status");
+        let (statuses, headers): (Vec<_>, Vec<_>) =
+            all.into_iter().filter(|(n, _)| kept_header(n)).partition(|(n, _)| status(n));
+        first.keep_metadata(headers, false);
+        if trailers_only {
+            first.keep_metadata(statuses, true);
         }
     }
 
     /// The trailers of a first call, kept whole.
     pub(super) fn keep_trailers<H: Host>(&mut self, host: &mut H) {
         if let Some(Phase::First(first)) = self.dedup.as_deref_mut() {
-            first.trailers = host.response_trailers();
+            first.keep_metadata(host.response_trailers(), true);
         }
     }
 
-    /// Settles the first call of a key: keep what a retry would get again,
-    /// free the key otherwise.
+    /// Settles the first call of a key by how it ended: keep what a retry
+    /// would get again, free the key if the call provably did not run, keep
+    /// it as "may have run" otherwise.
     pub(super) fn dedup_settle<H: Host>(
         &mut self,
         worker: &Worker,
@@ -334,16 +418,40 @@ impl Call {
         source: StatusSource,
     ) {
         let Some(config) = worker.config.dedup.as_ref() else { return };
-        let Some(Phase::First(first)) = self.dedup.take().map(|p| *p) else { return };
-        let answered = matches!(source, StatusSource::Trailers | StatusSource::Headers);
-        let result = (answered && is_kept_status(status)).then(|| Settled {
-            fingerprint: first.request.finish(),
-            answer: (!first.too_large).then_some(Answer { status, body: first.response, trailers: first.trailers }),
-        });
-        if matches!(result, Some(Settled { answer: None, .. })) {
-            self.dedup_outcome = DedupOutcome::NotKept;
-        }
+        let Some(Phase::First(mut first)) = self.dedup.take().map(|p| *p) else { return };
+        let ending = if self.answered_by_guard {
+            Ending::Guard
+        } else if !self.request_complete {
+            Ending::Incomplete
+        } else if self.details(host) == "via_upstream" {
+            match source {
+                StatusSource::Trailers | StatusSource::Headers => Ending::Upstream(status),
+                StatusSource::Http | StatusSource::Missing => {
+                    Ending::UpstreamHttp(self.seen.http_status.unwrap_or(200))
+                }
+                StatusSource::Reset => Ending::Envoy { sent: true },
+            }
+        } else {
+            // No upstream connection ever carried it: it never left Envoy
+            // (no route, no healthy host, connection refused, overflow).
+            Ending::Envoy { sent: host.property(&["upstream", "local_address"]).is_some() }
+        };
+        let fingerprint = first.request.finish();
+        let settlement = match disposition(ending) {
+            Disposition::Free => Settlement::Free,
+            Disposition::Unknown => Settlement::Unknown { fingerprint },
+            Disposition::Keep => {
+                first.answer.status = status;
+                let kept = !first.too_large
+                    && metadata_bytes(&first.answer.headers) + metadata_bytes(&first.answer.trailers)
+                        <= first.max_metadata;
+                if !kept {
+                    self.dedup_outcome = DedupOutcome::NotKept;
+                }
+                Settlement::Keep { fingerprint, answer: kept.then_some(first.answer) }
+            }
+        };
         let now = host.now_ns();
-        DedupTable::new(config).settle(host, first.slot, &first.key, first.owner, result, now);
+        config.table().settle(host, &first.claim, settlement, now);
     }
 }

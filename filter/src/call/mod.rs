@@ -17,11 +17,13 @@ mod dedup;
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Cow;
 use std::time::Duration;
 
+use crate::config::NonGrpc;
 use crate::deadline::{is_late, DeadlineDecision, DeadlineSource};
 use crate::frames::{Frame, FrameError, FrameReader};
-use crate::method::MethodType;
+use crate::method::{MethodPath, MethodType};
 use crate::metrics::{guard, Family};
 use crate::record::{cap, CallRecord, DedupOutcome};
 use crate::shared::SharedStore;
@@ -33,6 +35,7 @@ use crate::worker::Worker;
 pub trait Host: SharedStore {
     fn request_header(&mut self, name: &str) -> Option<Vec<u8>>;
     fn response_header(&mut self, name: &str) -> Option<Vec<u8>>;
+    fn response_headers(&mut self) -> Vec<(String, Vec<u8>)>;
     fn response_trailer(&mut self, name: &str) -> Option<Vec<u8>>;
     fn response_trailers(&mut self) -> Vec<(String, Vec<u8>)>;
     fn request_body(&mut self, offset: usize, len: usize) -> Option<Vec<u8>>;
@@ -57,17 +60,16 @@ pub enum Next {
 pub enum Reply {
     /// A gRPC status and message; Envoy writes (and percent-encodes) them.
     Status { status: GrpcStatus, message: String },
-    /// A kept trailers-only answer, sent back with exactly these headers on
-    /// an HTTP 200 (its `grpc-message` is already encoded).
-    Headers(Vec<(String, String)>),
+    /// An HTTP answer with exactly these headers (a kept trailers-only
+    /// answer, whose `grpc-message` is already encoded; a refusal).
+    Http { code: u32, headers: Vec<(String, String)>, body: Option<String> },
 }
 
 /// Something a step asks the host to do, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Effect {
-    SetRequestHeader(&'static str, Vec<u8>),
-    RemoveRequestHeader(&'static str),
-    SetResponseHeader(&'static str, Vec<u8>),
+    SetRequestHeader(Cow<'static, str>, Vec<u8>),
+    SetResponseHeader(Cow<'static, str>, Vec<u8>),
     RemoveResponseHeader(&'static str),
     Reply(Reply),
     /// Replace the response body chunk being delivered.
@@ -92,6 +94,9 @@ pub enum Effect {
     CountGuard(&'static str),
     /// Write the status name where an access log reads it (filter state).
     Tag(GrpcStatus),
+    /// Mark the request for the replay route: filter state
+    /// ([`crate::dedup::REPLAY_PROPERTY`]), which no client can set.
+    MarkReplay,
     /// Log this line at info level.
     Log(String),
 }
@@ -125,8 +130,12 @@ struct Method {
 /// The state of one call. Kept small: Envoy's callbacks hand it around.
 #[derive(Debug)]
 pub struct Call {
+    /// `:path` without its query string (gRPC servers route on the path
+    /// alone).
     path: String,
     method: Method,
+    /// The stream's id among this worker's.
+    stream: u32,
     start_ns: u64,
     request: FrameReader,
     response: FrameReader,
@@ -144,6 +153,10 @@ pub struct Call {
     answered_after: Option<Duration>,
     /// grpc-guard answered the call itself: it never reached the upstream.
     answered_by_guard: bool,
+    /// The request's end went on past this filter.
+    request_complete: bool,
+    /// Envoy's `response.code_details`, once read.
+    details: Option<String>,
     /// The idempotency key's part in this call, if it has one (boxed: most
     /// calls have none, and the call is moved whole between callbacks).
     dedup: Option<Box<dedup::Phase>>,
@@ -152,8 +165,8 @@ pub struct Call {
 
 impl Call {
     /// Request headers: starts the call in `slot`, or leaves it empty for a
-    /// request that is not gRPC, which then passes untouched. `stream` tells
-    /// this stream apart from the worker's others.
+    /// request that is not a gRPC call, which then passes untouched.
+    /// `stream` tells this stream apart from the worker's others.
     pub fn start<H: Host>(
         slot: &mut Option<Call>,
         worker: &mut Worker,
@@ -162,15 +175,20 @@ impl Call {
         end_of_stream: bool,
         fx: &mut Effects,
     ) -> Next {
-        if worker.config.dedup.is_some() {
-            // Only grpc-guard may send a request to the replay route.
-            fx.push(Effect::RemoveRequestHeader(crate::dedup::REPLAY_HEADER));
-        }
-        let is_grpc = host.request_header("content-type").is_some_and(|ct| crate::is_grpc_content_type(&ct));
-        if !is_grpc {
+        let content_type = host.request_header("content-type");
+        let is_grpc = content_type.as_deref().is_some_and(crate::is_grpc_content_type);
+        if !is_grpc && worker.config.non_grpc == NonGrpc::Pass {
             return Next::Continue;
         }
-        let path = host.request_header(":path").map(lossy).unwrap_or_default();
+        let mut path = host.request_header(":path").map(lossy).unwrap_or_default();
+        if let Some(query) = path.find('?') {
+            path.truncate(query);
+        }
+        // A gRPC server executes any request on a method path as the method,
+        // whatever its content type: such a request is a call, refused below.
+        if !is_grpc && MethodPath::parse(&path).is_none() {
+            return Next::Continue;
+        }
         let resolved = worker.methods.resolve(&worker.config, &path, host);
         let call = slot.insert(Call {
             path,
@@ -180,6 +198,7 @@ impl Call {
                 split: resolved.split,
                 max_request_message_bytes: resolved.policy.max_request_message_bytes,
             },
+            stream,
             start_ns: host.now_ns(),
             request: FrameReader::default(),
             response: FrameReader::default(),
@@ -191,30 +210,60 @@ impl Call {
             deadline_source: DeadlineSource::None,
             answered_after: None,
             answered_by_guard: false,
+            request_complete: false,
+            details: None,
             dedup: None,
             dedup_outcome: DedupOutcome::None,
         });
-        let decision = resolved.policy.deadline.decide(host.request_header("grpc-timeout").as_deref());
+        call.count(Family::Started, None, 1, fx);
+        if !is_grpc {
+            return call.refuse_non_grpc(content_type.as_deref(), fx);
+        }
+        // A keyed call ends within the key's TTL, so its claim cannot
+        // outlive the key and let a retry run beside it.
+        let dedup = worker.config.dedup.as_ref().filter(|_| resolved.dedup);
+        let key = dedup.and_then(|d| host.request_header(&d.header));
+        let policy = match (dedup, &key) {
+            (Some(d), Some(_)) => resolved.policy.deadline.within(d.ttl),
+            _ => resolved.policy.deadline,
+        };
+        let decision = policy.decide(host.request_header("grpc-timeout").as_deref());
         call.deadline = decision.deadline();
         call.deadline_source = decision.source();
-        call.count(Family::Started, None, 1, fx);
         match decision {
             DeadlineDecision::Keep(_) => {}
             DeadlineDecision::Rewrite { header, source, .. } => {
                 let family =
                     if source == DeadlineSource::Default { Family::DeadlineInjected } else { Family::DeadlineClamped };
                 call.count(family, None, 1, fx);
-                fx.push(Effect::SetRequestHeader("grpc-timeout", header.into_bytes()));
+                fx.push(Effect::SetRequestHeader(Cow::Borrowed("grpc-timeout"), header.into_bytes()));
             }
             DeadlineDecision::Reject { status, message, .. } => {
                 call.count(Family::DeadlineRejected, Some(status), 1, fx);
                 return call.answer(status, message, fx);
             }
         }
-        match &worker.config.dedup {
-            Some(config) if resolved.dedup => call.dedup_request_headers(config, host, stream, end_of_stream, fx),
-            _ => Next::Continue,
-        }
+        let next = match dedup {
+            Some(config) => call.dedup_request_headers(worker, config, host, key, end_of_stream, fx),
+            None => Next::Continue,
+        };
+        call.request_complete = end_of_stream && next == Next::Continue;
+        next
+    }
+
+    /// A request on a gRPC method path whose content type is not gRPC:
+    /// refused as grpc-go refuses it, HTTP 415 with INTERNAL.
+    fn refuse_non_grpc(&mut self, content_type: Option<&[u8]>, fx: &mut Effects) -> Next {
+        fx.push(Effect::CountGuard(guard::NON_GRPC_REFUSED));
+        self.answered_by_guard = true;
+        let message = format!(
+            "grpc-guard: {} is a gRPC method; call it with content-type application/grpc, not {:?}",
+            self.path,
+            crate::printable(content_type.unwrap_or(b"(none)"))
+        );
+        let headers = vec![("grpc-status".to_owned(), "13".to_owned()), ("grpc-message".to_owned(), message.clone())];
+        fx.push(Effect::Reply(Reply::Http { code: 415, headers, body: Some(message) }));
+        Next::Pause
     }
 
     /// A chunk of the request body, `len` bytes.
@@ -229,7 +278,10 @@ impl Call {
             return next;
         }
         match self.read_frames(Side::Request, len, |offset, n| host.request_body(offset, n), fx) {
-            Ok(()) => Next::Continue,
+            Ok(()) => {
+                self.request_complete |= end_of_stream;
+                Next::Continue
+            }
             Err(ChunkError::Frame(e)) => {
                 fx.push(Effect::CountGuard(guard::BAD_FRAMES));
                 self.answer(GrpcStatus::Internal, format!("grpc-guard: request body is not gRPC: {e}"), fx)
@@ -254,9 +306,7 @@ impl Call {
         self.seen.header_status = host.response_header("grpc-status").and_then(|v| GrpcStatus::from_header(&v));
         self.seen.complete |= end_of_stream;
         self.note_answer(host);
-        if self.seen.header_status.is_some() {
-            self.keep_status_headers(host);
-        }
+        self.keep_response_headers(host);
         self.tag_seen_status(fx);
         Next::Continue
     }
@@ -292,7 +342,8 @@ impl Call {
     /// the key settled, the log line.
     pub fn finish<H: Host>(&mut self, worker: &mut Worker, host: &mut H, fx: &mut Effects) {
         self.flush_message_counts(fx);
-        let (status, source) = self.seen.final_status(|| ResetSide::from_code_details(&code_details(host)));
+        let seen = self.seen;
+        let (status, source) = seen.final_status(|| ResetSide::from_code_details(self.details(host)));
         self.dedup_settle(worker, host, status, source);
         if self.tagged != Some(status) {
             fx.push(Effect::Tag(status));
@@ -305,7 +356,7 @@ impl Call {
         let ended_by_proxy_timeout = !self.answered_by_guard
             && status == GrpcStatus::DeadlineExceeded
             && source == StatusSource::Headers
-            && code_details(host) != "via_upstream";
+            && self.details(host) != "via_upstream";
         let answered_after = if ended_by_proxy_timeout { None } else { self.answered_after };
         let late =
             !self.answered_by_guard && is_late(self.deadline, answered_after, status, source, ended_by_proxy_timeout);
@@ -349,6 +400,19 @@ impl Call {
     /// The method's metric slot: the adapter's key for its stat ids.
     pub fn slot(&self) -> usize {
         self.method.slot
+    }
+
+    /// `pkg.Svc/Method` of a well-formed path.
+    fn method_name(&self) -> &str {
+        self.path.get(1..).unwrap_or_default()
+    }
+
+    /// Envoy's `response.code_details` (who ended the stream and why), read
+    /// once.
+    fn details<H: Host>(&mut self, host: &mut H) -> &str {
+        let details =
+            self.details.get_or_insert_with(|| lossy(host.property(&["response", "code_details"]).unwrap_or_default()));
+        details.as_str()
     }
 
     /// Answers the call from the proxy; it goes no further upstream. Valid in
@@ -426,11 +490,6 @@ impl Call {
             _ => Ok(()),
         }
     }
-}
-
-/// Envoy's `response.code_details`: who ended the stream and why.
-fn code_details<H: Host>(host: &mut H) -> String {
-    lossy(host.property(&["response", "code_details"]).unwrap_or_default())
 }
 
 /// Header bytes as text; invalid UTF-8 is replaced, never trusted.

@@ -36,7 +36,8 @@ struct Fake {
     trailers: Map,
     request_chunk: Vec<u8>,
     response_chunk: Vec<u8>,
-    code_details: String,
+    /// Envoy attributes by their dotted path.
+    properties: HashMap<String, Vec<u8>>,
 }
 
 impl SharedStore for Fake {
@@ -55,6 +56,9 @@ impl Host for Fake {
     fn response_header(&mut self, name: &str) -> Option<Vec<u8>> {
         get(&self.response_headers, name)
     }
+    fn response_headers(&mut self) -> Vec<(String, Vec<u8>)> {
+        self.response_headers.clone()
+    }
     fn response_trailer(&mut self, name: &str) -> Option<Vec<u8>> {
         get(&self.trailers, name)
     }
@@ -68,11 +72,7 @@ impl Host for Fake {
         self.response_chunk.get(offset..offset + len).map(<[u8]>::to_vec)
     }
     fn property(&mut self, path: &[&str]) -> Option<Vec<u8>> {
-        match path {
-            ["response", "code_details"] => Some(self.code_details.clone().into_bytes()),
-            ["source", "principal"] => Some(b"spiffe://cluster.local/ns/shop/sa/web".to_vec()),
-            _ => None,
-        }
+        self.properties.get(&path.join(".")).cloned()
     }
     fn now_ns(&mut self) -> u64 {
         *self.clock.borrow()
@@ -88,7 +88,8 @@ struct Envoy {
 
 impl Envoy {
     fn worker(&self, config: &str) -> Worker {
-        Worker::configure(config.as_bytes(), &mut *self.store.borrow_mut()).unwrap()
+        let seed = *self.clock.borrow() ^ 0x5eed;
+        Worker::configure(config.as_bytes(), &mut *self.store.borrow_mut(), seed).unwrap()
     }
 
     fn advance(&self, ms: u64) {
@@ -106,6 +107,8 @@ struct Seen {
     records: Vec<(Family, u64)>,
     guard_counts: Vec<&'static str>,
     tags: Vec<GrpcStatus>,
+    /// The request was marked for the replay route.
+    marked: bool,
     log: Option<serde_json::Value>,
 }
 
@@ -159,7 +162,11 @@ impl<'w> Stream<'w> {
             trailers: Vec::new(),
             request_chunk: Vec::new(),
             response_chunk: Vec::new(),
-            code_details: "via_upstream".into(),
+            properties: HashMap::from([
+                ("source.principal".to_owned(), b"spiffe://cluster.local/ns/shop/sa/web".to_vec()),
+                ("upstream.local_address".to_owned(), b"127.0.0.1:40000".to_vec()),
+                ("response.code_details".to_owned(), b"via_upstream".to_vec()),
+            ]),
         };
         Stream { worker, host, call: None, seen: Seen::default(), fx: Vec::new() }
     }
@@ -198,9 +205,17 @@ impl<'w> Stream<'w> {
         self.apply(next)
     }
 
+    /// Sets an Envoy attribute (`None` removes it).
+    fn property(&mut self, path: &str, value: Option<&str>) {
+        match value {
+            Some(v) => self.host.properties.insert(path.to_owned(), v.as_bytes().to_vec()),
+            None => self.host.properties.remove(path),
+        };
+    }
+
     /// The stream ends; `details` is Envoy's `response.code_details`.
     fn finish(mut self, details: &str) -> Seen {
-        self.host.code_details = details.to_owned();
+        self.property("response.code_details", Some(details));
         if let Some(mut call) = self.call.take() {
             call.finish(self.worker, &mut self.host, &mut self.fx);
             self.apply(Next::Continue);
@@ -222,9 +237,8 @@ impl<'w> Stream<'w> {
     fn apply(&mut self, next: Next) -> Next {
         for effect in self.fx.drain(..) {
             match effect {
-                Effect::SetRequestHeader(n, v) => set(&mut self.host.request_headers, n, &v),
-                Effect::RemoveRequestHeader(n) => self.host.request_headers.retain(|(k, _)| k != n),
-                Effect::SetResponseHeader(n, v) => set(&mut self.host.response_headers, n, &v),
+                Effect::SetRequestHeader(n, v) => set(&mut self.host.request_headers, &n, &v),
+                Effect::SetResponseHeader(n, v) => set(&mut self.host.response_headers, &n, &v),
                 Effect::RemoveResponseHeader(n) => self.host.response_headers.retain(|(k, _)| k != n),
                 Effect::Reply(reply) => {
                     assert!(self.seen.reply.is_none(), "answered twice");
@@ -236,6 +250,7 @@ impl<'w> Stream<'w> {
                 Effect::Record { family, value, .. } => self.seen.records.push((family, value)),
                 Effect::CountGuard(name) => self.seen.guard_counts.push(name),
                 Effect::Tag(status) => self.seen.tags.push(status),
+                Effect::MarkReplay => self.seen.marked = true,
                 Effect::Log(line) => {
                     assert!(self.seen.log.is_none(), "logged twice");
                     self.seen.log = Some(serde_json::from_str(&line).unwrap());
@@ -257,6 +272,18 @@ fn unary(envoy: &Envoy, worker: &mut Worker, extra: &[(&str, &str)], request: &[
     assert_eq!(s.request_body(&frame(request), true), Next::Continue);
     s.upstream_answers(b"reply", code);
     s.finish("via_upstream")
+}
+
+/// The headers of an HTTP local reply.
+fn reply_headers(seen: &Seen) -> Option<(u32, &[(String, String)])> {
+    match &seen.reply {
+        Some(Reply::Http { code, headers, .. }) => Some((*code, headers.as_slice())),
+        _ => None,
+    }
+}
+
+fn header_of<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
 fn reply_status(seen: &Seen) -> Option<(GrpcStatus, &str)> {
@@ -681,7 +708,7 @@ const KEY: &str = "x-idempotency-key";
 /// never sent upstream as gRPC.
 fn assert_sent_to_replay_hop(s: &Stream) {
     assert_eq!(s.request_header("content-type").as_deref(), Some(crate::dedup::REPLAY_CONTENT_TYPE));
-    assert_eq!(s.request_header(crate::dedup::REPLAY_HEADER).as_deref(), Some("1"));
+    assert!(s.seen.marked, "marked for the replay route");
     assert_eq!(s.request_header(":path"), Some(format!("{}{PATH}", crate::dedup::REPLAY_PATH_PREFIX)));
 }
 
@@ -807,45 +834,277 @@ fn a_kept_error_is_replayed_locally_with_its_message() {
     retry.headers(false);
     assert_eq!(retry.request_body(&frame(b"x"), true), Next::Pause);
     let seen = retry.finish("local_reply");
-    let Some(Reply::Headers(headers)) = &seen.reply else { panic!("{:?}", seen.reply) };
-    let header = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+    let (code, headers) = reply_headers(&seen).unwrap();
+    assert_eq!(code, 200);
+    let header = |n: &str| header_of(headers, n);
     assert_eq!(header("grpc-status"), Some("5"));
     assert_eq!(header("grpc-message"), Some("no%20such%20order"), "sent as it was kept, not encoded again");
     assert_eq!(header(crate::dedup::REPLAYED_HEADER), Some("true"));
     assert_eq!((seen.log("dedup").as_str(), seen.count(Family::DedupReplayed, None)), (Some("replay"), 1));
 }
 
-#[test]
-fn a_transient_failure_or_a_reset_frees_the_key_and_the_retry_runs() {
-    // grpc-status 14 and 13; an HTTP 404 without grpc-status (Unimplemented
-    // by gRPC's mapping, but no gRPC server said so); a reset.
-    let endings: [(&[(&str, &str)], &str); 4] = [
-        (&[(":status", "200"), ("grpc-status", "14")], "via_upstream"),
-        (&[(":status", "200"), ("grpc-status", "13")], "via_upstream"),
-        (&[(":status", "404")], "via_upstream"),
-        (&[], "upstream_reset_before_response_started{remote_reset}"),
-    ];
-    for (answer, details) in endings {
-        let envoy = Envoy::default();
-        let mut worker = envoy.worker(DEDUP);
-        let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
-        s.headers(false);
-        s.request_body(&frame(b"x"), true);
-        if !answer.is_empty() {
-            s.response_headers(answer, true);
-        }
-        s.finish(details);
-        let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
-        retry.headers(false);
-        assert_eq!(
-            retry.request_header("content-type").as_deref(),
-            Some("application/grpc"),
-            "{answer:?} {details}: runs upstream"
-        );
-        retry.request_body(&frame(b"x"), true);
-        retry.upstream_answers(b"ok", "0");
-        assert_eq!(retry.finish("via_upstream").log("dedup"), "first");
+/// How a first call ends, as Envoy reports it to the filter.
+struct FirstEnding {
+    name: &'static str,
+    /// The request's end reaches the filter (and goes on).
+    complete: bool,
+    /// Response headers, if any; `end` when they end the stream.
+    headers: Option<(&'static [(&'static str, &'static str)], bool)>,
+    details: &'static str,
+    /// An upstream connection carried the request.
+    sent: bool,
+}
+
+/// What a retry of the same key and request gets after `ending`.
+#[derive(Debug, PartialEq)]
+enum RetryGets {
+    /// It runs upstream (the key was freed).
+    Runs,
+    /// The first call's answer, replayed.
+    Replay,
+    /// FAILED_PRECONDITION: the first call may have run.
+    MayHaveRun,
+}
+
+fn retry_after(ending: &FirstEnding) -> RetryGets {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(DEDUP);
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    s.headers(false);
+    s.request_body(&frame(b"x"), ending.complete);
+    if let Some((headers, end)) = ending.headers {
+        s.response_headers(headers, end);
     }
+    if !ending.sent {
+        s.property("upstream.local_address", None);
+    }
+    assert_eq!(s.finish(ending.details).log("dedup"), "first", "{}", ending.name);
+    let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    if retry.headers(false) == Next::Pause {
+        let seen = retry.finish("local_reply");
+        assert_eq!(reply_status(&seen).map(|r| r.0), Some(GrpcStatus::FailedPrecondition), "{}", ending.name);
+        assert_eq!(seen.log("dedup"), "unknown");
+        return RetryGets::MayHaveRun;
+    }
+    if !retry.seen.marked {
+        assert_eq!(retry.request_header("content-type").as_deref(), Some("application/grpc"), "{}", ending.name);
+        return RetryGets::Runs;
+    }
+    retry.request_body(&frame(b"x"), true);
+    let seen = retry.finish("local_reply");
+    match reply_status(&seen) {
+        Some((GrpcStatus::FailedPrecondition, message)) => {
+            assert!(message.contains("may have run"), "{message}");
+            assert_eq!((seen.log("dedup").as_str(), seen.count(Family::DedupUnknown, None)), (Some("unknown"), 1));
+            RetryGets::MayHaveRun
+        }
+        None if reply_headers(&seen).is_some() => RetryGets::Replay,
+        other => panic!("{}: the retry got {other:?}", ending.name),
+    }
+}
+
+#[test]
+fn a_key_is_freed_only_when_the_first_call_provably_did_not_run() {
+    let grpc_200: &[(&str, &str)] = &[(":status", "200"), ("content-type", "application/grpc")];
+    let cases = [
+        (
+            FirstEnding {
+                name: "upstream UNAVAILABLE",
+                complete: true,
+                headers: Some((&[(":status", "200"), ("grpc-status", "14")], true)),
+                details: "via_upstream",
+                sent: true,
+            },
+            RetryGets::Runs,
+        ),
+        (
+            FirstEnding {
+                name: "upstream RESOURCE_EXHAUSTED",
+                complete: true,
+                headers: Some((&[(":status", "200"), ("grpc-status", "8")], true)),
+                details: "via_upstream",
+                sent: true,
+            },
+            RetryGets::Runs,
+        ),
+        (
+            FirstEnding {
+                name: "upstream ABORTED",
+                complete: true,
+                headers: Some((&[(":status", "200"), ("grpc-status", "10")], true)),
+                details: "via_upstream",
+                sent: true,
+            },
+            RetryGets::Runs,
+        ),
+        (
+            FirstEnding {
+                name: "upstream HTTP 404",
+                complete: true,
+                headers: Some((&[(":status", "404")], true)),
+                details: "via_upstream",
+                sent: true,
+            },
+            RetryGets::Runs,
+        ),
+        (
+            FirstEnding {
+                name: "connection refused",
+                complete: true,
+                headers: Some((&[(":status", "200"), ("grpc-status", "14")], true)),
+                details: "upstream_reset_before_response_started{remote_connection_failure}",
+                sent: false,
+            },
+            RetryGets::Runs,
+        ),
+        (
+            FirstEnding {
+                name: "the client left before its request was whole",
+                complete: false,
+                headers: None,
+                details: "http2.remote_reset",
+                sent: true,
+            },
+            RetryGets::Runs,
+        ),
+        (
+            FirstEnding {
+                name: "upstream NOT_FOUND",
+                complete: true,
+                headers: Some((&[(":status", "200"), ("grpc-status", "5")], true)),
+                details: "via_upstream",
+                sent: true,
+            },
+            RetryGets::Replay,
+        ),
+        (
+            FirstEnding {
+                name: "upstream INTERNAL",
+                complete: true,
+                headers: Some((&[(":status", "200"), ("grpc-status", "13")], true)),
+                details: "via_upstream",
+                sent: true,
+            },
+            RetryGets::MayHaveRun,
+        ),
+        (
+            FirstEnding {
+                name: "upstream UNKNOWN",
+                complete: true,
+                headers: Some((&[(":status", "200"), ("grpc-status", "2")], true)),
+                details: "via_upstream",
+                sent: true,
+            },
+            RetryGets::MayHaveRun,
+        ),
+        (
+            FirstEnding {
+                name: "upstream DEADLINE_EXCEEDED",
+                complete: true,
+                headers: Some((&[(":status", "200"), ("grpc-status", "4")], true)),
+                details: "via_upstream",
+                sent: true,
+            },
+            RetryGets::MayHaveRun,
+        ),
+        (
+            FirstEnding {
+                name: "Envoy cut the call at its deadline",
+                complete: true,
+                headers: Some((&[(":status", "200"), ("grpc-status", "4")], true)),
+                details: "max_duration_timeout",
+                sent: true,
+            },
+            RetryGets::MayHaveRun,
+        ),
+        (
+            FirstEnding {
+                name: "the client cancelled after its request went on",
+                complete: true,
+                headers: None,
+                details: "http2.remote_reset",
+                sent: true,
+            },
+            RetryGets::MayHaveRun,
+        ),
+        (
+            FirstEnding {
+                name: "the upstream reset mid-answer",
+                complete: true,
+                headers: Some((grpc_200, false)),
+                details: "upstream_reset_after_response_started{remote_reset}",
+                sent: true,
+            },
+            RetryGets::MayHaveRun,
+        ),
+        (
+            FirstEnding {
+                name: "the upstream reset before answering (Envoy's UNAVAILABLE)",
+                complete: true,
+                headers: Some((&[(":status", "200"), ("grpc-status", "14")], true)),
+                details: "upstream_reset_before_response_started{remote_reset}",
+                sent: true,
+            },
+            RetryGets::MayHaveRun,
+        ),
+        (
+            FirstEnding {
+                name: "upstream HTTP 500",
+                complete: true,
+                headers: Some((&[(":status", "500")], true)),
+                details: "via_upstream",
+                sent: true,
+            },
+            RetryGets::MayHaveRun,
+        ),
+    ];
+    for (ending, expected) in cases {
+        assert_eq!(retry_after(&ending), expected, "{}", ending.name);
+    }
+}
+
+#[test]
+fn a_call_the_filter_refused_frees_its_key() {
+    let envoy = Envoy::default();
+    let config = r#"{"limits":{"max_request_message_bytes":4},"dedup":{"methods":["pkg.Orders/Create"]}}"#;
+    let mut worker = envoy.worker(config);
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    s.headers(false);
+    assert_eq!(s.request_body(&frame(b"too big"), true), Next::Pause);
+    s.finish("local_reply");
+    let retry = unary(&envoy, &mut worker, &[(KEY, "k")], b"ok", "0");
+    assert_eq!(retry.log("dedup"), "first");
+}
+
+#[test]
+fn a_claim_whose_stream_vanished_is_answered_may_have_run_until_the_ttl() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(r#"{"dedup":{"methods":["pkg.Orders/Create"],"ttl":"60s"}}"#);
+    let mut lost = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k"), ("grpc-timeout", "1S")]);
+    lost.headers(false);
+    lost.request_body(&frame(b"x"), true);
+    drop(lost);
+    envoy.advance(2_500);
+    let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    assert_eq!(retry.headers(false), Next::Pause);
+    assert_eq!(reply_status(&retry.finish("local_reply")).map(|r| r.0), Some(GrpcStatus::FailedPrecondition));
+    envoy.advance(60_000);
+    assert_eq!(unary(&envoy, &mut worker, &[(KEY, "k")], b"x", "0").log("dedup"), "first");
+}
+
+#[test]
+fn a_keyed_call_runs_within_the_keys_ttl_and_a_keyless_one_keeps_its_deadline() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(r#"{"dedup":{"methods":["pkg.Orders/Create"],"ttl":"30s"}}"#);
+    let mut keyed = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    keyed.headers(false);
+    assert_eq!(keyed.request_header("grpc-timeout").as_deref(), Some("30000000u"));
+    let mut long = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k2"), ("grpc-timeout", "5M")]);
+    long.headers(false);
+    assert_eq!(long.request_header("grpc-timeout").as_deref(), Some("30000000u"));
+    let mut keyless = Stream::open(&envoy, &mut worker, PATH, &[("grpc-timeout", "5M")]);
+    keyless.headers(false);
+    assert_eq!(keyless.request_header("grpc-timeout").as_deref(), Some("5M"));
 }
 
 #[test]
@@ -878,12 +1137,18 @@ fn a_full_table_rejects_or_forwards_as_configured() {
         [("reject", Next::Pause, Some(GrpcStatus::ResourceExhausted)), ("forward", Next::Continue, None)]
     {
         let envoy = Envoy::default();
-        let config =
-            format!(r#"{{"dedup":{{"methods":["pkg.Orders/Create"],"max_entries":1,"when_full":"{when_full}"}}}}"#);
+        // One bucket of eight ways, any caller may fill it.
+        let config = format!(
+            r#"{{"dedup":{{"methods":["pkg.Orders/Create"],"max_entries":8,"caller_share":1,"when_full":"{when_full}"}}}}"#
+        );
         let mut worker = envoy.worker(&config);
         let mut other = envoy.worker(&config);
-        let mut holder = Stream::open(&envoy, &mut other, PATH, &[(KEY, "a")]);
-        holder.headers(false);
+        let mut holders = Vec::new();
+        for n in 0..crate::dedup::WAYS {
+            let mut holder = Stream::open(&envoy, &mut other, PATH, &[(KEY, &format!("held-{n}"))]);
+            assert_eq!(holder.headers(false), Next::Continue);
+            holders.push(holder.call.take());
+        }
         let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "b")]);
         assert_eq!(s.headers(false), next, "{when_full}");
         if next == Next::Continue {
@@ -924,10 +1189,210 @@ fn keys_are_scoped_by_the_caller() {
 }
 
 #[test]
-fn a_client_cannot_send_the_replay_mark_itself() {
+fn only_the_filter_marks_a_request_for_the_replay_route() {
+    let envoy = Envoy::default();
+    for config in ["{}", DEDUP] {
+        let mut worker = envoy.worker(config);
+        let mut s = Stream::open(&envoy, &mut worker, PATH, &[("x-grpc-guard-replay", "1"), (KEY, "fresh")]);
+        s.headers(false);
+        assert!(!s.seen.marked, "{config}: a header is not the mark");
+        assert_eq!(s.request_header("content-type").as_deref(), Some("application/grpc"));
+    }
+}
+
+#[test]
+fn a_compressed_answer_is_replayed_with_its_encoding_content_type_and_metadata() {
     let envoy = Envoy::default();
     let mut worker = envoy.worker(DEDUP);
-    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(crate::dedup::REPLAY_HEADER, "1")]);
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
     s.headers(false);
-    assert_eq!(s.request_header(crate::dedup::REPLAY_HEADER), None);
+    s.request_body(&frame(b"x"), true);
+    let headers = [
+        (":status", "200"),
+        ("content-type", "application/grpc+proto"),
+        ("grpc-encoding", "gzip"),
+        ("grpc-accept-encoding", "gzip"),
+        ("x-order-id", "o-17"),
+        ("date", "Mon, 30 Nov 2026 12:00:00 GMT"),
+        ("x-envoy-upstream-service-time", "3"),
+    ];
+    s.response_headers(&headers, false);
+    let compressed = [vec![1], 4u32.to_be_bytes().to_vec(), b"gzip".to_vec()].concat();
+    s.response_body(&compressed, false);
+    s.trailers(&[("grpc-status", "0"), ("x-trace", "t")]);
+    s.finish("via_upstream");
+
+    let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    retry.headers(false);
+    retry.request_body(&frame(b"x"), true);
+    replay_hop_answers(&mut retry, false);
+    let header = |n: &str| get(&retry.host.response_headers, n).map(|v| String::from_utf8(v).unwrap());
+    assert_eq!(header("content-type").as_deref(), Some("application/grpc+proto"));
+    assert_eq!(header("grpc-encoding").as_deref(), Some("gzip"));
+    assert_eq!(header("grpc-accept-encoding").as_deref(), Some("gzip"));
+    assert_eq!(header("x-order-id").as_deref(), Some("o-17"));
+    assert_eq!(header("content-length"), None);
+    assert_eq!(retry.host.response_chunk, compressed);
+    assert_eq!(get(&retry.host.trailers, "x-trace"), Some(b"t".to_vec()));
+    assert_eq!(retry.finish("via_upstream").log("dedup"), "replay");
+}
+
+#[test]
+fn a_kept_error_keeps_its_status_details_and_metadata() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(DEDUP);
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    s.headers(false);
+    s.request_body(&frame(b"x"), true);
+    let answer = [
+        (":status", "200"),
+        ("content-type", "application/grpc"),
+        ("grpc-status", "9"),
+        ("grpc-message", "out%20of%20stock"),
+        ("grpc-status-details-bin", "CAkSDG91dCBvZiBzdG9jaw"),
+        ("x-retry-after", "never"),
+    ];
+    s.response_headers(&answer, true);
+    s.finish("via_upstream");
+    let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    retry.headers(false);
+    retry.request_body(&frame(b"x"), true);
+    let seen = retry.finish("local_reply");
+    let (_, headers) = reply_headers(&seen).unwrap();
+    assert_eq!(header_of(headers, "grpc-status"), Some("9"));
+    assert_eq!(header_of(headers, "grpc-status-details-bin"), Some("CAkSDG91dCBvZiBzdG9jaw"));
+    assert_eq!(header_of(headers, "x-retry-after"), Some("never"));
+    assert_eq!(header_of(headers, crate::dedup::REPLAYED_HEADER), Some("true"));
+}
+
+#[test]
+fn metadata_over_its_bound_is_not_kept_and_the_retry_is_told_the_call_ran() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(r#"{"dedup":{"methods":["pkg.Orders/Create"],"max_metadata_bytes":100}}"#);
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    s.headers(false);
+    s.request_body(&frame(b"x"), true);
+    let big = "v".repeat(100);
+    s.response_headers(&[(":status", "200"), ("content-type", "application/grpc"), ("x-big", &big)], false);
+    s.response_body(&frame(b"ok"), false);
+    s.trailers(&[("grpc-status", "0")]);
+    assert_eq!(s.finish("via_upstream").log("dedup"), "not_kept");
+    let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    retry.headers(false);
+    retry.request_body(&frame(b"x"), true);
+    assert_eq!(reply_status(&retry.finish("local_reply")).map(|r| r.0), Some(GrpcStatus::AlreadyExists));
+}
+
+#[test]
+fn a_grpc_call_dressed_as_another_content_type_is_refused_on_a_method_path() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(r#"{"limits":{"max_request_message_bytes":1024}}"#);
+    for content_type in [Some("application/x-grpc-disguised"), Some("application/json"), None] {
+        let mut headers: Map =
+            vec![(":method".into(), b"POST".to_vec()), (":path".into(), b"/pkg.Orders/Create?x=1".to_vec())];
+        if let Some(ct) = content_type {
+            headers.push(("content-type".into(), ct.as_bytes().to_vec()));
+        }
+        let mut s = Stream::with_headers(&envoy, &mut worker, headers);
+        assert_eq!(s.headers(false), Next::Pause, "{content_type:?}");
+        s.response_headers(&[(":status", "415"), ("grpc-status", "13")], true);
+        let seen = s.finish("local_reply");
+        let (code, headers) = reply_headers(&seen).unwrap();
+        assert_eq!((code, header_of(headers, "grpc-status")), (415, Some("13")));
+        assert!(header_of(headers, "grpc-message").unwrap().contains("/pkg.Orders/Create is a gRPC method"));
+        assert_eq!(seen.guard_counts, [guard::NON_GRPC_REFUSED]);
+        assert_eq!(seen.count(Family::Handled, Some(GrpcStatus::Internal)), 1);
+        assert_eq!((seen.log("method").as_str(), seen.log("http_status").as_u64()), (Some("Create"), Some(415)));
+    }
+}
+
+#[test]
+fn non_grpc_traffic_elsewhere_passes_untouched_and_pass_lets_it_through_anywhere() {
+    let envoy = Envoy::default();
+    for (config, path) in
+        [("{}", "/index.html"), ("{}", "/v1/orders/17"), (r#"{"non_grpc":"pass"}"#, "/pkg.Orders/Create")]
+    {
+        let mut worker = envoy.worker(config);
+        let headers: Map =
+            vec![(":path".into(), path.as_bytes().to_vec()), ("content-type".into(), b"application/json".to_vec())];
+        let mut s = Stream::with_headers(&envoy, &mut worker, headers.clone());
+        assert_eq!(s.headers(false), Next::Continue, "{config} {path}");
+        assert!(s.call.is_none());
+        assert_eq!(s.host.request_headers, headers);
+    }
+}
+
+#[test]
+fn a_query_string_does_not_hide_the_method_from_its_guards() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(DEDUP);
+    unary(&envoy, &mut worker, &[(KEY, "k")], b"x", "0");
+    let mut s = Stream::open(&envoy, &mut worker, &format!("{PATH}?ignored=1"), &[(KEY, "k")]);
+    s.headers(false);
+    assert!(s.seen.marked, "the same method and key: a retry, sent to the replay hop");
+}
+
+#[test]
+fn a_keyed_call_without_any_caller_identity_is_refused_or_forwarded_as_configured() {
+    let envoy = Envoy::default();
+    for (anonymous, next) in [("reject", Next::Pause), ("forward", Next::Continue)] {
+        let config = format!(r#"{{"dedup":{{"methods":["pkg.Orders/Create"],"anonymous":"{anonymous}"}}}}"#);
+        let mut worker = envoy.worker(&config);
+        let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+        s.property("source.principal", None);
+        assert_eq!(s.headers(false), next, "{anonymous}");
+        let seen = s.finish("local_reply");
+        if next == Next::Pause {
+            let (status, message) = reply_status(&seen).unwrap();
+            assert_eq!(status, GrpcStatus::Unauthenticated);
+            assert!(message.contains("caller identity"), "{message}");
+        }
+        assert_eq!((seen.log("dedup").as_str(), seen.count(Family::DedupAnonymous, None)), (Some("anonymous"), 1));
+    }
+}
+
+#[test]
+fn the_verified_jwt_subject_keeps_keys_apart_behind_one_gateway() {
+    let envoy = Envoy::default();
+    let config = r#"{"dedup":{"methods":["pkg.Orders/Create"],
+        "scope":["source.principal","metadata:envoy.filters.http.jwt_authn/payload/sub"]}}"#;
+    let mut worker = envoy.worker(config);
+    let call = |worker: &mut Worker, user: &str| {
+        let mut s = Stream::open(&envoy, worker, PATH, &[(KEY, "same")]);
+        s.property("source.principal", Some("spiffe://cluster.local/ns/istio-system/sa/gateway"));
+        s.property("metadata.filter_metadata.envoy.filters.http.jwt_authn.payload.sub", Some(user));
+        s.headers(false);
+        let marked = s.seen.marked;
+        if !marked {
+            s.request_body(&frame(b"x"), true);
+            s.upstream_answers(b"y", "0");
+        }
+        s.finish("via_upstream");
+        marked
+    };
+    assert!(!call(&mut worker, "alice"));
+    assert!(!call(&mut worker, "bob"), "bob's key is not alice's");
+    assert!(call(&mut worker, "alice"), "alice's retry is a retry");
+}
+
+#[test]
+fn a_caller_over_its_share_is_refused_while_others_still_get_keys() {
+    let envoy = Envoy::default();
+    let config = r#"{"dedup":{"methods":["pkg.Orders/Create"],"max_entries":8,"caller_share":0.25}}"#;
+    let mut worker = envoy.worker(config);
+    let mut held = Vec::new();
+    for n in 0..2 {
+        let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, &format!("greedy-{n}"))]);
+        s.property("source.principal", Some("greedy"));
+        assert_eq!(s.headers(false), Next::Continue);
+        held.push(s.call.take());
+    }
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "greedy-2")]);
+    s.property("source.principal", Some("greedy"));
+    assert_eq!(s.headers(false), Next::Pause);
+    let seen = s.finish("local_reply");
+    assert_eq!(reply_status(&seen).map(|r| r.0), Some(GrpcStatus::ResourceExhausted));
+    assert_eq!((seen.log("dedup").as_str(), seen.count(Family::DedupCallerFull, None)), (Some("caller_full"), 1));
+    let other = unary(&envoy, &mut worker, &[(KEY, "modest")], b"x", "0");
+    assert_eq!(other.log("dedup"), "first");
 }

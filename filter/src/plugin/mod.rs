@@ -77,7 +77,8 @@ impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
         let bytes =
             hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten().unwrap_or_default();
-        match Worker::configure(&bytes, &mut Envoy) {
+        let seed = Envoy.now_ns();
+        match Worker::configure(&bytes, &mut Envoy, seed) {
             Ok(core) => {
                 self.worker = Some(Rc::new(RefCell::new(Shell { core, fx: Vec::new(), ids: Vec::new() })));
                 true
@@ -132,16 +133,15 @@ impl Shell {
         let mut fx = std::mem::take(&mut self.fx);
         for effect in fx.drain(..) {
             match effect {
-                Effect::SetRequestHeader(name, value) => set_header(MapType::HttpRequestHeaders, name, &value),
-                Effect::RemoveRequestHeader(name) => remove_header(MapType::HttpRequestHeaders, name),
-                Effect::SetResponseHeader(name, value) => set_header(MapType::HttpResponseHeaders, name, &value),
+                Effect::SetRequestHeader(name, value) => set_header(MapType::HttpRequestHeaders, &name, &value),
+                Effect::SetResponseHeader(name, value) => set_header(MapType::HttpResponseHeaders, &name, &value),
                 Effect::RemoveResponseHeader(name) => remove_header(MapType::HttpResponseHeaders, name),
                 Effect::Reply(Reply::Status { status, message }) => {
                     let _ = hostcalls::send_grpc_response(sdk_code(status), Some(&message), vec![]);
                 }
-                Effect::Reply(Reply::Headers(headers)) => {
+                Effect::Reply(Reply::Http { code, headers, body }) => {
                     let headers = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-                    let _ = hostcalls::send_http_response(200, headers, None);
+                    let _ = hostcalls::send_http_response(code, headers, body.as_deref().map(str::as_bytes));
                 }
                 Effect::ReplaceResponseBody(body) => {
                     let _ = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_len, &body);
@@ -162,6 +162,9 @@ impl Shell {
                 Effect::CountGuard(name) => count_guard(name),
                 Effect::Tag(status) => {
                     let _ = hostcalls::set_property(vec![STATUS_PROPERTY], Some(status.go_name().as_bytes()));
+                }
+                Effect::MarkReplay => {
+                    let _ = hostcalls::set_property(vec![crate::dedup::REPLAY_PROPERTY], Some(b"1"));
                 }
                 Effect::Log(line) => {
                     let _ = hostcalls::log(LogLevel::Info, &line);
@@ -223,6 +226,10 @@ impl Host for Envoy {
 
     fn response_header(&mut self, name: &str) -> Option<Vec<u8>> {
         hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name).ok().flatten()
+    }
+
+    fn response_headers(&mut self) -> Vec<(String, Vec<u8>)> {
+        hostcalls::get_map_bytes(MapType::HttpResponseHeaders).unwrap_or_default()
     }
 
     fn response_trailer(&mut self, name: &str) -> Option<Vec<u8>> {

@@ -1,7 +1,7 @@
 //! The alert rules on a real Prometheus (Debian's), scraping a real Envoy
 //! that runs the filter in front of the demo service while some calls fail
 //! with Unavailable, some take over a second, some outlive their deadline
-//! (late responses), and some keyed calls find the one-slot idempotency
+//! (late responses), and some keyed calls find the one-bucket idempotency
 //! table full. The rules are
 //! istio/alerts.rules.yml as shipped except `for:`, cut from 5m to 1s so the
 //! test ends in seconds; the expressions, windows and thresholds are the
@@ -13,14 +13,18 @@ use std::time::{Duration, Instant};
 use grpc_guard_demo::pb::EchoRequest;
 use serde_yaml::Value;
 
+use grpc_guard_tests::e2e::CALLER;
+
 use crate::support::*;
 
 const ALERTS: [&str; 4] =
     ["GrpcServerErrorRatioHigh", "GrpcServerLatencyP95High", "GrpcServerLateResponses", "GrpcGuardDedupTableFull"];
-/// Echo deduplicated in a table of one slot: once a keyed call's answer is
-/// kept there (for the default ttl, 5 minutes), every call with another key
-/// finds the table full and is refused with ResourceExhausted.
-const ONE_SLOT_DEDUP: &str = r#"{"dedup":{"methods":["grpcguard.demo.v1.Demo/Echo"],"max_entries":1}}"#;
+/// Echo deduplicated in a table of one bucket (eight ways) that one caller may
+/// fill: once eight keyed calls' answers are kept there (for the default ttl,
+/// 5 minutes), every call with another key finds the table full and is
+/// refused with ResourceExhausted.
+const ONE_BUCKET_DEDUP: &str =
+    r#"{"dedup":{"methods":["grpcguard.demo.v1.Demo/Echo"],"max_entries":8,"caller_share":1}}"#;
 /// Long enough for the p95 alert: one call in twelve lands in the
 /// (1000, 2500] ms bucket.
 const SLOW_MS: u32 = 1200;
@@ -78,7 +82,7 @@ async fn prometheus_fires_every_alert_on_envoy_s_metrics_during_failures_slow_ca
     let prometheus_bin = tool("prometheus");
     let dir = scratch_dir("prometheus");
     let upstream = grpc_guard_tests::e2e::Upstream::start().await;
-    let envoy = grpc_guard_tests::e2e::start_envoy("deploy-prometheus", upstream.addr, ONE_SLOT_DEDUP).unwrap();
+    let envoy = grpc_guard_tests::e2e::start_envoy("deploy-prometheus", upstream.addr, ONE_BUCKET_DEDUP).unwrap();
 
     let (rules, exprs) = fast_rules();
     std::fs::write(dir.join("alerts.fast.yml"), rules).unwrap();
@@ -107,13 +111,13 @@ async fn prometheus_fires_every_alert_on_envoy_s_metrics_during_failures_slow_ca
     let channel = grpc_guard_demo::lazy_channel(&envoy.grpc_uri()).unwrap();
     let client = grpc_guard_demo::client(channel);
     let keyed = |message: String, key: String| {
-        let mut request = tonic::Request::new(EchoRequest { message, ..EchoRequest::default() });
-        request.metadata_mut().insert("x-idempotency-key", key.parse().unwrap());
-        request
+        grpc_guard_tests::e2e::keyed(EchoRequest { message, ..EchoRequest::default() }, &key, CALLER)
     };
-    // The one slot now holds this call's answer.
-    let kept = client.clone().echo(keyed("kept".into(), "alert-test-kept".into())).await;
-    assert!(kept.is_ok(), "the first keyed call takes the slot: {kept:?}");
+    // Eight kept answers fill the table's one bucket.
+    for n in 0..8 {
+        let kept = client.clone().echo(keyed(format!("kept {n}"), format!("alert-test-kept-{n}"))).await;
+        assert!(kept.is_ok(), "keyed call {n} takes a way: {kept:?}");
+    }
     // Rounds of 8 OK calls, 2 Unavailable and 1 keyed call refused for a full
     // table (23 % server-side errors), 1 slow call (8 %) and 1 late response
     // (8 %), until every alert fires; 45 s at most.

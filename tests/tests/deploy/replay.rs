@@ -180,13 +180,9 @@ async fn keyed_echo_failing(
 ) -> (Result<EchoReply, tonic::Status>, bool) {
     let channel = grpc_guard_demo::lazy_channel(&format!("http://{}", params.listen_addr())).unwrap();
     let mut client = grpc_guard_demo::client(channel);
-    let mut request = tonic::Request::new(EchoRequest {
-        message: "create order 7".into(),
-        fail_code: fail_code as i32,
-        ..EchoRequest::default()
-    });
-    request.metadata_mut().insert("x-idempotency-key", key.parse().unwrap());
-    match client.echo(request).await {
+    let request =
+        EchoRequest { message: "create order 7".into(), fail_code: fail_code as i32, ..EchoRequest::default() };
+    match client.echo(grpc_guard_tests::e2e::keyed(request, key, grpc_guard_tests::e2e::CALLER)).await {
         Ok(response) => {
             let replayed = response.metadata().get("grpc-guard-replayed").is_some_and(|v| v == "true");
             (Ok(response.into_inner()), replayed)

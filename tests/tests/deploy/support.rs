@@ -56,6 +56,7 @@ pub fn envoy_config() -> serde_yaml::Value {
         wasm: "/etc/grpc-guard/grpc_guard.wasm".into(),
         plugin_config: "{}".into(),
         http_filter: HttpFilter::GrpcGuard,
+        filters_before: String::new(),
     };
     serde_yaml::from_str(&params.render(TEMPLATE).unwrap()).expect("rendered envoy.yaml is YAML")
 }

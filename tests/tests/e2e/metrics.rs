@@ -134,7 +134,7 @@ async fn non_grpc_request_passes_byte_for_byte_and_is_not_counted() {
     let response = tokio::task::spawn_blocking(move || {
         let mut tcp = TcpStream::connect(addr).unwrap();
         let head = format!(
-            "POST /grpcguard.demo.v1.Demo/Echo HTTP/1.1\r\nHost: x\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            "POST /upload/v1/blobs HTTP/1.1\r\nHost: x\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
             body.len()
         );
         tcp.write_all(head.as_bytes()).unwrap();

@@ -123,3 +123,156 @@ pub async fn start_plain_http_after(status: u16, delay: std::time::Duration) -> 
     });
     addr
 }
+
+/// gRPC PROTOCOL-HTTP2 `Length-Prefixed-Message`, uncompressed.
+pub fn grpc_frame(message: &[u8]) -> Vec<u8> {
+    let mut out = vec![0];
+    out.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    out.extend_from_slice(message);
+    out
+}
+
+/// What a raw HTTP/2 request got back.
+#[derive(Debug)]
+pub struct H2Answer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub trailers: Vec<(String, String)>,
+}
+
+impl H2Answer {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+    }
+
+    /// `grpc-status` from the trailers, or from the headers of a
+    /// trailers-only answer.
+    pub fn grpc_status(&self) -> Option<String> {
+        self.trailers.iter().find(|(n, _)| n == "grpc-status").map(|(_, v)| v.clone()).or(self.header("grpc-status"))
+    }
+}
+
+/// A POST over HTTP/2 (prior knowledge, no TLS) with exactly these headers
+/// and body: what a gRPC client library will not send.
+pub async fn h2_post(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &[u8]) -> H2Answer {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(connection);
+    let mut request = hyper::Request::builder().method("POST").uri(format!("http://{addr}{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response =
+        sender.send_request(request.body(Full::new(hyper::body::Bytes::from(body.to_vec()))).unwrap()).await.unwrap();
+    let pairs = |map: &hyper::HeaderMap| -> Vec<(String, String)> {
+        map.iter().map(|(n, v)| (n.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect()
+    };
+    let status = response.status().as_u16();
+    let headers = pairs(response.headers());
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().map(pairs).unwrap_or_default();
+    H2Answer { status, headers, body: collected.to_bytes().to_vec(), trailers }
+}
+
+/// An HTTP/2 upstream that reads each request whole, starts a gRPC answer
+/// and then resets the stream: the call may well have run. Counts requests.
+pub async fn start_resetting_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use http_body_util::BodyExt;
+    use hyper::body::{Bytes, Frame, Incoming};
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+
+    /// A body that fails at once: hyper resets the stream.
+    struct Reset;
+    impl hyper::body::Body for Reset {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            Poll::Ready(Some(Err(std::io::Error::other("the upstream gives up mid-answer"))))
+        }
+    }
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicU64::new(0));
+    let counted = requests.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: hyper::Request<Incoming>| {
+                    let counted = counted.clone();
+                    async move {
+                        req.into_body().collect().await?;
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        Ok::<_, hyper::Error>(
+                            hyper::Response::builder()
+                                .status(200)
+                                .header("content-type", "application/grpc")
+                                .body(Reset)
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    (addr, requests)
+}
+
+/// RFC 4648 §5 base64url, unpadded, as JWTs and JWKs use it.
+pub fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+        }
+    }
+    out
+}
+
+/// An HS256 JWT (RFC 7519) from `issuer` for `subject`, signed with `key`
+/// (HMAC-SHA256, RFC 2104).
+pub fn hs256_jwt(key: &[u8], issuer: &str, subject: &str) -> String {
+    let header = base64url(br#"{"alg":"HS256","typ":"JWT"}"#);
+    let claims = base64url(format!(r#"{{"iss":"{issuer}","sub":"{subject}","exp":4102444800}}"#).as_bytes());
+    let signing_input = format!("{header}.{claims}");
+    format!("{signing_input}.{}", base64url(&hmac_sha256(key, signing_input.as_bytes())))
+}
+
+/// HMAC-SHA256 (RFC 2104) with a key of at most 64 bytes.
+pub fn hmac_sha256(key: &[u8], data: &[u8]) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut block = [0u8; 64];
+    block[..key.len()].copy_from_slice(key);
+    let pad = |byte: u8| block.iter().map(|b| b ^ byte).collect::<Vec<u8>>();
+    let inner = Sha256::new().chain_update(pad(0x36)).chain_update(data).finalize();
+    Sha256::new().chain_update(pad(0x5c)).chain_update(inner).finalize().to_vec()
+}
+
+#[test]
+fn base64url_and_hmac_match_published_vectors() {
+    assert_eq!(base64url(b"f"), "Zg");
+    assert_eq!(base64url(b"fo"), "Zm8");
+    assert_eq!(base64url(b"foobar"), "Zm9vYmFy");
+    // RFC 7515 appendix A.1's payload encoding.
+    assert_eq!(base64url(&[123, 34, 105, 115, 115, 34]), "eyJpc3Mi");
+    // RFC 4231 test case 2.
+    let mac: String =
+        hmac_sha256(b"Jefe", b"what do ya want for nothing?").iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(mac, "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+}

@@ -17,7 +17,8 @@ const ORDERS: Labels<'static> = Labels { service: "pkg.Orders", method: "Create"
 const DEDUP: &str = r#"{"dedup":{"methods":["pkg.Orders/Create"]}}"#;
 
 const KEY_HEADER: &str = "x-idempotency-key";
-const REPLAY_HEADER: &str = "x-grpc-guard-replay";
+/// The filter-state mark that sends a retry to the replay route.
+const REPLAY_PROPERTY: &[&str] = &["grpc_guard.replay"];
 const REPLAY_CONTENT_TYPE: &str = "application/x-grpc-guard-replay";
 /// What the internal listener of `envoy/envoy.yaml` answers every marked retry.
 const PLACEHOLDER: &[u8] = b"grpc-guard replay";
@@ -35,7 +36,7 @@ fn dedup_counter(host: &Host, outcome: &str) -> Option<u64> {
 fn assert_forwarded_upstream(vm: &Vm, s: &Stream) {
     let headers = vm.request_headers_now(s);
     assert_eq!(value(&headers, "content-type").as_deref(), Some("application/grpc"), "{headers:?}");
-    assert_eq!(value(&headers, REPLAY_HEADER), None, "{headers:?}");
+    assert_eq!(vm.stream_property(s, REPLAY_PROPERTY), None, "not marked for the replay route");
 }
 
 /// The request goes to the replay hop, never upstream.
@@ -43,13 +44,24 @@ fn assert_forwarded_upstream(vm: &Vm, s: &Stream) {
 fn assert_sent_to_replay_hop(vm: &Vm, s: &Stream) {
     let headers = vm.request_headers_now(s);
     assert_eq!(value(&headers, "content-type").as_deref(), Some(REPLAY_CONTENT_TYPE), "{headers:?}");
-    assert_eq!(value(&headers, REPLAY_HEADER).as_deref(), Some("1"), "{headers:?}");
+    assert_eq!(vm.stream_property(s, REPLAY_PROPERTY).as_deref(), Some(&b"1"[..]), "marked for the replay route");
+}
+
+/// The mTLS peer every call here comes from, unless a test says otherwise.
+const PEER: &[u8] = b"spiffe://cluster.local/ns/shop/sa/web";
+
+/// A new stream from the mTLS peer [`PEER`], whose request (once forwarded)
+/// is carried by an upstream connection.
+fn new_call_stream(vm: &mut Vm) -> Stream {
+    let s = upstream_stream(vm);
+    vm.set_property(&s, &["source", "principal"], PEER);
+    s
 }
 
 /// Request headers of a call to `CreateOrder` carrying `extra`, not ending the
 /// request; returns the stream and what the filter did.
 fn start_call(vm: &mut Vm, extra: &[(&str, &str)]) -> (Stream, Action) {
-    let s = vm.new_stream();
+    let s = new_call_stream(vm);
     let action = vm.request_headers(&s, &grpc_headers(CREATE, extra), false);
     (s, action)
 }
@@ -269,7 +281,7 @@ fn transient_failure_releases_the_key_and_the_retry_runs_again() {
 }
 
 #[test]
-fn reset_stream_releases_the_key_and_the_retry_runs_again() {
+fn a_reset_after_the_request_went_upstream_keeps_the_key_and_the_retry_is_told_it_may_have_run() {
     let (host, mut vm) = vm_with(DEDUP);
     let (s, action) = start_call(&mut vm, &[(KEY_HEADER, "k")]);
     cont(&vm, action);
@@ -279,9 +291,39 @@ fn reset_stream_releases_the_key_and_the_retry_runs_again() {
     vm.finish(s);
     assert_eq!(one_call_log(&mut vm)["grpc_code"], "Unavailable");
 
+    let (s, action) = start_call(&mut vm, &[(KEY_HEADER, "k")]);
+    cont(&vm, action);
+    assert_sent_to_replay_hop(&vm, &s);
+    assert_eq!(vm.request_body(&s, &frames(&[8]), true), Action::Pause, "never run again");
+    let (code, message) = local_reply(&vm, &s);
+    assert_eq!(code, Some(9), "FAILED_PRECONDITION: {message}");
+    assert!(message.contains("may have run"), "{message}");
+    vm.finish(s);
+    let log = one_call_log(&mut vm);
+    assert_eq!((log["dedup"].as_str(), log["grpc_code"].as_str()), (Some("unknown"), Some("FailedPrecondition")));
+    assert_eq!(dedup_counter(&host, "unknown"), Some(1));
+    assert_eq!(dedup_counter(&host, "first"), Some(1));
+}
+
+#[test]
+fn a_call_that_never_reached_an_upstream_frees_its_key() {
+    let (host, mut vm) = vm_with(DEDUP);
+    let (s, action) = start_call(&mut vm, &[(KEY_HEADER, "k")]);
+    cont(&vm, action);
+    send(&mut vm, &s, &frames(&[8]));
+    // Connection refused: Envoy answers UNAVAILABLE, and no upstream
+    // connection ever carried the request.
+    vm.set_property(&s, &["upstream", "local_address"], b"");
+    vm.set_property(
+        &s,
+        &["response", "code_details"],
+        b"upstream_reset_before_response_started{remote_connection_failure}",
+    );
+    let action = vm.response_headers(&s, &[(":status", "200"), ("grpc-status", "14")], true);
+    cont(&vm, action);
+    vm.finish(s);
     let answer = Upstream { body: &frames(&[3]), trailers: OK_TRAILERS };
     first_call(&mut vm, &[(KEY_HEADER, "k")], &frames(&[8]), &answer);
-    assert_eq!(one_call_log(&mut vm)["dedup"], "first");
     assert_eq!(dedup_counter(&host, "first"), Some(2));
 }
 
@@ -370,25 +412,15 @@ fn call_without_a_key_is_forwarded_undeduplicated_when_no_key_is_required() {
 }
 
 #[test]
-fn client_sent_replay_mark_is_stripped_from_a_deduplicated_call() {
-    let (_host, mut vm) = vm_with(DEDUP);
-    for extra in [vec![(REPLAY_HEADER, "1"), (KEY_HEADER, "k")], vec![(REPLAY_HEADER, "1")]] {
-        let (s, action) = start_call(&mut vm, &extra);
-        cont(&vm, action);
-        assert_forwarded_upstream(&vm, &s);
+fn a_client_cannot_mark_its_own_request_for_the_replay_route() {
+    for config in ["{}", DEDUP] {
+        let (_host, mut vm) = vm_with(config);
+        for extra in [vec![("x-grpc-guard-replay", "1"), (KEY_HEADER, "k")], vec![("x-grpc-guard-replay", "1")]] {
+            let (s, action) = start_call(&mut vm, &extra);
+            cont(&vm, action);
+            assert_forwarded_upstream(&vm, &s);
+        }
     }
-}
-
-#[test]
-fn client_sent_replay_mark_is_stripped_from_every_request() {
-    let (_host, mut vm) = vm_with(DEDUP);
-    let s = open(&mut vm, PATH, &[(REPLAY_HEADER, "1")]);
-    assert_forwarded_upstream(&vm, &s);
-    let plain = vm.new_stream();
-    let action =
-        vm.request_headers(&plain, &[(":path", "/"), ("content-type", "text/plain"), (REPLAY_HEADER, "1")], true);
-    cont(&vm, action);
-    assert_eq!(value(&vm.request_headers_now(&plain), REPLAY_HEADER), None);
 }
 
 #[test]
@@ -410,21 +442,26 @@ fn kept_answer_expires_after_the_ttl_and_the_call_runs_again() {
 }
 
 #[test]
-fn key_of_a_stream_that_never_finished_is_freed_after_the_calls_deadline() {
-    let (host, mut vm) = vm_with(DEDUP);
+fn key_of_a_stream_that_never_finished_counts_as_may_have_run_until_the_ttl() {
+    let (host, mut vm) = vm_with(r#"{"dedup":{"methods":["pkg.Orders/Create"],"ttl":"60s"}}"#);
     let (stuck, action) = start_call(&mut vm, &[(KEY_HEADER, "k"), ("grpc-timeout", "2S")]);
     cont(&vm, action);
     send(&mut vm, &stuck, &frames(&[8]));
 
-    vm.advance_clock(Duration::from_millis(1999));
+    vm.advance_clock(Duration::from_millis(2999));
     let (early, action) = start_call(&mut vm, &[(KEY_HEADER, "k")]);
     assert_eq!(action, Action::Pause);
-    assert_eq!(local_reply(&vm, &early).0, Some(10), "still in flight within its deadline");
+    assert_eq!(local_reply(&vm, &early).0, Some(10), "still in flight within its deadline and a grace second");
 
     vm.advance_clock(Duration::from_millis(1));
     let (after, action) = start_call(&mut vm, &[(KEY_HEADER, "k")]);
+    assert_eq!(action, Action::Pause, "its stream vanished unsettled: it may have run");
+    assert_eq!(local_reply(&vm, &after).0, Some(9));
+
+    vm.advance_clock(Duration::from_secs(57));
+    let (fresh, action) = start_call(&mut vm, &[(KEY_HEADER, "k")]);
     cont(&vm, action);
-    assert_forwarded_upstream(&vm, &after);
+    assert_forwarded_upstream(&vm, &fresh);
     assert_eq!(dedup_counter(&host, "first"), Some(2));
 
     // The stuck stream finishing late must not settle the new owner's key.
@@ -433,13 +470,14 @@ fn key_of_a_stream_that_never_finished_is_freed_after_the_calls_deadline() {
     vm.finish(stuck);
     let (third, action) = start_call(&mut vm, &[(KEY_HEADER, "k")]);
     assert_eq!(action, Action::Pause);
-    assert_eq!(local_reply(&vm, &third).0, Some(10), "the second call still owns the key");
+    assert_eq!(local_reply(&vm, &third).0, Some(10), "the fresh call still owns the key");
 }
 
 #[test]
 fn full_table_rejects_new_keys_with_resource_exhausted_when_told_to() {
-    let (host, mut vm) = vm_with(r#"{"dedup":{"methods":["pkg.Orders/Create"],"max_entries":2,"when_full":"reject"}}"#);
-    for key in ["a", "b"] {
+    let config = r#"{"dedup":{"methods":["pkg.Orders/Create"],"max_entries":8,"caller_share":1,"when_full":"reject"}}"#;
+    let (host, mut vm) = vm_with(config);
+    for key in ["a", "b", "c1", "d", "e", "f", "g", "h"] {
         let (_s, action) = start_call(&mut vm, &[(KEY_HEADER, key), ("grpc-timeout", "1S")]);
         cont(&vm, action);
     }
@@ -453,8 +491,8 @@ fn full_table_rejects_new_keys_with_resource_exhausted_when_told_to() {
     assert_eq!((log["dedup"].as_str(), log["grpc_code"].as_str()), (Some("full"), Some("ResourceExhausted")));
     assert_eq!(dedup_counter(&host, "full"), Some(1));
 
-    // Dead claims make room again, counted as evictions.
-    vm.advance_clock(Duration::from_secs(1));
+    // Expired records make room again, counted as evictions.
+    vm.advance_clock(Duration::from_secs(300));
     let (s, action) = start_call(&mut vm, &[(KEY_HEADER, "c")]);
     cont(&vm, action);
     assert_forwarded_upstream(&vm, &s);
@@ -463,9 +501,10 @@ fn full_table_rejects_new_keys_with_resource_exhausted_when_told_to() {
 
 #[test]
 fn full_table_forwards_new_keys_undeduplicated_when_told_to() {
-    let (host, mut vm) =
-        vm_with(r#"{"dedup":{"methods":["pkg.Orders/Create"],"max_entries":2,"when_full":"forward"}}"#);
-    for key in ["a", "b"] {
+    let config =
+        r#"{"dedup":{"methods":["pkg.Orders/Create"],"max_entries":8,"caller_share":1,"when_full":"forward"}}"#;
+    let (host, mut vm) = vm_with(config);
+    for key in ["a", "b", "c1", "d", "e", "f", "g", "h"] {
         let (_s, action) = start_call(&mut vm, &[(KEY_HEADER, key)]);
         cont(&vm, action);
     }
@@ -476,7 +515,7 @@ fn full_table_forwards_new_keys_undeduplicated_when_told_to() {
     let outcomes: Vec<&str> = logs.iter().filter_map(|l| l["dedup"].as_str()).collect();
     assert_eq!(outcomes, ["full", "full"], "both ran upstream, neither was kept");
     assert_eq!(dedup_counter(&host, "full"), Some(2));
-    assert_eq!(dedup_counter(&host, "first"), Some(2), "only a and b");
+    assert_eq!(dedup_counter(&host, "first"), Some(8), "only the eight that filled the table");
 }
 
 #[test]
@@ -495,41 +534,54 @@ fn two_tenants_with_the_same_key_and_request_each_run() {
     assert_sent_to_replay_hop(&vm, &s);
 }
 
-/// The shared-data value of the one slot holding an entry.
-fn only_entry(host: &Host, max_entries: u32) -> Vec<u8> {
-    let entries: Vec<Vec<u8>> = (0..max_entries)
-        .filter_map(|slot| host.shared_data(&format!("grpc_guard.dedup.{slot}")))
-        .filter(|value| !value.is_empty())
-        .collect();
-    assert_eq!(entries.len(), 1, "expected one occupied slot");
-    entries.into_iter().next().unwrap()
+/// The one kept answer in a table of one bucket.
+fn only_answer(host: &Host) -> Vec<u8> {
+    let answers: Vec<Vec<u8>> =
+        (0..8).filter_map(|way| host.shared_data(&format!("grpc_guard.dedup.0.{way}"))).collect();
+    assert_eq!(answers.len(), 1, "expected one kept answer");
+    answers.into_iter().next().unwrap()
 }
 
-/// Bytes a kept OK answer costs on top of its response body, with the
-/// trailers `grpc-status: 0` and an empty `grpc-message`: key, expiry and
-/// request fingerprint (72), tags, status and length prefixes (14), the two
-/// trailers with their prefixes (40).
-const ENTRY_OVERHEAD: usize = 126;
+/// Bytes a kept OK answer costs beside its response body, with the header
+/// `content-type: application/grpc` and the trailers `grpc-status: 0` and an
+/// empty `grpc-message`: claim tag and status (12), three length prefixes
+/// (12), and each of the three pairs with its two prefixes (36 + 20 + 20).
+/// The index record (97 bytes, in the bucket) comes on top; both are within
+/// `dedup::ENTRY_OVERHEAD` plus the metadata as `max_metadata_bytes` counts it.
+const ANSWER_OVERHEAD: usize = 100;
 
 #[test]
 fn kept_answer_costs_its_response_body_plus_a_fixed_overhead_in_shared_data() {
+    let kept = |pairs: &[(&str, &str)]| -> Vec<(String, Vec<u8>)> {
+        pairs.iter().map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec())).collect()
+    };
+    let trailers = [("grpc-status", "0"), ("grpc-message", "")];
+    let metadata = grpc_guard::dedup::metadata_bytes(&kept(&[("content-type", "application/grpc")]))
+        + grpc_guard::dedup::metadata_bytes(&kept(&trailers));
     let mut overheads = Vec::new();
     for n in [5, 1_000, 60_000] {
         let (host, mut vm) = vm_with(r#"{"dedup":{"methods":["pkg.Orders/Create"],"max_entries":8}}"#);
         let body = frames(&[n - 5]);
         assert_eq!(body.len(), n);
-        let trailers = [("grpc-status", "0"), ("grpc-message", "")];
         first_call(&mut vm, &[(KEY_HEADER, "k")], &frames(&[8]), &Upstream { body: &body, trailers: &trailers });
-        overheads.push(only_entry(&host, 8).len() - n);
+        let answer = only_answer(&host).len();
+        overheads.push(answer - n);
+        let bucket = host.shared_data("grpc_guard.dedup.0").unwrap();
+        assert_eq!(bucket.len(), 1 + 8 * 97, "one bucket: a format byte and eight 97-byte records");
+        // What the configuration bounds, per entry: body + metadata (as
+        // max_metadata_bytes counts it) + ENTRY_OVERHEAD covers the answer
+        // and the entry's record.
+        let bound = n + metadata + grpc_guard::dedup::ENTRY_OVERHEAD as usize;
+        assert!(answer + 97 <= bound, "{answer} + 97 > {bound}");
     }
     eprintln!("shared data per kept answer: response body + {} bytes", overheads[0]);
-    assert!(overheads.iter().all(|&o| o == ENTRY_OVERHEAD), "overhead per entry: {overheads:?}");
+    assert!(overheads.iter().all(|&o| o == ANSWER_OVERHEAD), "overhead per entry: {overheads:?}");
 }
 
 #[test]
 fn retry_ending_with_its_headers_is_sent_to_the_replay_hop_too() {
     let (host, mut vm) = vm_with(DEDUP);
-    let s = vm.new_stream();
+    let s = new_call_stream(&mut vm);
     let action = vm.request_headers(&s, &grpc_headers(CREATE, &[(KEY_HEADER, "k")]), true);
     cont(&vm, action);
     respond_headers(&mut vm, &s);
@@ -538,7 +590,7 @@ fn retry_ending_with_its_headers_is_sent_to_the_replay_hop_too() {
     respond_trailers(&mut vm, &s, 0);
     vm.finish(s);
 
-    let s = vm.new_stream();
+    let s = new_call_stream(&mut vm);
     let action = vm.request_headers(&s, &grpc_headers(CREATE, &[(KEY_HEADER, "k")]), true);
     cont(&vm, action);
     assert_sent_to_replay_hop(&vm, &s);

@@ -123,8 +123,10 @@ const BASELINE_DEDUP_MISS: u64 = 75_192;
 /// Measured at 79,018; 72,380 once the lifecycle moved into the core.
 const BASELINE_DEDUP_HIT: u64 = 72_380;
 
-fn keyed(key: &str) -> [(&str, &str); 1] {
-    [("x-idempotency-key", key)]
+/// A key, and the caller's credentials: a key is only ever matched within
+/// one caller's scope.
+fn keyed(key: &str) -> [(&str, &str); 2] {
+    [("x-idempotency-key", key), ("authorization", "Bearer fuel")]
 }
 
 /// A retry through the replay hop: the internal listener's plain 200 comes

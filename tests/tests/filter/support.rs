@@ -86,9 +86,18 @@ pub fn cont(vm: &Vm, action: Action) {
     assert_eq!(action, Action::Continue, "trap: {:?}", vm.trapped());
 }
 
+/// A new stream as Envoy sees most: the answer comes from the upstream
+/// (`response.code_details: via_upstream`) over an upstream connection.
+pub fn upstream_stream(vm: &mut Vm) -> Stream {
+    let stream = vm.new_stream();
+    vm.set_property(&stream, &["response", "code_details"], b"via_upstream");
+    vm.set_property(&stream, &["upstream", "local_address"], b"127.0.0.1:40000");
+    stream
+}
+
 /// Opens a stream and sends gRPC request headers for `path` (not end of stream).
 pub fn open(vm: &mut Vm, path: &str, extra: &[(&str, &str)]) -> Stream {
-    let stream = vm.new_stream();
+    let stream = upstream_stream(vm);
     let action = vm.request_headers(&stream, &grpc_headers(path, extra), false);
     cont(vm, action);
     stream
