@@ -22,7 +22,7 @@ help:
 	@echo "make demo    the same, for 10 seconds, then exit (non-interactive)"
 	@echo "make test    install what is missing, then lint and run every test"
 	@echo "make wasm    build the release filter: $(WASM)"
-	@echo "make bench   grpc-guard against bare Envoy and Envoy's grpc_stats: throughput, latency, CPU per call"
+	@echo "make bench   grpc-guard against bare Envoy, grpc_stats and a do-nothing wasm filter (bench/results.md)"
 	@echo "make render  write the Envoy config for running Envoy yourself: .run/envoy.rendered.yaml"
 	@echo "make clean   remove build outputs and .venv"
 
@@ -68,11 +68,15 @@ unit: setup
 e2e: wasm
 	$(CARGO) test -p grpc-guard-tests
 
-# Envoy on CPU 0, load generator and upstream on CPU 1 (DESIGN.md §7).
+# Envoy alone on CPU 0; h2load and the upstream on CPU 1 (DESIGN.md §7).
+# The floor (bench/floor) is a Rust proxy-wasm filter that does nothing.
 BENCH_ARGS ?=
+FLOOR_WASM := $(CARGO_TARGET_DIR)/wasm32-wasip1/release/grpc_guard_floor.wasm
 bench: wasm
+	$(CARGO) build -p grpc-guard-floor --target wasm32-wasip1 --release
 	$(CARGO) build --release -p grpc-guard-demo --bins
-	taskset -c 1 $(CARGO_TARGET_DIR)/release/grpc-guard-bench --envoy $(ENVOY) --wasm $(WASM) --envoy-cpus 0 $(BENCH_ARGS)
+	taskset -c 1 $(CARGO_TARGET_DIR)/release/grpc-guard-bench --envoy $(ENVOY) --wasm $(WASM) \
+		--floor-wasm $(FLOOR_WASM) --envoy-cpus 0 $(BENCH_ARGS)
 
 # Ends with one "N passed, N failed" line summed over every test binary.
 test: lint wasm

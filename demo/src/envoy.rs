@@ -84,6 +84,9 @@ pub struct EnvoyParams {
     /// HTTP filters (YAML list items, indented as the template's) that run
     /// before grpc-guard, e.g. a JWT check whose result the filter reads.
     pub filters_before: String,
+    /// Request headers Envoy sets before any filter runs (values may use
+    /// Envoy's formatter, e.g. `%UNIQUE_ID%`).
+    pub set_request_headers: Vec<(String, String)>,
 }
 
 impl EnvoyParams {
@@ -98,6 +101,7 @@ impl EnvoyParams {
             plugin_config: plugin_config.to_owned(),
             http_filter: HttpFilter::GrpcGuard,
             filters_before: String::new(),
+            set_request_headers: Vec::new(),
         })
     }
 
@@ -133,6 +137,11 @@ impl EnvoyParams {
                 out.find(FILTER_BEGIN).ok_or_else(|| EnvoyError::Unfilled("grpc-guard filter block".to_owned()))?;
             out.insert_str(at, &self.filters_before);
         }
+        if !self.set_request_headers.is_empty() {
+            let at = out.find(STAT_PREFIX).ok_or_else(|| EnvoyError::Unfilled("the gRPC listener".to_owned()))?
+                + STAT_PREFIX.len();
+            out.insert_str(at, &early_header_mutation(&self.set_request_headers));
+        }
         for (key, value) in values {
             out = out.replace(key, &value);
         }
@@ -141,6 +150,31 @@ impl EnvoyParams {
             None => Ok(out),
         }
     }
+}
+
+/// The gRPC listener's connection manager in the template.
+const STAT_PREFIX: &str = "          stat_prefix: grpc_ingress\n";
+
+/// Envoy's early header mutation (before routing and every filter) setting
+/// `headers`.
+fn early_header_mutation(headers: &[(String, String)]) -> String {
+    let mut out = String::from(
+        "          early_header_mutation_extensions:
+          - name: envoy.http.early_header_mutation.header_mutation
+            typed_config:
+              \"@type\": type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation
+              mutations:
+",
+    );
+    for (name, value) in headers {
+        out.push_str(&format!(
+            "              - append:
+                  header: {{ key: {name:?}, value: {value:?} }}
+                  append_action: OVERWRITE_IF_EXISTS_OR_ADD
+"
+        ));
+    }
+    out
 }
 
 /// The template with the grpc-guard filter block replaced by `replacement`.
@@ -339,6 +373,7 @@ mod tests {
             plugin_config: r#"{"log":{"request_id_header":"it's"}}"#.into(),
             http_filter: HttpFilter::GrpcGuard,
             filters_before: String::new(),
+            set_request_headers: Vec::new(),
         }
     }
 

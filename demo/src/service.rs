@@ -65,7 +65,10 @@ impl pb::demo_server::Demo for DemoServer {
     async fn echo(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
         let execution = self.observed.entered("Echo", request.metadata());
         let request = request.into_inner();
-        tokio::time::sleep(Duration::from_millis(request.delay_ms.into())).await;
+        // Even a zero sleep waits for tokio's next 1 ms timer tick: skip it.
+        if request.delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(request.delay_ms.into())).await;
+        }
         self.observed.completed("Echo");
         if let Some(mut status) = requested_failure(request.fail_code) {
             mark_execution(status.metadata_mut(), execution);

@@ -55,8 +55,12 @@ pub const REPLAY_CONTENT_TYPE: &str = "application/x-grpc-guard-replay";
 
 /// Ways (records) per bucket.
 pub const WAYS: usize = 8;
-/// Most attempts at a compare-and-swap before giving up on a busy bucket.
+/// Most attempts at a compare-and-swap before giving up on a busy bucket:
+/// a lookup then answers "in progress; retry", safe either way.
 const CAS_ATTEMPTS: usize = 4;
+/// Settling tries harder: giving up leaves the key claimed until it counts
+/// as "may have run".
+const SETTLE_ATTEMPTS: usize = 32;
 /// Bytes the table may need per entry beyond the kept body and metadata:
 /// the index record, the answer's framing, and Envoy's cost of one more
 /// shared-data key, rounded up. [`crate::config`] bounds the table with it.
@@ -141,14 +145,12 @@ pub fn metadata_bytes(pairs: &[(String, Vec<u8>)]) -> usize {
 
 /// Statuses a retry would get again, so keeping them is safe (DESIGN §3.5):
 /// the call ran to a definite answer, or definitely did nothing.
-pub fn is_kept_status(status: GrpcStatus) -> bool {
+fn is_kept_status(status: GrpcStatus) -> bool {
     use GrpcStatus::*;
     match status {
-        Ok | InvalidArgument | NotFound | AlreadyExists | PermissionDenied | FailedPrecondition | OutOfRange
-        | Unimplemented | Unauthenticated => true,
-        Cancelled | Unknown | DeadlineExceeded | ResourceExhausted | Aborted | Internal | Unavailable | DataLoss => {
-            false
-        }
+        Ok | InvalidArgument | NotFound | AlreadyExists | FailedPrecondition | OutOfRange | Unimplemented => true,
+        Cancelled | Unknown | DeadlineExceeded | ResourceExhausted | Aborted | Internal | Unavailable | DataLoss
+        | PermissionDenied | Unauthenticated => false,
     }
 }
 
@@ -183,17 +185,21 @@ pub enum Disposition {
 /// The rule (README "Idempotency keys"). An upstream that answers
 /// UNAVAILABLE, RESOURCE_EXHAUSTED or ABORTED says, by gRPC's own definition
 /// of those codes, that the call was refused or rolled back and the client
-/// should retry: it is taken at its word. HTTP 4xx without `grpc-status` is a
-/// refusal before any handler ran. Everything else that is not a definite
+/// should retry: it is taken at its word. UNAUTHENTICATED and
+/// PERMISSION_DENIED are refusals before anything ran, and kept they would
+/// let a caller with made-up credentials fill the table: freed. HTTP 4xx
+/// without `grpc-status` is a refusal before any handler ran. Everything else that is not a definite
 /// answer may have run: DEADLINE_EXCEEDED ("may be returned even if the
 /// operation has completed successfully"), CANCELLED, UNKNOWN, INTERNAL,
 /// DATA_LOSS, HTTP 5xx, and any reset or cut after the request left Envoy.
 pub fn disposition(ending: Ending) -> Disposition {
-    use GrpcStatus::{Aborted, ResourceExhausted, Unavailable};
+    use GrpcStatus::{Aborted, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable};
     match ending {
         Ending::Guard | Ending::Incomplete | Ending::Envoy { sent: false } => Disposition::Free,
+        Ending::Upstream(Unavailable | ResourceExhausted | Aborted | Unauthenticated | PermissionDenied) => {
+            Disposition::Free
+        }
         Ending::Upstream(status) if is_kept_status(status) => Disposition::Keep,
-        Ending::Upstream(Unavailable | ResourceExhausted | Aborted) => Disposition::Free,
         Ending::UpstreamHttp(http) if (400..500).contains(&http) => Disposition::Free,
         Ending::Upstream(_) | Ending::UpstreamHttp(_) | Ending::Envoy { sent: true } => Disposition::Unknown,
     }
@@ -515,7 +521,10 @@ impl DedupTable {
                 caller,
                 owner,
                 claim_until,
-                expires: now.saturating_add(self.ttl_ns),
+                // A claim outlives its call: once `claim_until` has passed
+                // unsettled it still keeps the key, as "may have run", for
+                // `ttl`.
+                expires: claim_until.saturating_add(self.ttl_ns),
                 fingerprint: [0; 32],
             };
             let claim = Claim { bucket, way, key: *key, owner };
@@ -543,9 +552,15 @@ impl DedupTable {
     }
 
     /// Ends `claim`: frees it, or keeps its outcome for `ttl` from `now`.
-    /// Does nothing if the way is no longer this claim (it was abandoned and
-    /// taken).
-    pub fn settle(&self, store: &mut (impl SharedStore + ?Sized), claim: &Claim, settlement: Settlement, now: u64) {
+    /// Does nothing if the way is no longer this claim (it expired and was
+    /// taken). False when other workers kept the bucket too busy to write.
+    pub fn settle(
+        &self,
+        store: &mut (impl SharedStore + ?Sized),
+        claim: &Claim,
+        settlement: Settlement,
+        now: u64,
+    ) -> bool {
         let (state, fingerprint) = match settlement {
             Settlement::Free => (State::Free, [0; 32]),
             Settlement::Keep { fingerprint, answer: Some(answer) } => {
@@ -556,10 +571,12 @@ impl DedupTable {
             Settlement::Keep { fingerprint, answer: None } => (State::NotKept, fingerprint),
             Settlement::Unknown { fingerprint } => (State::Unknown, fingerprint),
         };
-        let _ = shared::update(store, &index_key(claim.bucket), CAS_ATTEMPTS, |bytes| {
+        let written = shared::update(store, &index_key(claim.bucket), SETTLE_ATTEMPTS, |bytes| {
             let mut ways = decode_bucket(bytes);
             let Some(record) = ways.get_mut(claim.way) else { return Decision::Keep(()) };
-            if record.state != State::InFlight || record.owner != claim.owner || record.key != claim.key {
+            let ours = record.state == State::InFlight && record.owner == claim.owner && record.key == claim.key;
+            // An expired record is not revived: another claim may hold the key.
+            if !ours || !record.live(now) {
                 return Decision::Keep(());
             }
             *record = match state {
@@ -568,6 +585,7 @@ impl DedupTable {
             };
             Decision::Write(Cow::Owned(encode_bucket(&ways)), ())
         });
+        written.is_ok()
     }
 }
 

@@ -117,6 +117,14 @@ impl FrameReader {
     pub fn message_bytes(&self) -> u64 {
         self.message_bytes
     }
+
+    /// Messages read to their last byte: a server can act on these.
+    pub fn whole_messages(&self) -> u64 {
+        match self.state {
+            State::Prefix { have: 0, .. } => self.messages,
+            _ => self.messages.saturating_sub(1),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -174,6 +182,7 @@ mod tests {
         assert_eq!(frames.unwrap(), vec![Frame { compressed: false, len: 5 }]);
         assert_eq!(copied, PREFIX_LEN, "payload bytes must not be copied");
         assert_eq!(reader.messages(), 1);
+        assert_eq!(reader.whole_messages(), 1);
         assert_eq!(reader.message_bytes(), 5);
         assert!(reader.at_boundary());
     }
@@ -209,6 +218,11 @@ mod tests {
         let body = frame_message(b"hello");
         let (_, _, reader) = read_in_chunks(&body[..7], &[]);
         assert!(!reader.at_boundary());
+        assert_eq!(
+            (reader.messages(), reader.whole_messages()),
+            (1, 0),
+            "its prefix is read, its bytes are not all in"
+        );
     }
 
     #[test]

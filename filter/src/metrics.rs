@@ -207,6 +207,10 @@ pub mod guard {
     /// Requests on a gRPC method path with a content type that is not gRPC
     /// (answered HTTP 415).
     pub const NON_GRPC_REFUSED: &str = "grpc_guard_non_grpc_refused_total";
+    /// First calls whose outcome could not be written to the dedup table
+    /// (other workers kept its bucket busy): the key stays claimed, then
+    /// counts as "may have run", until it expires.
+    pub const DEDUP_SETTLE_LOST: &str = "grpc_guard_dedup_settle_lost_total";
 }
 
 #[cfg(test)]

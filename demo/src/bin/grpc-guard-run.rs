@@ -65,6 +65,7 @@ impl Args {
             plugin_config: self.filter.plugin_config.clone(),
             http_filter: HttpFilter::GrpcGuard,
             filters_before: String::new(),
+            set_request_headers: Vec::new(),
         }
     }
 }

@@ -17,8 +17,8 @@ use std::borrow::Cow;
 use super::{lossy, Call, Effect, Effects, Host, Next, Reply, Side};
 use crate::config::{Anonymous, DedupConfig, ScopePart, WhenFull};
 use crate::dedup::{
-    caller_tag, check_key, digest, disposition, metadata_bytes, Answer, Claim, Digest, Disposition, Ending,
-    Fingerprint, Lookup, Outcome, Settlement, REPLAYED_HEADER, REPLAY_CONTENT_TYPE, REPLAY_PATH_PREFIX,
+    caller_tag, check_key, digest, disposition, Answer, Claim, Digest, Disposition, Ending, Fingerprint, Lookup,
+    Outcome, Settlement, REPLAYED_HEADER, REPLAY_CONTENT_TYPE, REPLAY_PATH_PREFIX,
 };
 use crate::metrics::Family;
 use crate::record::DedupOutcome;
@@ -44,9 +44,9 @@ fn kept_header(name: &str) -> bool {
 pub(super) enum Phase {
     /// This call runs upstream and what it ends with will be kept.
     First(FirstCall),
-    /// The key's first call finished; the whole request is awaited to compare
-    /// its fingerprint.
-    Verify { fingerprint: Digest, outcome: Outcome },
+    /// The key's first call finished; the request's fingerprint is taken as
+    /// it streams (`seen`) and compared at its end.
+    Verify { fingerprint: Digest, outcome: Outcome, seen: Fingerprint },
     /// An OK answer is being replayed through the second hop.
     Replay(Answer),
 }
@@ -64,10 +64,15 @@ pub(super) struct FirstCall {
 }
 
 impl FirstCall {
-    /// Notes more metadata; past the bound, nothing is kept but the fact.
-    fn keep_metadata(&mut self, headers: Vec<(String, Vec<u8>)>, trailers: bool) {
+    /// Notes more metadata, a later value of a name standing for the earlier
+    /// (trailers after a status in the headers); past the bound, nothing is
+    /// kept but the fact.
+    fn keep_metadata(&mut self, pairs: Vec<(String, Vec<u8>)>, trailers: bool) {
         let list = if trailers { &mut self.answer.trailers } else { &mut self.answer.headers };
-        *list = headers;
+        if trailers {
+            list.retain(|(name, _)| !pairs.iter().any(|(n, _)| n == name));
+        }
+        list.extend(pairs);
         if self.answer.metadata_bytes() > self.max_metadata {
             self.too_large = true;
         }
@@ -125,8 +130,11 @@ impl Call {
                 ),
             };
         }
+        // The caller is who it is, not which virtual host it called: only the
+        // identity parts count towards its share.
+        let identity: Vec<&[u8]> = scope.iter().filter(|(id, _)| *id).map(|(_, v)| v.as_slice()).collect();
+        let caller = caller_tag(&identity);
         let mut parts: Vec<&[u8]> = scope.iter().map(|(_, v)| v.as_slice()).collect();
-        let caller = caller_tag(&parts);
         // A deduplicated method always has a well-formed path: `pkg.Svc/Method`.
         parts.push(self.method_name().as_bytes());
         parts.push(key);
@@ -168,13 +176,14 @@ impl Call {
             }
             Lookup::Abandoned => self.answer_unknown(fx),
             Lookup::Done { fingerprint, outcome } => {
-                self.dedup = Some(Box::new(Phase::Verify { fingerprint, outcome }));
+                self.dedup = Some(Box::new(Phase::Verify { fingerprint, outcome, seen: Fingerprint::default() }));
                 // Only the whole request's fingerprint tells a retry from a
                 // reuse of the key, and a paused header callback would hold the
                 // body back from this filter too (proxy-wasm turns Pause into
                 // StopAllIteration). So the retry goes on now, but to the
-                // replay hop, never upstream; its listener answers only once
-                // the whole body has passed this filter's check.
+                // replay hop, never upstream, its body emptied as it passes;
+                // the hop answers only at the request's end, after this
+                // filter's check.
                 fx.push(Effect::SetRequestHeader(
                     Cow::Borrowed("content-type"),
                     REPLAY_CONTENT_TYPE.as_bytes().to_vec(),
@@ -186,7 +195,7 @@ impl Call {
                 let replay_path = format!("{REPLAY_PATH_PREFIX}{}", self.path);
                 fx.push(Effect::SetRequestHeader(Cow::Borrowed(":path"), replay_path.into_bytes()));
                 if end_of_stream {
-                    return self.verify_and_answer(&[], fx);
+                    return self.verify_and_answer(fx);
                 }
                 Next::Continue
             }
@@ -234,21 +243,19 @@ impl Call {
         fx: &mut Effects,
     ) -> Option<Next> {
         match self.dedup.as_deref_mut()? {
-            Phase::Verify { .. } => {
-                // Envoy buffers the body while this returns Pause; at its end
-                // the buffer holds the whole request.
-                if !end_of_stream {
-                    return Some(Next::Pause);
-                }
-                let body = host.request_body(0, len).unwrap_or_default();
-                let next = self.verify_and_answer(&body, fx);
+            Phase::Verify { seen, .. } => {
+                // Fingerprinted as it streams, then emptied: a retry on its
+                // way to the replay hop holds no memory, whatever its size.
+                let chunk = host.request_body(0, len).unwrap_or_default();
+                seen.update(&chunk);
+                fx.push(Effect::ReplaceRequestBody(Vec::new()));
                 let _ = self.read_frames(
                     Side::Request,
                     len,
-                    |offset, n| body.get(offset..offset + n).map(<[u8]>::to_vec),
+                    |offset, n| chunk.get(offset..offset + n).map(<[u8]>::to_vec),
                     fx,
                 );
-                Some(next)
+                Some(if end_of_stream { self.verify_and_answer(fx) } else { Next::Continue })
             }
             Phase::First(first) => {
                 if let Some(chunk) = host.request_body(0, len) {
@@ -260,11 +267,18 @@ impl Call {
         }
     }
 
-    /// A retry of a finished key, with its whole request: answer with what
+    /// The request trailers of a keyed call: a retry's request ends here.
+    pub(super) fn dedup_request_trailers<H: Host>(&mut self, _host: &mut H, fx: &mut Effects) -> Option<Next> {
+        matches!(self.dedup.as_deref(), Some(Phase::Verify { .. })).then(|| self.verify_and_answer(fx))
+    }
+
+    /// A retry of a finished key, its whole request seen: answer with what
     /// the first call left if the request is the same, refuse it otherwise.
-    fn verify_and_answer(&mut self, body: &[u8], fx: &mut Effects) -> Next {
-        let Some(Phase::Verify { fingerprint, outcome }) = self.dedup.take().map(|p| *p) else { return Next::Continue };
-        if Fingerprint::of(body) != fingerprint {
+    fn verify_and_answer(&mut self, fx: &mut Effects) -> Next {
+        let Some(Phase::Verify { fingerprint, outcome, seen }) = self.dedup.take().map(|p| *p) else {
+            return Next::Continue;
+        };
+        if seen.finish() != fingerprint {
             self.set_outcome(DedupOutcome::Mismatch, Family::DedupMismatch, fx);
             return self.answer(
                 GrpcStatus::InvalidArgument,
@@ -288,14 +302,19 @@ impl Call {
         self.answered_by_guard = true;
         if answer.status != GrpcStatus::Ok {
             // An error has no message: a trailers-only local reply carries it
-            // whole, status details and metadata included.
+            // whole, status details and metadata included. Its values were
+            // kept only if they are text (checked when it was kept).
             self.count(Family::DedupReplayed, None, 1, fx);
-            let mut headers: Vec<(String, String)> = answer
-                .trailers
-                .iter()
-                .chain(answer.headers.iter().filter(|(n, _)| n != "content-type"))
-                .map(|(n, v)| (n.clone(), lossy(v.clone())))
-                .collect();
+            let mut headers = vec![("grpc-status".to_owned(), answer.status.code().to_string())];
+            let text = |pairs: &[(String, Vec<u8>)]| -> Vec<(String, String)> {
+                pairs
+                    .iter()
+                    .filter(|(n, _)| n != "grpc-status" && n != "content-type")
+                    .map(|(n, v)| (n.clone(), lossy(v.clone())))
+                    .collect()
+            };
+            headers.extend(text(&answer.trailers));
+            headers.extend(text(&answer.headers));
             headers.push((REPLAYED_HEADER.to_owned(), "true".to_owned()));
             fx.push(Effect::Reply(Reply::Http { code: 200, headers, body: None }));
             return Next::Pause;
@@ -329,7 +348,8 @@ impl Call {
         ));
         fx.push(Effect::RemoveResponseHeader("content-length"));
         for (name, value) in answer.headers.iter().filter(|(n, _)| n != "content-type") {
-            fx.push(Effect::SetResponseHeader(Cow::Owned(name.clone()), value.clone()));
+            // Added, not set: a name may carry several values.
+            fx.push(Effect::AddResponseHeader(name.clone(), value.clone()));
         }
         fx.push(Effect::SetResponseHeader(Cow::Borrowed(REPLAYED_HEADER), b"true".to_vec()));
         self.count(Family::DedupReplayed, None, 1, fx);
@@ -366,7 +386,12 @@ impl Call {
                     fx,
                 );
                 fx.push(Effect::ReplaceResponseBody(answer.body));
-                for (name, value) in answer.trailers {
+                // The status as the first call ended, whichever block carried it.
+                fx.push(Effect::AddResponseTrailer(
+                    "grpc-status".to_owned(),
+                    answer.status.code().to_string().into_bytes(),
+                ));
+                for (name, value) in answer.trailers.into_iter().filter(|(n, _)| n != "grpc-status") {
                     fx.push(Effect::AddResponseTrailer(name, value));
                 }
                 self.tag_seen_status(fx);
@@ -416,14 +441,14 @@ impl Call {
         host: &mut H,
         status: GrpcStatus,
         source: StatusSource,
+        fx: &mut Effects,
     ) {
         let Some(config) = worker.config.dedup.as_ref() else { return };
         let Some(Phase::First(mut first)) = self.dedup.take().map(|p| *p) else { return };
         let ending = if self.answered_by_guard {
             Ending::Guard
-        } else if !self.request_complete {
-            Ending::Incomplete
         } else if self.details(host) == "via_upstream" {
+            // The upstream answered, whether or not the request had ended.
             match source {
                 StatusSource::Trailers | StatusSource::Headers => Ending::Upstream(status),
                 StatusSource::Http | StatusSource::Missing => {
@@ -431,6 +456,10 @@ impl Call {
                 }
                 StatusSource::Reset => Ending::Envoy { sent: true },
             }
+        } else if self.request.whole_messages() == 0 {
+            // No whole request message went past the filter: no unary
+            // handler could have run.
+            Ending::Incomplete
         } else {
             // No upstream connection ever carried it: it never left Envoy
             // (no route, no healthy host, connection refused, overflow).
@@ -442,9 +471,13 @@ impl Call {
             Disposition::Unknown => Settlement::Unknown { fingerprint },
             Disposition::Keep => {
                 first.answer.status = status;
-                let kept = !first.too_large
-                    && metadata_bytes(&first.answer.headers) + metadata_bytes(&first.answer.trailers)
-                        <= first.max_metadata;
+                let answer = &first.answer;
+                let fits = !first.too_large && answer.metadata_bytes() <= first.max_metadata;
+                // An error is replayed as a local reply, whose header values
+                // must be text: one that is not is not kept rather than changed.
+                let text = |pairs: &[(String, Vec<u8>)]| pairs.iter().all(|(_, v)| std::str::from_utf8(v).is_ok());
+                let replayable = status == GrpcStatus::Ok || (text(&answer.headers) && text(&answer.trailers));
+                let kept = fits && replayable;
                 if !kept {
                     self.dedup_outcome = DedupOutcome::NotKept;
                 }
@@ -452,6 +485,8 @@ impl Call {
             }
         };
         let now = host.now_ns();
-        config.table().settle(host, &first.claim, settlement, now);
+        if !config.table().settle(host, &first.claim, settlement, now) {
+            fx.push(Effect::CountGuard(crate::metrics::guard::DEDUP_SETTLE_LOST));
+        }
     }
 }

@@ -70,7 +70,11 @@ pub enum Reply {
 pub enum Effect {
     SetRequestHeader(Cow<'static, str>, Vec<u8>),
     SetResponseHeader(Cow<'static, str>, Vec<u8>),
+    /// Add a response header value beside any others of the name.
+    AddResponseHeader(String, Vec<u8>),
     RemoveResponseHeader(&'static str),
+    /// Replace the request body chunk being delivered.
+    ReplaceRequestBody(Vec<u8>),
     Reply(Reply),
     /// Replace the response body chunk being delivered.
     ReplaceResponseBody(Vec<u8>),
@@ -153,8 +157,10 @@ pub struct Call {
     answered_after: Option<Duration>,
     /// grpc-guard answered the call itself: it never reached the upstream.
     answered_by_guard: bool,
-    /// The request's end went on past this filter.
-    request_complete: bool,
+    /// Envoy itself takes the request for gRPC (`application/grpc` or
+    /// `application/grpc+…`, as written): only then does it turn the
+    /// filter's local replies into gRPC answers.
+    envoy_grpc: bool,
     /// Envoy's `response.code_details`, once read.
     details: Option<String>,
     /// The idempotency key's part in this call, if it has one (boxed: most
@@ -210,7 +216,7 @@ impl Call {
             deadline_source: DeadlineSource::None,
             answered_after: None,
             answered_by_guard: false,
-            request_complete: false,
+            envoy_grpc: content_type.as_deref().is_some_and(is_envoy_grpc),
             details: None,
             dedup: None,
             dedup_outcome: DedupOutcome::None,
@@ -243,12 +249,10 @@ impl Call {
                 return call.answer(status, message, fx);
             }
         }
-        let next = match dedup {
+        match dedup {
             Some(config) => call.dedup_request_headers(worker, config, host, key, end_of_stream, fx),
             None => Next::Continue,
-        };
-        call.request_complete = end_of_stream && next == Next::Continue;
-        next
+        }
     }
 
     /// A request on a gRPC method path whose content type is not gRPC:
@@ -278,10 +282,7 @@ impl Call {
             return next;
         }
         match self.read_frames(Side::Request, len, |offset, n| host.request_body(offset, n), fx) {
-            Ok(()) => {
-                self.request_complete |= end_of_stream;
-                Next::Continue
-            }
+            Ok(()) => Next::Continue,
             Err(ChunkError::Frame(e)) => {
                 fx.push(Effect::CountGuard(guard::BAD_FRAMES));
                 self.answer(GrpcStatus::Internal, format!("grpc-guard: request body is not gRPC: {e}"), fx)
@@ -294,6 +295,11 @@ impl Call {
                 self.answer(GrpcStatus::ResourceExhausted, message, fx)
             }
         }
+    }
+
+    /// The request trailers: the request's end, when it has them.
+    pub fn on_request_trailers<H: Host>(&mut self, host: &mut H, fx: &mut Effects) -> Next {
+        self.dedup_request_trailers(host, fx).unwrap_or(Next::Continue)
     }
 
     /// The response headers.
@@ -344,7 +350,7 @@ impl Call {
         self.flush_message_counts(fx);
         let seen = self.seen;
         let (status, source) = seen.final_status(|| ResetSide::from_code_details(self.details(host)));
-        self.dedup_settle(worker, host, status, source);
+        self.dedup_settle(worker, host, status, source, fx);
         if self.tagged != Some(status) {
             fx.push(Effect::Tag(status));
         }
@@ -419,7 +425,21 @@ impl Call {
     /// request steps only.
     fn answer(&mut self, status: GrpcStatus, message: impl Into<String>, fx: &mut Effects) -> Next {
         self.answered_by_guard = true;
-        fx.push(Effect::Reply(Reply::Status { status, message: message.into() }));
+        let message = message.into();
+        let reply = if self.envoy_grpc {
+            Reply::Status { status, message }
+        } else {
+            // Envoy does not take this content type for gRPC and would send
+            // the message as a plain-text body without `grpc-status`: spell
+            // the status out. (A bodyless local reply loses its content
+            // type in Envoy; clients read the status from `grpc-status`.)
+            let headers = vec![
+                ("grpc-status".to_owned(), status.code().to_string()),
+                ("grpc-message".to_owned(), crate::status::percent_encode(&message)),
+            ];
+            Reply::Http { code: 200, headers, body: None }
+        };
+        fx.push(Effect::Reply(reply));
         Next::Pause
     }
 
@@ -490,6 +510,13 @@ impl Call {
             _ => Ok(()),
         }
     }
+}
+
+/// What Envoy's own check takes for gRPC (`Grpc::Common::hasGrpcContentType`):
+/// exactly `application/grpc`, or `application/grpc+…`, case as written.
+fn is_envoy_grpc(content_type: &[u8]) -> bool {
+    const GRPC: &[u8] = b"application/grpc";
+    content_type.strip_prefix(GRPC).is_some_and(|rest| rest.is_empty() || rest.starts_with(b"+"))
 }
 
 /// Header bytes as text; invalid UTF-8 is replaced, never trusted.

@@ -184,6 +184,13 @@ impl<'w> Stream<'w> {
         self.apply(next)
     }
 
+    /// Request trailers: the request ends with them.
+    fn request_trailers(&mut self) -> Next {
+        let Some(call) = self.call.as_mut() else { return Next::Continue };
+        let next = call.on_request_trailers(&mut self.host, &mut self.fx);
+        self.apply(next)
+    }
+
     fn response_headers(&mut self, headers: &[(&str, &str)], end: bool) -> Next {
         self.host.response_headers = headers.iter().map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec())).collect();
         let Some(call) = self.call.as_mut() else { return Next::Continue };
@@ -239,6 +246,8 @@ impl<'w> Stream<'w> {
             match effect {
                 Effect::SetRequestHeader(n, v) => set(&mut self.host.request_headers, &n, &v),
                 Effect::SetResponseHeader(n, v) => set(&mut self.host.response_headers, &n, &v),
+                Effect::AddResponseHeader(n, v) => self.host.response_headers.push((n, v)),
+                Effect::ReplaceRequestBody(body) => self.host.request_chunk = body,
                 Effect::RemoveResponseHeader(n) => self.host.response_headers.retain(|(k, _)| k != n),
                 Effect::Reply(reply) => {
                     assert!(self.seen.reply.is_none(), "answered twice");
@@ -738,8 +747,10 @@ fn a_retry_of_a_kept_ok_answer_is_replayed_through_the_hop_without_running() {
         assert_eq!(s.headers(false), Next::Continue);
         assert_sent_to_replay_hop(&s);
         let request = frame(b"create 1");
-        assert_eq!(s.request_body(&request[..4], false), Next::Pause, "no byte goes on before the fingerprint matched");
-        assert_eq!(s.request_body(&request, true), Next::Continue);
+        assert_eq!(s.request_body(&request[..4], false), Next::Continue);
+        assert!(s.host.request_chunk.is_empty(), "the retry's bytes go on emptied: none reaches even the hop");
+        assert_eq!(s.request_body(&request[4..], true), Next::Continue);
+        assert!(s.host.request_chunk.is_empty());
         replay_hop_answers(&mut s, split);
         assert_eq!(get(&s.host.response_headers, "content-type"), Some(b"application/grpc".to_vec()));
         assert_eq!(get(&s.host.response_headers, "content-length"), None);
@@ -754,6 +765,45 @@ fn a_retry_of_a_kept_ok_answer_is_replayed_through_the_hop_without_running() {
         assert_eq!(seen.count(Family::DedupReplayed, None), 1);
         assert_eq!(seen.count(Family::Handled, Some(GrpcStatus::Ok)), 1);
     }
+}
+
+#[test]
+fn a_request_that_ends_with_trailers_is_a_whole_request() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(DEDUP);
+    // The first call ends with trailers and the client then cancels: it may
+    // have run.
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    s.headers(false);
+    s.request_body(&frame(b"x"), false);
+    assert_eq!(s.request_trailers(), Next::Continue);
+    s.finish("http2.remote_reset");
+    // A retry with another body, ended by trailers, is refused at its end.
+    let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    retry.headers(false);
+    retry.request_body(&frame(b"y"), false);
+    assert_eq!(retry.request_trailers(), Next::Pause);
+    assert_eq!(reply_status(&retry.finish("local_reply")).map(|r| r.0), Some(GrpcStatus::InvalidArgument));
+    // The same body, ended by trailers: told it may have run.
+    let mut again = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    again.headers(false);
+    again.request_body(&frame(b"x"), false);
+    assert_eq!(again.request_trailers(), Next::Pause);
+    assert_eq!(reply_status(&again.finish("local_reply")).map(|r| r.0), Some(GrpcStatus::FailedPrecondition));
+}
+
+#[test]
+fn an_upstream_that_answered_before_the_request_ended_keeps_its_answer() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(DEDUP);
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    s.headers(false);
+    s.request_body(&frame(b"x"), false);
+    s.upstream_answers(b"done", "0");
+    s.finish("via_upstream");
+    let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    retry.headers(false);
+    assert!(retry.seen.marked, "the answer was kept: the retry is replayed");
 }
 
 #[test]
@@ -871,7 +921,13 @@ fn retry_after(ending: &FirstEnding) -> RetryGets {
     let mut worker = envoy.worker(DEDUP);
     let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
     s.headers(false);
-    s.request_body(&frame(b"x"), ending.complete);
+    let message = frame(b"x");
+    if ending.complete {
+        s.request_body(&message, true);
+    } else {
+        // The prefix and part of the message: no handler has it yet.
+        s.request_body(&message[..5], false);
+    }
     if let Some((headers, end)) = ending.headers {
         s.response_headers(headers, end);
     }
@@ -959,13 +1015,23 @@ fn a_key_is_freed_only_when_the_first_call_provably_did_not_run() {
         ),
         (
             FirstEnding {
-                name: "the client left before its request was whole",
+                name: "the client left before its request message was whole",
                 complete: false,
                 headers: None,
                 details: "http2.remote_reset",
                 sent: true,
             },
             RetryGets::Runs,
+        ),
+        (
+            FirstEnding {
+                name: "the client left after its message, before its end of stream",
+                complete: true,
+                headers: None,
+                details: "http2.remote_reset",
+                sent: true,
+            },
+            RetryGets::MayHaveRun,
         ),
         (
             FirstEnding {
@@ -1395,4 +1461,101 @@ fn a_caller_over_its_share_is_refused_while_others_still_get_keys() {
     assert_eq!((seen.log("dedup").as_str(), seen.count(Family::DedupCallerFull, None)), (Some("caller_full"), 1));
     let other = unary(&envoy, &mut worker, &[(KEY, "modest")], b"x", "0");
     assert_eq!(other.log("dedup"), "first");
+}
+
+#[test]
+fn a_replay_keeps_every_value_of_a_repeated_header() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(DEDUP);
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    s.headers(false);
+    s.request_body(&frame(b"x"), true);
+    s.response_headers(
+        &[(":status", "200"), ("content-type", "application/grpc"), ("x-multi", "a"), ("x-multi", "b")],
+        false,
+    );
+    s.response_body(&frame(b"y"), false);
+    s.trailers(&[("grpc-status", "0")]);
+    s.finish("via_upstream");
+    let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    retry.headers(false);
+    retry.request_body(&frame(b"x"), true);
+    replay_hop_answers(&mut retry, false);
+    let values: Vec<&[u8]> =
+        retry.host.response_headers.iter().filter(|(n, _)| n == "x-multi").map(|(_, v)| v.as_slice()).collect();
+    assert_eq!(values, [&b"a"[..], b"b"]);
+}
+
+#[test]
+fn a_status_in_the_headers_stands_when_the_trailers_carry_none() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(DEDUP);
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    s.headers(false);
+    s.request_body(&frame(b"x"), true);
+    s.response_headers(&[(":status", "200"), ("grpc-status", "5"), ("grpc-message", "gone")], false);
+    s.trailers(&[("x-t", "1")]);
+    assert_eq!(s.finish("via_upstream").log("grpc_code"), "NotFound");
+    let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    retry.headers(false);
+    retry.request_body(&frame(b"x"), true);
+    let seen = retry.finish("local_reply");
+    let (_, headers) = reply_headers(&seen).unwrap();
+    assert_eq!(header_of(headers, "grpc-status"), Some("5"));
+    assert_eq!(header_of(headers, "grpc-message"), Some("gone"));
+    assert_eq!(header_of(headers, "x-t"), Some("1"));
+}
+
+#[test]
+fn an_error_whose_metadata_is_not_text_is_not_kept_rather_than_changed() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(DEDUP);
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    s.headers(false);
+    s.request_body(&frame(b"x"), true);
+    s.host.response_headers = vec![
+        (":status".into(), b"200".to_vec()),
+        ("grpc-status".into(), b"5".to_vec()),
+        ("x-raw".into(), b"caf\xe9".to_vec()),
+    ];
+    let call = s.call.as_mut().unwrap();
+    let next = call.on_response_headers(&mut s.host, true, &mut s.fx);
+    s.apply(next);
+    assert_eq!(s.finish("via_upstream").log("dedup"), "not_kept");
+}
+
+#[test]
+fn a_call_envoy_does_not_take_for_grpc_still_gets_a_grpc_answer() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(r#"{"dedup":{"methods":["pkg.Orders/Create"],"require_key":true}}"#);
+    for content_type in ["Application/GRPC", "application/grpc;charset=utf-8"] {
+        let mut s = Stream::open(&envoy, &mut worker, PATH, &[("content-type", content_type)]);
+        assert_eq!(s.headers(false), Next::Pause);
+        let seen = s.finish("local_reply");
+        let (code, headers) = reply_headers(&seen).unwrap_or_else(|| panic!("{content_type}: {:?}", seen.reply));
+        assert_eq!(code, 200);
+        assert_eq!(header_of(headers, "grpc-status"), Some("3"));
+        let message = header_of(headers, "grpc-message").unwrap();
+        assert!(message.starts_with("grpc-guard: idempotency key header"), "{message}");
+    }
+    let mut plain = Stream::open(&envoy, &mut worker, PATH, &[]);
+    plain.headers(false);
+    assert!(matches!(plain.finish("local_reply").reply, Some(Reply::Status { .. })), "Envoy's own gRPC reply");
+}
+
+#[test]
+fn the_authority_does_not_make_a_caller_someone_else() {
+    let envoy = Envoy::default();
+    let config = r#"{"dedup":{"methods":["pkg.Orders/Create"],"max_entries":8,"caller_share":0.25}}"#;
+    let mut worker = envoy.worker(config);
+    let mut held = Vec::new();
+    for n in 0..3 {
+        let authority = format!("tenant{n}.example");
+        let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k"), (":authority", &authority)]);
+        s.property("source.principal", Some("greedy"));
+        let next = s.headers(false);
+        held.push((next, s.call.take()));
+    }
+    let nexts: Vec<Next> = held.iter().map(|(n, _)| *n).collect();
+    assert_eq!(nexts, [Next::Continue, Next::Continue, Next::Pause], "a quarter of eight, whatever the authority");
 }

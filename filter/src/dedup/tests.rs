@@ -113,23 +113,42 @@ fn settlements_leave_a_freed_key_a_not_kept_answer_or_an_unknown_outcome() {
 }
 
 #[test]
-fn a_claim_never_settled_counts_as_may_have_run_until_the_ttl() {
+fn a_claim_never_settled_counts_as_may_have_run_for_the_ttl_after_its_deadline() {
     let mut store = store_for(&ONE_BUCKET);
     claim(&ONE_BUCKET, &mut store, 1, 5, 0);
     assert_eq!(ONE_BUCKET.lookup_or_claim(&mut store, &key(1), 5, 2, 99, 199), Lookup::InFlight);
     assert_eq!(ONE_BUCKET.lookup_or_claim(&mut store, &key(1), 5, 2, 100, 200), Lookup::Abandoned);
-    assert_eq!(ONE_BUCKET.lookup_or_claim(&mut store, &key(1), 5, 2, TTL - 1, TTL + 99), Lookup::Abandoned);
-    assert!(matches!(ONE_BUCKET.lookup_or_claim(&mut store, &key(1), 5, 2, TTL, TTL + 100), Lookup::Claimed { .. }));
+    assert_eq!(ONE_BUCKET.lookup_or_claim(&mut store, &key(1), 5, 2, 100 + TTL - 1, 200 + TTL), Lookup::Abandoned);
+    assert!(matches!(
+        ONE_BUCKET.lookup_or_claim(&mut store, &key(1), 5, 2, 100 + TTL, 200 + TTL),
+        Lookup::Claimed { .. }
+    ));
+}
+
+#[test]
+fn a_running_claim_outlives_a_call_that_runs_up_to_the_ttl() {
+    // A keyed call runs within the TTL: its claim must outlive it.
+    let mut store = store_for(&ONE_BUCKET);
+    let start = 0;
+    let claim_until = start + TTL + 100;
+    assert!(matches!(
+        ONE_BUCKET.lookup_or_claim(&mut store, &key(1), 5, 1, start, claim_until),
+        Lookup::Claimed { .. }
+    ));
+    assert_eq!(ONE_BUCKET.lookup_or_claim(&mut store, &key(1), 5, 2, TTL + 50, TTL + 150), Lookup::InFlight);
+    assert_eq!(live_records(&ONE_BUCKET, &store, &key(1), TTL + 50), 1);
 }
 
 #[test]
 fn the_old_owner_cannot_settle_a_claim_that_was_taken_over() {
     let mut store = store_for(&ONE_BUCKET);
     let old = claim(&ONE_BUCKET, &mut store, 1, 5, 0);
-    let new = claim(&ONE_BUCKET, &mut store, 1, 5, TTL);
+    // Its claim ran out (100) and its record expired a TTL later.
+    let later = 100 + TTL;
+    let new = claim(&ONE_BUCKET, &mut store, 1, 5, later);
     assert_eq!(old.way, new.way);
-    ONE_BUCKET.settle(&mut store, &old, Settlement::Free, TTL + 1);
-    assert_eq!(ONE_BUCKET.lookup_or_claim(&mut store, &key(1), 5, 9, TTL + 2, TTL + 102), Lookup::InFlight);
+    assert!(ONE_BUCKET.settle(&mut store, &old, Settlement::Free, later + 1));
+    assert_eq!(ONE_BUCKET.lookup_or_claim(&mut store, &key(1), 5, 9, later + 2, later + 102), Lookup::InFlight);
 }
 
 #[test]
@@ -140,7 +159,7 @@ fn a_full_bucket_refuses_new_keys_until_a_record_expires() {
     }
     assert_eq!(ONE_BUCKET.lookup_or_claim(&mut store, &key(99), 99, 1, 0, 100), Lookup::Full);
     assert!(matches!(
-        ONE_BUCKET.lookup_or_claim(&mut store, &key(99), 99, 1, TTL, TTL + 100),
+        ONE_BUCKET.lookup_or_claim(&mut store, &key(99), 99, 1, 100 + TTL, 200 + TTL),
         Lookup::Claimed { evicted: true, .. }
     ));
 }
@@ -242,11 +261,11 @@ fn every_ending_of_a_first_call_has_its_disposition() {
         (Ending::Upstream(InvalidArgument), Keep),
         (Ending::Upstream(NotFound), Keep),
         (Ending::Upstream(AlreadyExists), Keep),
-        (Ending::Upstream(PermissionDenied), Keep),
+        (Ending::Upstream(PermissionDenied), Free),
         (Ending::Upstream(FailedPrecondition), Keep),
         (Ending::Upstream(OutOfRange), Keep),
         (Ending::Upstream(Unimplemented), Keep),
-        (Ending::Upstream(Unauthenticated), Keep),
+        (Ending::Upstream(Unauthenticated), Free),
         (Ending::Upstream(Unavailable), Free),
         (Ending::Upstream(ResourceExhausted), Free),
         (Ending::Upstream(Aborted), Free),
@@ -375,7 +394,8 @@ proptest! {
                                 prop_assert!(*until <= now, "key {} claimed again while its record lives", k);
                             }
                             claims.insert(k, claim);
-                            live_until.insert(k, now + 300);
+                            // Its claim (200), then a TTL as "may have run".
+                            live_until.insert(k, now + 200 + 300);
                         }
                     }
                     for k in 0..6u8 {
@@ -389,10 +409,11 @@ proptest! {
                 }
                 Op::Finish { key: k, how } => {
                     if let Some(claim) = claims.remove(&k) {
-                        // Settling takes effect while the way is still this claim's.
-                        let ours = decode_bucket(store.value(&index_key(0)).unwrap())
-                            .iter()
-                            .any(|r| r.state == State::InFlight && r.owner == claim.owner && r.key == claim.key);
+                        // Settling takes effect while the way is still this
+                        // claim's, and the claim's record still lives.
+                        let ours = decode_bucket(store.value(&index_key(0)).unwrap()).iter().any(|r| {
+                            r.state == State::InFlight && r.owner == claim.owner && r.key == claim.key && r.live(now)
+                        });
                         let settlement = match how {
                             0 => Settlement::Free,
                             1 => Settlement::Keep { fingerprint: key(99), answer: Some(ok_answer()) },
@@ -411,4 +432,20 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_settlement_the_bucket_never_lets_through_is_reported_and_leaves_the_key_claimed() {
+    let mut store = store_for(&ONE_BUCKET);
+    let c = claim(&ONE_BUCKET, &mut store, 1, 5, 0);
+    // Another worker writes the bucket before every one of our reads.
+    store.interfere_with(|values, cas| {
+        let (_, c) = values.get_mut("grpc_guard.dedup.0").unwrap();
+        *cas += 1;
+        *c = *cas;
+    });
+    let fp = digest(&[b"request"]);
+    assert!(!ONE_BUCKET.settle(&mut store, &c, Settlement::Keep { fingerprint: fp, answer: Some(ok_answer()) }, 10));
+    store.interfere_with(|_, _| {});
+    assert_eq!(ONE_BUCKET.lookup_or_claim(&mut store, &key(1), 5, 2, 20, 120), Lookup::InFlight, "never run twice");
 }

@@ -135,7 +135,13 @@ impl Shell {
             match effect {
                 Effect::SetRequestHeader(name, value) => set_header(MapType::HttpRequestHeaders, &name, &value),
                 Effect::SetResponseHeader(name, value) => set_header(MapType::HttpResponseHeaders, &name, &value),
+                Effect::AddResponseHeader(name, value) => {
+                    let _ = hostcalls::add_map_value_bytes(MapType::HttpResponseHeaders, &name, &value);
+                }
                 Effect::RemoveResponseHeader(name) => remove_header(MapType::HttpResponseHeaders, name),
+                Effect::ReplaceRequestBody(body) => {
+                    let _ = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_len, &body);
+                }
                 Effect::Reply(Reply::Status { status, message }) => {
                     let _ = hostcalls::send_grpc_response(sdk_code(status), Some(&message), vec![]);
                 }
@@ -192,6 +198,10 @@ impl HttpContext for Stream {
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         self.step(body_size, |call, fx| call.on_request_body(&mut Envoy, body_size, end_of_stream, fx))
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        self.step(0, |call, fx| call.on_request_trailers(&mut Envoy, fx))
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {

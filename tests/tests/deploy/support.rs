@@ -57,6 +57,7 @@ pub fn envoy_config() -> serde_yaml::Value {
         plugin_config: "{}".into(),
         http_filter: HttpFilter::GrpcGuard,
         filters_before: String::new(),
+        set_request_headers: Vec::new(),
     };
     serde_yaml::from_str(&params.render(TEMPLATE).unwrap()).expect("rendered envoy.yaml is YAML")
 }

@@ -39,6 +39,7 @@ fn rendered_config_for_docker_run_passes_envoy_validate() {
         plugin_config: r#"{"log":{"ok_sample":0.5}}"#.into(),
         http_filter: grpc_guard_demo::envoy::HttpFilter::GrpcGuard,
         filters_before: String::new(),
+        set_request_headers: Vec::new(),
     };
     let dir = scratch_dir("validate");
     std::fs::create_dir_all(&dir).unwrap();

@@ -9,5 +9,6 @@ mod support;
 mod config;
 mod deadline;
 mod dedup;
+mod hostile;
 mod metrics;
 mod status;

@@ -276,3 +276,131 @@ fn base64url_and_hmac_match_published_vectors() {
         hmac_sha256(b"Jefe", b"what do ya want for nothing?").iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(mac, "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
 }
+
+/// A request body fed frame by frame (data or trailers) from a channel;
+/// dropping the sender ends the stream.
+pub struct ChannelBody(pub tokio::sync::mpsc::UnboundedReceiver<hyper::body::Frame<hyper::body::Bytes>>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = hyper::body::Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<hyper::body::Bytes>, std::convert::Infallible>>> {
+        self.0.poll_recv(cx).map(|f| f.map(Ok))
+    }
+}
+
+/// A body of these frames, then its end.
+pub struct FramesBody(pub std::collections::VecDeque<hyper::body::Frame<hyper::body::Bytes>>);
+
+impl hyper::body::Body for FramesBody {
+    type Data = hyper::body::Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<hyper::body::Bytes>, std::convert::Infallible>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(Ok))
+    }
+}
+
+/// One raw HTTP/2 request in flight: `frames` are sent at once; with `end`
+/// the stream then ends, otherwise `open` keeps it open until dropped.
+pub struct Streamed {
+    pub open: Option<tokio::sync::mpsc::UnboundedSender<hyper::body::Frame<hyper::body::Bytes>>>,
+    pub answer: tokio::task::JoinHandle<Option<H2Answer>>,
+}
+
+pub async fn h2_stream(
+    addr: SocketAddr,
+    authority: Option<&str>,
+    path: &str,
+    headers: &[(&str, &str)],
+    frames: Vec<hyper::body::Frame<hyper::body::Bytes>>,
+    end: bool,
+) -> Streamed {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(connection);
+    let host = authority.map(str::to_owned).unwrap_or_else(|| addr.to_string());
+    let mut request = hyper::Request::builder().method("POST").uri(format!("http://{host}{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    for frame in frames {
+        tx.send(frame).unwrap();
+    }
+    let open = if end { None } else { Some(tx) };
+    let request = request.body(ChannelBody(rx)).unwrap();
+    let answer = tokio::spawn(async move {
+        use http_body_util::BodyExt;
+        let response = sender.send_request(request).await.ok()?;
+        let pairs = |map: &hyper::HeaderMap| -> Vec<(String, String)> {
+            map.iter().map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().escape_ascii().to_string())).collect()
+        };
+        let status = response.status().as_u16();
+        let headers = pairs(response.headers());
+        let collected = response.into_body().collect().await.ok()?;
+        let trailers = collected.trailers().map(pairs).unwrap_or_default();
+        Some(H2Answer { status, headers, body: collected.to_bytes().to_vec(), trailers })
+    });
+    Streamed { open, answer }
+}
+
+/// Request trailers as a body frame.
+pub fn trailers_frame(pairs: &[(&str, &str)]) -> hyper::body::Frame<hyper::body::Bytes> {
+    let mut map = hyper::HeaderMap::new();
+    for (name, value) in pairs {
+        map.append(hyper::header::HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
+    }
+    hyper::body::Frame::trailers(map)
+}
+
+/// An HTTP/2 upstream that answers every request with what `respond` builds
+/// from the request's count (1 for the first) after reading `whole` bodies
+/// (or only their first frame); counts requests.
+pub async fn start_h2_upstream<F>(whole: bool, respond: F) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>)
+where
+    F: Fn(u64) -> hyper::Response<FramesBody> + Send + Sync + Clone + 'static,
+{
+    use http_body_util::BodyExt;
+    use hyper::body::Incoming;
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicU64::new(0));
+    let counted = requests.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (counted, respond) = (counted.clone(), respond.clone());
+            tokio::spawn(async move {
+                let service = service_fn(move |req: hyper::Request<Incoming>| {
+                    let (counted, respond) = (counted.clone(), respond.clone());
+                    async move {
+                        let mut body = req.into_body();
+                        if whole {
+                            let _ = body.collect().await;
+                        } else {
+                            let _ = body.frame().await;
+                        }
+                        let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+                        Ok::<_, std::convert::Infallible>(respond(n))
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    (addr, requests)
+}

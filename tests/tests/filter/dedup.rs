@@ -130,12 +130,14 @@ fn retry_of_a_finished_call_runs_once_and_gets_the_identical_answer_through_the_
         let (s, action) = start_call(&mut vm, &[(KEY_HEADER, "order-1")]);
         cont(&vm, action);
         assert_sent_to_replay_hop(&vm, &s);
-        // The body is held until it is whole, so no byte reaches even the
-        // replay hop before the fingerprint matched.
-        assert_eq!(vm.request_body(&s, &request[..10], false), Action::Pause);
+        // The body is fingerprinted as it passes and emptied: no byte
+        // reaches even the replay hop, which answers only at the end.
+        let action = vm.request_body(&s, &request[..10], false);
+        cont(&vm, action);
+        assert_eq!(vm.request_body_now(&s), b"");
         let action = vm.request_body(&s, &request[10..], true);
         cont(&vm, action);
-        assert_eq!(vm.request_body_now(&s), request);
+        assert_eq!(vm.request_body_now(&s), b"");
         internal_listener_answers(&mut vm, &s, split);
 
         assert_eq!(vm.local_reply(&s), None);
@@ -458,7 +460,12 @@ fn key_of_a_stream_that_never_finished_counts_as_may_have_run_until_the_ttl() {
     assert_eq!(action, Action::Pause, "its stream vanished unsettled: it may have run");
     assert_eq!(local_reply(&vm, &after).0, Some(9));
 
-    vm.advance_clock(Duration::from_secs(57));
+    // Its claim ran out at 3 s; it counts as "may have run" for the TTL after.
+    vm.advance_clock(Duration::from_millis(59_999));
+    let (still, action) = start_call(&mut vm, &[(KEY_HEADER, "k")]);
+    assert_eq!(action, Action::Pause);
+    assert_eq!(local_reply(&vm, &still).0, Some(9));
+    vm.advance_clock(Duration::from_millis(1));
     let (fresh, action) = start_call(&mut vm, &[(KEY_HEADER, "k")]);
     cont(&vm, action);
     assert_forwarded_upstream(&vm, &fresh);
@@ -491,8 +498,9 @@ fn full_table_rejects_new_keys_with_resource_exhausted_when_told_to() {
     assert_eq!((log["dedup"].as_str(), log["grpc_code"].as_str()), (Some("full"), Some("ResourceExhausted")));
     assert_eq!(dedup_counter(&host, "full"), Some(1));
 
-    // Expired records make room again, counted as evictions.
-    vm.advance_clock(Duration::from_secs(300));
+    // Expired records make room again, counted as evictions: these claims
+    // ran out at 2 s (deadline and a grace second) and expire a TTL later.
+    vm.advance_clock(Duration::from_secs(302));
     let (s, action) = start_call(&mut vm, &[(KEY_HEADER, "c")]);
     cont(&vm, action);
     assert_forwarded_upstream(&vm, &s);

@@ -1,0 +1,306 @@
+//! Idempotency keys against callers and upstreams that no gRPC library
+//! produces by default but HTTP/2 allows: request trailers, answers before
+//! the request's end, varied authorities, repeated metadata, odd content
+//! types, huge retries, and retries racing a key's expiry. Raw HTTP/2
+//! (hyper) on either side where a tonic peer will not send the shape.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use grpc_guard_demo::pb::{EchoReply, EchoRequest};
+use hyper::body::{Bytes, Frame};
+use prost::Message as _;
+
+use crate::support::*;
+
+const ECHO_PATH: &str = "/grpcguard.demo.v1.Demo/Echo";
+const ECHO_DEDUP: &str = r#"{"dedup":{"methods":["grpcguard.demo.v1.Demo/Echo"]}}"#;
+
+fn echo_frame(message: &str, delay_ms: u32) -> Vec<u8> {
+    grpc_frame(&EchoRequest { message: message.into(), delay_ms, ..Default::default() }.encode_to_vec())
+}
+
+fn data(bytes: Vec<u8>) -> Frame<Bytes> {
+    Frame::data(Bytes::from(bytes))
+}
+
+fn keyed_headers<'a>(key: &'a str, caller: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        ("x-idempotency-key", key),
+        ("authorization", caller),
+    ]
+}
+
+/// One keyed call, sent whole.
+async fn call(addr: std::net::SocketAddr, key: &str, frames: Vec<Frame<Bytes>>) -> H2Answer {
+    let s = h2_stream(addr, None, ECHO_PATH, &keyed_headers(key, "Bearer a"), frames, true).await;
+    s.answer.await.unwrap().expect("an answer")
+}
+
+fn replayed(answer: &H2Answer) -> bool {
+    answer.header("grpc-guard-replayed").as_deref() == Some("true")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_request_ends_with_trailers_is_run_once_and_replayed() {
+    let upstream = Upstream::start().await;
+    let envoy = start_envoy("hostile-trailers", upstream.addr, ECHO_DEDUP).unwrap();
+    let addr = envoy.params().listen_addr();
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let frames = vec![data(echo_frame("charge 10", 0)), trailers_frame(&[("x-client-trailer", "1")])];
+        answers.push(call(addr, "order-t", frames).await);
+    }
+    assert_eq!(upstream.observed.executions("Echo"), 1, "{answers:#?}");
+    assert!(!replayed(&answers[0]) && replayed(&answers[1]) && replayed(&answers[2]), "{answers:#?}");
+    assert!(answers.iter().all(|a| a.grpc_status().as_deref() == Some("0")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_with_another_body_and_trailers_is_refused_at_its_end() {
+    let upstream = Upstream::start().await;
+    let envoy = start_envoy("hostile-trailers-retry", upstream.addr, ECHO_DEDUP).unwrap();
+    let addr = envoy.params().listen_addr();
+    call(addr, "order-r", vec![data(echo_frame("charge 10", 0))]).await;
+    let retry =
+        call(addr, "order-r", vec![data(echo_frame("charge 99999", 0)), trailers_frame(&[("x-client-trailer", "1")])])
+            .await;
+    assert_eq!(retry.grpc_status().as_deref(), Some("3"), "{retry:?}");
+    assert_eq!(upstream.observed.executions("Echo"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_answers_before_the_request_ends_has_its_answer_kept() {
+    // Like grpc-go's unary path, this upstream runs the call once it has the
+    // message, before the client's END_STREAM.
+    let (addr, runs) = start_h2_upstream(false, |n| {
+        let reply = grpc_frame(&EchoReply { message: "done".into(), execution: n }.encode_to_vec());
+        let mut trailers = hyper::HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        let body = FramesBody(vec![data(reply), Frame::trailers(trailers)].into());
+        hyper::Response::builder().status(200).header("content-type", "application/grpc").body(body).unwrap()
+    })
+    .await;
+    let envoy = start_envoy("hostile-early", addr, ECHO_DEDUP).unwrap();
+    let listen = envoy.params().listen_addr();
+    let first =
+        h2_stream(listen, None, ECHO_PATH, &keyed_headers("k", "Bearer a"), vec![data(echo_frame("x", 0))], false)
+            .await;
+    let answer = tokio::time::timeout(Duration::from_secs(5), first.answer).await.unwrap().unwrap();
+    assert_eq!(answer.unwrap().grpc_status().as_deref(), Some("0"));
+    drop(first.open);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let retry = call(listen, "k", vec![data(echo_frame("x", 0))]).await;
+    assert!(replayed(&retry), "{retry:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the retry must not run again");
+}
+
+/// A greedy caller (one credential) holds eight slow keyed calls, each
+/// under another `:authority`; then a victim calls.
+async fn greedy_caller_then_victim(name: &str, config: &str) -> (u64, Vec<H2Answer>, u64) {
+    let upstream = Upstream::start().await;
+    let envoy = start_envoy(name, upstream.addr, config).unwrap();
+    let addr = envoy.params().listen_addr();
+    let mut held = Vec::new();
+    for n in 0..8 {
+        let authority = format!("tenant{n}.example");
+        let key = format!("hold-{n}");
+        let frames = vec![data(echo_frame("hold", 2000))];
+        held.push(
+            h2_stream(addr, Some(&authority), ECHO_PATH, &keyed_headers(&key, "Bearer greedy"), frames, true).await,
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let running = upstream.observed.executions("Echo");
+    let mut victim = Vec::new();
+    for _ in 0..2 {
+        let frames = vec![data(echo_frame("charge victim", 0))];
+        let s =
+            h2_stream(addr, Some("svc.example"), ECHO_PATH, &keyed_headers("victim", "Bearer victim"), frames, true)
+                .await;
+        victim.push(s.answer.await.unwrap().unwrap());
+    }
+    for s in held {
+        let _ = s.answer.await;
+    }
+    (running, victim, upstream.observed.executions("Echo") - running)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_authority_does_not_make_a_caller_someone_else() {
+    let config = r#"{"dedup":{"methods":["grpcguard.demo.v1.Demo/Echo"],"max_entries":8}}"#;
+    let (greedy, victim, victim_runs) = greedy_caller_then_victim("hostile-authority", config).await;
+    assert_eq!(greedy, 2, "a caller holds a quarter of the bucket, whatever :authority it sends");
+    assert_eq!(victim[0].grpc_status().as_deref(), Some("0"), "{victim:?}");
+    assert!(replayed(&victim[1]));
+    assert_eq!(victim_runs, 1);
+
+    let forward = r#"{"dedup":{"methods":["grpcguard.demo.v1.Demo/Echo"],"max_entries":8,"when_full":"forward"}}"#;
+    let (_, _, victim_runs) = greedy_caller_then_victim("hostile-authority-forward", forward).await;
+    assert_eq!(victim_runs, 1, "the victim's retry never runs undeduplicated");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retries_racing_a_running_calls_ttl_never_run_it_twice() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let upstream = Upstream::start().await;
+    // The first call takes 3 s; the filter gives it the TTL, 1 s, as its
+    // deadline; retries fire around that edge, before Envoy's cut settles.
+    let config = r#"{"dedup":{"methods":["grpcguard.demo.v1.Demo/Echo"],"ttl":"1s"}}"#;
+    let envoy = start_envoy("hostile-ttl-edge", upstream.addr, config).unwrap();
+    let addr = envoy.params().listen_addr();
+    for trial in 0..3u32 {
+        let key = format!("edge-{trial}");
+        let body = Bytes::from(echo_frame("charge 10", 3000));
+        let mut senders = Vec::new();
+        for _ in 0..4 {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (sender, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+            tokio::spawn(connection);
+            senders.push(sender);
+        }
+        let before = upstream.observed.executions("Echo");
+        let first =
+            h2_stream(addr, None, ECHO_PATH, &keyed_headers(&key, "Bearer a"), vec![Frame::data(body.clone())], true)
+                .await;
+        let t0 = tokio::time::Instant::now();
+        tokio::time::sleep_until(t0 + Duration::from_millis(950)).await;
+        let mut retries = Vec::new();
+        let mut i = 0;
+        while t0.elapsed() < Duration::from_millis(1300) {
+            let mut sender = senders[i % senders.len()].clone();
+            i += 1;
+            let mut request = hyper::Request::builder().method("POST").uri(format!("http://{addr}{ECHO_PATH}"));
+            for (name, value) in keyed_headers(&key, "Bearer a") {
+                request = request.header(name, value);
+            }
+            let request = request.body(http_body_util::Full::new(body.clone())).unwrap();
+            retries.push(tokio::spawn(async move { sender.send_request(request).await.is_ok() }));
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        for retry in retries {
+            let _ = retry.await;
+        }
+        let _ = first.answer.await;
+        assert_eq!(upstream.observed.executions("Echo") - before, 1, "trial {trial}: {i} retries");
+    }
+}
+
+/// Answers a test upstream gives, and what a replay of them must keep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncommon_answers_are_replayed_as_they_were() {
+    let reply = |n: u64| grpc_frame(&EchoReply { message: "done".into(), execution: n }.encode_to_vec());
+    let grpc = || hyper::Response::builder().status(200).header("content-type", "application/grpc");
+
+    // Two values of one header and of one trailer.
+    let (addr, runs) = start_h2_upstream(true, move |n| {
+        let mut trailers = hyper::HeaderMap::new();
+        trailers.append("grpc-status", "0".parse().unwrap());
+        trailers.append("x-t", "1".parse().unwrap());
+        trailers.append("x-t", "2".parse().unwrap());
+        let body = FramesBody(vec![data(reply(n)), Frame::trailers(trailers)].into());
+        grpc().header("x-multi", "a").header("x-multi", "b").body(body).unwrap()
+    })
+    .await;
+    let envoy = start_envoy("hostile-repeated", addr, ECHO_DEDUP).unwrap();
+    let listen = envoy.params().listen_addr();
+    let first = call(listen, "k", vec![data(echo_frame("x", 0))]).await;
+    let retry = call(listen, "k", vec![data(echo_frame("x", 0))]).await;
+    let values = |a: &H2Answer, name: &str, trailers: bool| -> Vec<String> {
+        let list = if trailers { &a.trailers } else { &a.headers };
+        list.iter().filter(|(n, _)| n == name).map(|(_, v)| v.clone()).collect()
+    };
+    assert!(replayed(&retry));
+    assert_eq!(values(&retry, "x-multi", false), values(&first, "x-multi", false));
+    assert_eq!(values(&retry, "x-t", true), ["1", "2"]);
+    assert_eq!(retry.body, first.body);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // The status in the headers, trailers without one.
+    let (addr, runs) = start_h2_upstream(true, move |_| {
+        let mut trailers = hyper::HeaderMap::new();
+        trailers.append("x-t", "1".parse().unwrap());
+        let body = FramesBody(vec![Frame::trailers(trailers)].into());
+        grpc().header("grpc-status", "5").header("grpc-message", "no such order").body(body).unwrap()
+    })
+    .await;
+    let envoy = start_envoy("hostile-status-then-trailers", addr, ECHO_DEDUP).unwrap();
+    let listen = envoy.params().listen_addr();
+    let first = call(listen, "k", vec![data(echo_frame("x", 0))]).await;
+    let retry = call(listen, "k", vec![data(echo_frame("x", 0))]).await;
+    assert_eq!(first.grpc_status().as_deref(), Some("5"));
+    assert_eq!(retry.grpc_status().as_deref(), Some("5"), "{retry:?}");
+    assert_eq!(retry.header("grpc-message").as_deref(), Some("no such order"));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // An error whose metadata is not text: not kept rather than changed, and
+    // never run again.
+    let (addr, runs) = start_h2_upstream(true, move |_| {
+        let raw = hyper::header::HeaderValue::from_bytes(b"caf\xe9").unwrap();
+        grpc().header("grpc-status", "5").header("x-raw", raw).body(FramesBody(Default::default())).unwrap()
+    })
+    .await;
+    let envoy = start_envoy("hostile-obs-text", addr, ECHO_DEDUP).unwrap();
+    let listen = envoy.params().listen_addr();
+    assert_eq!(call(listen, "k", vec![data(echo_frame("x", 0))]).await.grpc_status().as_deref(), Some("5"));
+    let retry = call(listen, "k", vec![data(echo_frame("x", 0))]).await;
+    assert_eq!(retry.grpc_status().as_deref(), Some("6"), "ALREADY_EXISTS: {retry:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_of_a_huge_request_is_replayed_without_being_held_in_memory() {
+    let upstream = Upstream::start().await;
+    let envoy = start_envoy("hostile-huge", upstream.addr, ECHO_DEDUP).unwrap();
+    let addr = envoy.params().listen_addr();
+    // A small message whose bulk is an unknown field (the service ignores
+    // it): the OK answer is small and kept; the retry is 17 MiB.
+    let mut message = EchoRequest { message: "ok".into(), ..Default::default() }.encode_to_vec();
+    prost::encoding::bytes::encode(99, &vec![7u8; 17 << 20], &mut message);
+    let body = grpc_frame(&message);
+    let first = call(addr, "big", vec![data(body.clone())]).await;
+    let retry = call(addr, "big", vec![data(body)]).await;
+    assert_eq!(first.grpc_status().as_deref(), Some("0"));
+    assert!(replayed(&retry), "{:?}", (retry.status, &retry.headers, &retry.trailers));
+    assert_eq!(retry.body, first.body);
+    assert_eq!(upstream.observed.executions("Echo"), 1);
+}
+
+/// Envoy takes only `application/grpc` and `application/grpc+…` (as
+/// written) for gRPC; grpc-guard guards the other spellings gRPC servers
+/// execute too, and its answers carry their status in `grpc-status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_type_envoy_does_not_take_for_grpc_still_gets_grpc_answers() {
+    let upstream = Upstream::start().await;
+    let config = r#"{"dedup":{"methods":["grpcguard.demo.v1.Demo/Echo"],"require_key":true}}"#;
+    let envoy = start_envoy("hostile-content-type", upstream.addr, config).unwrap();
+    let addr = envoy.params().listen_addr();
+    for content_type in ["application/grpc", "Application/GRPC", "application/grpc;charset=utf-8"] {
+        let headers = [("content-type", content_type), ("te", "trailers")];
+        let s = h2_stream(addr, None, ECHO_PATH, &headers, vec![data(echo_frame("x", 0))], true).await;
+        let answer = s.answer.await.unwrap().unwrap();
+        assert_eq!(answer.grpc_status().as_deref(), Some("3"), "{content_type}: {answer:?}");
+        assert!(answer.header("grpc-message").is_some_and(|m| m.contains("x-idempotency-key")), "{answer:?}");
+    }
+    assert_eq!(upstream.observed.executions("Echo"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_compressed_otherwise_is_a_different_request_and_never_runs() {
+    use grpc_guard_demo::pb::demo_client::DemoClient;
+    use tonic::codec::CompressionEncoding;
+    let upstream = Upstream::start().await;
+    let envoy = start_envoy("hostile-gzip-retry", upstream.addr, ECHO_DEDUP).unwrap();
+    let channel = grpc_guard_demo::lazy_channel(&envoy.grpc_uri()).unwrap();
+    let message = EchoRequest { message: "create order 1 ".repeat(20), ..Default::default() };
+    let mut plain = DemoClient::new(channel.clone());
+    let mut gzip = DemoClient::new(channel).send_compressed(CompressionEncoding::Gzip);
+    let caller = grpc_guard_tests::e2e::CALLER;
+    assert!(plain.echo(grpc_guard_tests::e2e::keyed(message.clone(), "gz", caller)).await.is_ok());
+    let retry = gzip.echo(grpc_guard_tests::e2e::keyed(message, "gz", caller)).await;
+    assert_eq!(retry.map_err(|s| s.code()).err(), Some(tonic::Code::InvalidArgument), "other bytes, another request");
+    assert_eq!(upstream.observed.executions("Echo"), 1);
+}
