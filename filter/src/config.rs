@@ -36,9 +36,9 @@ pub const DEFAULT_MAX_METHODS: usize = 200;
 pub const MAX_MAX_METHODS: usize = 10_000;
 pub const DEFAULT_REQUEST_ID_HEADER: &str = "x-request-id";
 /// The caller's identity: the mTLS peer, the verified JWT (Istio), the
-/// credentials, and the virtual host.
-pub const DEFAULT_DEDUP_SCOPE: [&str; 4] =
-    ["source.principal", "request.auth.principal", "header:authorization", ":authority"];
+/// credentials. Not `:authority`: a retry may name the same service another
+/// way (`orders`, `orders.shop.svc.cluster.local`) and must still be found.
+pub const DEFAULT_DEDUP_SCOPE: [&str; 3] = ["source.principal", "request.auth.principal", "header:authorization"];
 /// Most entries a dedup table may have.
 pub const MAX_DEDUP_ENTRIES: u32 = 1_000_000;
 /// Largest answer that may be kept for replay.
@@ -843,7 +843,6 @@ mod tests {
                 ScopePart::SourcePrincipal,
                 ScopePart::Metadata(vec!["istio_authn".into(), "request.auth.principal".into()]),
                 ScopePart::Header("authorization".into()),
-                ScopePart::Header(":authority".into())
             ]
         );
         assert_eq!((d.when_full, d.anonymous, d.caller_ways), (WhenFull::Reject, Anonymous::Reject, 2));

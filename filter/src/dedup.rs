@@ -157,11 +157,10 @@ fn is_kept_status(status: GrpcStatus) -> bool {
 /// How a first call ended, as far as its key is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ending {
-    /// grpc-guard answered it itself: it never went on to the upstream.
-    Guard,
-    /// The request's end never passed the filter (the client reset or sent
-    /// a body that never finished): no upstream saw a whole unary request.
-    Incomplete,
+    /// No whole request message went past the filter, whoever ended the
+    /// call (grpc-guard itself, the client's reset, the upstream answering
+    /// from the headers or a message's prefix): no unary handler could run.
+    NothingSent,
     /// The upstream answered with this `grpc-status`.
     Upstream(GrpcStatus),
     /// The upstream answered with this HTTP status and no `grpc-status`.
@@ -195,7 +194,7 @@ pub enum Disposition {
 pub fn disposition(ending: Ending) -> Disposition {
     use GrpcStatus::{Aborted, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable};
     match ending {
-        Ending::Guard | Ending::Incomplete | Ending::Envoy { sent: false } => Disposition::Free,
+        Ending::NothingSent | Ending::Envoy { sent: false } => Disposition::Free,
         Ending::Upstream(Unavailable | ResourceExhausted | Aborted | Unauthenticated | PermissionDenied) => {
             Disposition::Free
         }

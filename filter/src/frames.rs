@@ -118,11 +118,12 @@ impl FrameReader {
         self.message_bytes
     }
 
-    /// Messages read to their last byte: a server can act on these.
+    /// Messages read to their last byte: a server can act on these. (A
+    /// prefix still being read is not counted in `messages` yet.)
     pub fn whole_messages(&self) -> u64 {
         match self.state {
-            State::Prefix { have: 0, .. } => self.messages,
-            _ => self.messages.saturating_sub(1),
+            State::Payload { .. } => self.messages.saturating_sub(1),
+            State::Prefix { .. } | State::Broken => self.messages,
         }
     }
 }

@@ -113,7 +113,12 @@ impl Call {
                 let value = match part {
                     ScopePart::SourcePrincipal => host.property(&["source", "principal"]),
                     ScopePart::Header(name) => host.request_header(name),
-                    ScopePart::Metadata(_) => part.property_path().and_then(|path| host.property(&path)),
+                    // Only a text value names someone: a struct or a number
+                    // comes serialized, in no stable form, and counts as absent.
+                    ScopePart::Metadata(_) => part
+                        .property_path()
+                        .and_then(|path| host.property(&path))
+                        .filter(|v| std::str::from_utf8(v).is_ok_and(|t| !t.chars().any(char::is_control))),
                 };
                 (part.is_identity(), value.unwrap_or_default())
             })
@@ -445,8 +450,12 @@ impl Call {
     ) {
         let Some(config) = worker.config.dedup.as_ref() else { return };
         let Some(Phase::First(mut first)) = self.dedup.take().map(|p| *p) else { return };
-        let ending = if self.answered_by_guard {
-            Ending::Guard
+        let ending = if self.forwarded_messages == 0 {
+            // Checked first: an upstream may answer a unary call from its
+            // headers or a message's prefix (UNIMPLEMENTED, OUT_OF_RANGE)
+            // before the body is in, and a key kept then would hold the
+            // fingerprint of a part of the request.
+            Ending::NothingSent
         } else if self.details(host) == "via_upstream" {
             // The upstream answered, whether or not the request had ended.
             match source {
@@ -456,13 +465,11 @@ impl Call {
                 }
                 StatusSource::Reset => Ending::Envoy { sent: true },
             }
-        } else if self.request.whole_messages() == 0 {
-            // No whole request message went past the filter: no unary
-            // handler could have run.
-            Ending::Incomplete
         } else {
-            // No upstream connection ever carried it: it never left Envoy
-            // (no route, no healthy host, connection refused, overflow).
+            // Envoy ended it, or grpc-guard did after a message had gone on
+            // (a bad frame, the size limit): it never left Envoy only if no
+            // upstream connection carried it (no route, no healthy host,
+            // connection refused, overflow).
             Ending::Envoy { sent: host.property(&["upstream", "local_address"]).is_some() }
         };
         let fingerprint = first.request.finish();

@@ -155,8 +155,11 @@ pub struct Call {
     /// When the upstream's final status arrived, from the request headers
     /// (measured only for calls with a deadline; zero otherwise).
     answered_after: Option<Duration>,
-    /// grpc-guard answered the call itself: it never reached the upstream.
+    /// grpc-guard answered the call itself.
     answered_by_guard: bool,
+    /// Whole request messages that went on past the filter: what an
+    /// upstream could have acted on.
+    forwarded_messages: u64,
     /// Envoy itself takes the request for gRPC (`application/grpc` or
     /// `application/grpc+…`, as written): only then does it turn the
     /// filter's local replies into gRPC answers.
@@ -216,6 +219,7 @@ impl Call {
             deadline_source: DeadlineSource::None,
             answered_after: None,
             answered_by_guard: false,
+            forwarded_messages: 0,
             envoy_grpc: content_type.as_deref().is_some_and(is_envoy_grpc),
             details: None,
             dedup: None,
@@ -282,7 +286,10 @@ impl Call {
             return next;
         }
         match self.read_frames(Side::Request, len, |offset, n| host.request_body(offset, n), fx) {
-            Ok(()) => Next::Continue,
+            Ok(()) => {
+                self.forwarded_messages = self.request.whole_messages();
+                Next::Continue
+            }
             Err(ChunkError::Frame(e)) => {
                 fx.push(Effect::CountGuard(guard::BAD_FRAMES));
                 self.answer(GrpcStatus::Internal, format!("grpc-guard: request body is not gRPC: {e}"), fx)

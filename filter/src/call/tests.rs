@@ -87,9 +87,20 @@ struct Envoy {
 }
 
 impl Envoy {
+    /// A worker with `config`, logging every call unless the config says
+    /// otherwise (the default logs a sample of OK calls).
     fn worker(&self, config: &str) -> Worker {
+        let mut json: serde_json::Value = serde_json::from_str(config).unwrap();
+        json.as_object_mut()
+            .unwrap()
+            .entry("log")
+            .or_insert_with(|| serde_json::json!({}))
+            .as_object_mut()
+            .unwrap()
+            .entry("ok_sample")
+            .or_insert(1.into());
         let seed = *self.clock.borrow() ^ 0x5eed;
-        Worker::configure(config.as_bytes(), &mut *self.store.borrow_mut(), seed).unwrap()
+        Worker::configure(json.to_string().as_bytes(), &mut *self.store.borrow_mut(), seed).unwrap()
     }
 
     fn advance(&self, ms: u64) {
@@ -811,15 +822,44 @@ fn a_bodyless_retry_is_checked_at_its_headers() {
     let envoy = Envoy::default();
     let mut worker = envoy.worker(DEDUP);
     let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
-    s.headers(true);
+    s.headers(false);
+    s.request_body(&frame(b"pay"), true);
     s.upstream_answers(b"done", "0");
     s.finish("via_upstream");
     let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
-    assert_eq!(retry.headers(true), Next::Continue);
+    assert_eq!(retry.headers(true), Next::Pause);
+    let seen = retry.finish("local_reply");
+    assert_eq!(reply_status(&seen).map(|r| r.0), Some(GrpcStatus::InvalidArgument));
+    assert_eq!(seen.log("dedup"), "mismatch");
+}
+
+#[test]
+fn a_call_that_sent_no_whole_message_frees_its_key_whoever_answered() {
+    // A unary handler runs on a whole message: an upstream that answers
+    // from the headers (UNIMPLEMENTED) or from a message's prefix
+    // (OUT_OF_RANGE, "message too large") has run nothing, and a key kept
+    // then would hold the fingerprint of a part of the request.
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(DEDUP);
+    let message = frame(&[7; 64]);
+    for (code, sent) in [("12", &message[..0]), ("11", &message[..20])] {
+        let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+        assert_eq!(s.headers(sent.is_empty()), Next::Continue);
+        if !sent.is_empty() {
+            s.request_body(sent, false);
+        }
+        s.upstream_answers(b"", code);
+        assert_eq!(s.finish("via_upstream").log("dedup"), "first", "code {code}");
+    }
+    // The whole request runs: the key is claimed again, and kept.
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    s.headers(false);
+    s.request_body(&message, true);
+    s.upstream_answers(b"", "11");
+    s.finish("via_upstream");
+    let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    retry.headers(false);
     assert_sent_to_replay_hop(&retry);
-    replay_hop_answers(&mut retry, false);
-    assert_eq!(retry.host.response_chunk, frame(b"done"));
-    assert_eq!(retry.finish("via_upstream").log("dedup"), "replay");
 }
 
 #[test]
@@ -1140,6 +1180,43 @@ fn a_call_the_filter_refused_frees_its_key() {
     s.finish("local_reply");
     let retry = unary(&envoy, &mut worker, &[(KEY, "k")], b"ok", "0");
     assert_eq!(retry.log("dedup"), "first");
+}
+
+#[test]
+fn a_refusal_after_a_message_went_on_keeps_the_key_as_may_have_run() {
+    // The first message reached the upstream (which may act on it at once,
+    // as grpc-go does); the second broke the limit and grpc-guard answered.
+    let envoy = Envoy::default();
+    let config = r#"{"limits":{"max_request_message_bytes":4},"dedup":{"methods":["pkg.Orders/Create"]}}"#;
+    let mut worker = envoy.worker(config);
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    s.headers(false);
+    assert_eq!(s.request_body(&frame(b"ok"), false), Next::Continue);
+    assert_eq!(s.request_body(&frame(b"too big"), true), Next::Pause);
+    s.property("upstream.local_address", Some("127.0.0.1:40000"));
+    s.finish("local_reply");
+    let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    retry.headers(false);
+    retry.request_body(&[frame(b"ok"), frame(b"too big")].concat(), true);
+    let seen = retry.finish("local_reply");
+    assert_eq!(reply_status(&seen).map(|r| r.0), Some(GrpcStatus::FailedPrecondition));
+}
+
+#[test]
+fn a_metadata_scope_part_that_is_not_text_names_nobody() {
+    let envoy = Envoy::default();
+    let config = r#"{"dedup":{"methods":["pkg.Orders/Create"],"scope":["metadata:jwt/payload"]}}"#;
+    let mut worker = envoy.worker(config);
+    for (value, anonymous) in [("\n\x05alice\x12\x02", true), ("alice", false)] {
+        let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+        s.property("metadata.filter_metadata.jwt.payload", Some(value));
+        let next = s.headers(false);
+        assert_eq!(next == Next::Pause, anonymous, "{value:?}");
+        if anonymous {
+            let seen = s.finish("local_reply");
+            assert_eq!(reply_status(&seen).map(|r| r.0), Some(GrpcStatus::Unauthenticated));
+        }
+    }
 }
 
 #[test]
@@ -1546,7 +1623,8 @@ fn a_call_envoy_does_not_take_for_grpc_still_gets_a_grpc_answer() {
 #[test]
 fn the_authority_does_not_make_a_caller_someone_else() {
     let envoy = Envoy::default();
-    let config = r#"{"dedup":{"methods":["pkg.Orders/Create"],"max_entries":8,"caller_share":0.25}}"#;
+    let config = r#"{"dedup":{"methods":["pkg.Orders/Create"],"max_entries":8,"caller_share":0.25,
+        "scope":["source.principal",":authority"]}}"#;
     let mut worker = envoy.worker(config);
     let mut held = Vec::new();
     for n in 0..3 {

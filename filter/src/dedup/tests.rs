@@ -253,8 +253,7 @@ fn every_ending_of_a_first_call_has_its_disposition() {
     use Disposition::{Free, Keep, Unknown};
     use GrpcStatus::*;
     let table = [
-        (Ending::Guard, Free),
-        (Ending::Incomplete, Free),
+        (Ending::NothingSent, Free),
         (Ending::Envoy { sent: false }, Free),
         (Ending::Envoy { sent: true }, Unknown),
         (Ending::Upstream(Ok), Keep),

@@ -404,6 +404,24 @@ async fn the_verified_jwt_subject_keeps_keys_apart_for_users_behind_one_gateway(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scope_part_naming_a_struct_identifies_nobody_and_the_call_is_refused() {
+    // `payload` is the whole verified JWT, a struct: Envoy hands it over
+    // serialized, in no stable form. Counted as absent, it leaves the
+    // caller anonymous, refused by default, rather than keyed by bytes
+    // that change from call to call.
+    let upstream = Upstream::start().await;
+    let config = r#"{"dedup":{"methods":["grpcguard.demo.v1.Demo/Echo"],
+        "scope":["metadata:envoy.filters.http.jwt_authn/payload"]}}"#;
+    let envoy = start_envoy_with("dedup-jwt-struct", upstream.addr, &config.replace('\n', " "), &jwt_filter()).unwrap();
+    let bearer = format!("Bearer {}", hs256_jwt(JWT_SECRET, "grpc-guard-e2e", "alice"));
+    let got = keyed_echo_from(&envoy, "struct", order(1), &bearer).await;
+    let status = got.result.expect_err("refused");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(status.message().contains("needs a caller identity"), "{status:?}");
+    assert_eq!(upstream.observed.executions("Echo"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_client_can_reach_the_replay_hop_whatever_the_configuration() {
     let upstream = Upstream::start().await;
     for (n, config) in ["{}", ECHO_DEDUP].into_iter().enumerate() {

@@ -75,7 +75,7 @@ async fn a_retry_with_another_body_and_trailers_is_refused_at_its_end() {
 async fn an_upstream_that_answers_before_the_request_ends_has_its_answer_kept() {
     // Like grpc-go's unary path, this upstream runs the call once it has the
     // message, before the client's END_STREAM.
-    let (addr, runs) = start_h2_upstream(false, |n| {
+    let (addr, runs) = start_h2_upstream(Reads::FirstFrame, Duration::ZERO, |n| {
         let reply = grpc_frame(&EchoReply { message: "done".into(), execution: n }.encode_to_vec());
         let mut trailers = hyper::HeaderMap::new();
         trailers.insert("grpc-status", "0".parse().unwrap());
@@ -196,7 +196,7 @@ async fn uncommon_answers_are_replayed_as_they_were() {
     let grpc = || hyper::Response::builder().status(200).header("content-type", "application/grpc");
 
     // Two values of one header and of one trailer.
-    let (addr, runs) = start_h2_upstream(true, move |n| {
+    let (addr, runs) = start_h2_upstream(Reads::Whole, Duration::ZERO, move |n| {
         let mut trailers = hyper::HeaderMap::new();
         trailers.append("grpc-status", "0".parse().unwrap());
         trailers.append("x-t", "1".parse().unwrap());
@@ -220,7 +220,7 @@ async fn uncommon_answers_are_replayed_as_they_were() {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 
     // The status in the headers, trailers without one.
-    let (addr, runs) = start_h2_upstream(true, move |_| {
+    let (addr, runs) = start_h2_upstream(Reads::Whole, Duration::ZERO, move |_| {
         let mut trailers = hyper::HeaderMap::new();
         trailers.append("x-t", "1".parse().unwrap());
         let body = FramesBody(vec![Frame::trailers(trailers)].into());
@@ -238,7 +238,7 @@ async fn uncommon_answers_are_replayed_as_they_were() {
 
     // An error whose metadata is not text: not kept rather than changed, and
     // never run again.
-    let (addr, runs) = start_h2_upstream(true, move |_| {
+    let (addr, runs) = start_h2_upstream(Reads::Whole, Duration::ZERO, move |_| {
         let raw = hyper::header::HeaderValue::from_bytes(b"caf\xe9").unwrap();
         grpc().header("grpc-status", "5").header("x-raw", raw).body(FramesBody(Default::default())).unwrap()
     })
@@ -303,4 +303,144 @@ async fn a_retry_compressed_otherwise_is_a_different_request_and_never_runs() {
     let retry = gzip.echo(grpc_guard_tests::e2e::keyed(message, "gz", caller)).await;
     assert_eq!(retry.map_err(|s| s.code()).err(), Some(tonic::Code::InvalidArgument), "other bytes, another request");
     assert_eq!(upstream.observed.executions("Echo"), 1);
+}
+
+/// An answer from an upstream that acts on the first DATA frame (grpc-go's
+/// unary path) and works for `work` first.
+async fn start_acting_upstream(work: Duration) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    start_h2_upstream(Reads::FirstFrame, work, |n| {
+        let reply = grpc_frame(&EchoReply { message: "done".into(), execution: n }.encode_to_vec());
+        let body = FramesBody(vec![data(reply), trailers_frame(&[("grpc-status", "0")])].into());
+        hyper::Response::builder().status(200).header("content-type", "application/grpc").body(body).unwrap()
+    })
+    .await
+}
+
+/// Waits until the upstream has counted `n` requests.
+async fn until_runs(runs: &std::sync::atomic::AtomicU64, n: u64) {
+    for _ in 0..100 {
+        if runs.load(Ordering::SeqCst) >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the upstream never got the request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_after_a_whole_message_and_a_stray_byte_keeps_the_key() {
+    // The upstream acts on the message; the next message's first byte
+    // rode in the same DATA frame. The client gives up before the answer.
+    let (up, runs) = start_acting_upstream(Duration::from_secs(30)).await;
+    let envoy = start_envoy("hostile-stray-byte", up, ECHO_DEDUP).unwrap();
+    let addr = envoy.params().listen_addr();
+    let mut chunk = echo_frame("charge 10", 0);
+    chunk.push(0);
+    let first = h2_stream(addr, None, ECHO_PATH, &keyed_headers("stray", "Bearer a"), vec![data(chunk)], false).await;
+    until_runs(&runs, 1).await;
+    first.answer.abort();
+    drop(first.open);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Refused without running: the same request again is told the first
+    // may have run; this one, without the stray byte, is another request.
+    let same = call(addr, "stray", vec![data([echo_frame("charge 10", 0), vec![0]].concat())]).await;
+    assert_eq!(same.grpc_status().as_deref(), Some("9"), "may have run: {same:?}");
+    let retry = call(addr, "stray", vec![data(echo_frame("charge 10", 0))]).await;
+    assert_eq!(retry.grpc_status().as_deref(), Some("3"), "{retry:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the retry must not run again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_guards_own_refusal_after_a_message_went_on_keeps_the_key() {
+    // The first message went on and the upstream acted on it; then the
+    // request broke a rule (a frame that is not gRPC, a message over the
+    // limit) and grpc-guard answered the client itself.
+    let config = r#"{"dedup":{"methods":["grpcguard.demo.v1.Demo/Echo"]},"limits":{"max_request_message_bytes":64}}"#;
+    for (name, second) in [("bad-frame", vec![0xff, 0, 0, 0, 0]), ("too-large", echo_frame(&"x".repeat(100), 0))] {
+        let (up, runs) = start_acting_upstream(Duration::from_secs(2)).await;
+        let envoy = start_envoy(&format!("hostile-refused-after-{name}"), up, config).unwrap();
+        let addr = envoy.params().listen_addr();
+        let first = h2_stream(
+            addr,
+            None,
+            ECHO_PATH,
+            &keyed_headers("g", "Bearer a"),
+            vec![data(echo_frame("charge 10", 0))],
+            false,
+        )
+        .await;
+        until_runs(&runs, 1).await;
+        first.open.as_ref().unwrap().send(data(second)).unwrap();
+        let answer = first.answer.await.unwrap().expect("an answer");
+        assert!(matches!(answer.grpc_status().as_deref(), Some("8" | "13")), "{name}: {answer:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Refused without running. (It is not the request the first call
+        // sent, which had more after the message: "reused with a different
+        // request".)
+        let retry = call(addr, "g", vec![data(echo_frame("charge 10", 0))]).await;
+        assert_eq!(retry.grpc_status().as_deref(), Some("3"), "{name}: {retry:?}");
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "{name}: the retry must not run again");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_from_the_headers_alone_leaves_the_key_free_for_the_whole_request() {
+    // Like grpc-go for a method it does not know: UNIMPLEMENTED at once,
+    // before the body is in. Nothing ran; the same request again gets the
+    // same answer, not "reused with a different request".
+    let (up, runs) = start_h2_upstream(Reads::Nothing, Duration::ZERO, |_| {
+        hyper::Response::builder()
+            .status(200)
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "12")
+            .header("grpc-message", "unknown method")
+            .body(FramesBody(Default::default()))
+            .unwrap()
+    })
+    .await;
+    let envoy = start_envoy("hostile-headers-only-answer", up, ECHO_DEDUP).unwrap();
+    let addr = envoy.params().listen_addr();
+    let whole = echo_frame(&"order 1 ".repeat(10), 0);
+    let first =
+        h2_stream(addr, None, ECHO_PATH, &keyed_headers("e", "Bearer a"), vec![data(whole[..20].to_vec())], false)
+            .await;
+    let answer = first.answer.await.unwrap().expect("an answer");
+    assert_eq!(answer.grpc_status().as_deref(), Some("12"));
+    let _ = first.open.unwrap().send(data(whole[20..].to_vec()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let retry = call(addr, "e", vec![data(whole)]).await;
+    assert_eq!(retry.grpc_status().as_deref(), Some("12"), "{retry:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "asked again, as nothing ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tonics_too_large_answer_leaves_the_key_free_for_the_same_request() {
+    // tonic answers OUT_OF_RANGE from a message's prefix when the message
+    // is over its decoding limit, while the body still streams.
+    let upstream = Upstream::start().await;
+    let envoy = start_envoy("hostile-tonic-too-large", upstream.addr, ECHO_DEDUP).unwrap();
+    let addr = envoy.params().listen_addr();
+    let mut message = EchoRequest { message: "ok".into(), ..Default::default() }.encode_to_vec();
+    prost::encoding::bytes::encode(99, &vec![7u8; grpc_guard_demo::MAX_MESSAGE_BYTES + (1 << 20)], &mut message);
+    let body = grpc_frame(&message);
+    let first = call(addr, "oor", vec![data(body.clone())]).await;
+    let retry = call(addr, "oor", vec![data(body)]).await;
+    assert_eq!(first.grpc_status().as_deref(), Some("11"), "{first:?}");
+    assert_eq!(retry.grpc_status().as_deref(), Some("11"), "the same answer again: {retry:?}");
+    assert_eq!(upstream.observed.executions("Echo"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_that_names_the_service_another_way_is_still_a_retry() {
+    let upstream = Upstream::start().await;
+    let envoy = start_envoy("hostile-same-key-other-authority", upstream.addr, ECHO_DEDUP).unwrap();
+    let addr = envoy.params().listen_addr();
+    let mut answers = Vec::new();
+    for authority in ["orders", "orders.shop.svc.cluster.local"] {
+        let frames = vec![data(echo_frame("charge 10", 0))];
+        let s = h2_stream(addr, Some(authority), ECHO_PATH, &keyed_headers("auth-k", "Bearer a"), frames, true).await;
+        answers.push(s.answer.await.unwrap().expect("an answer"));
+    }
+    assert!(replayed(&answers[1]), "{answers:?}");
+    assert_eq!(upstream.observed.executions("Echo"), 1, "same key, caller and method ran twice");
 }

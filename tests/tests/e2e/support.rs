@@ -361,10 +361,26 @@ pub fn trailers_frame(pairs: &[(&str, &str)]) -> hyper::body::Frame<hyper::body:
     hyper::body::Frame::trailers(map)
 }
 
+/// How much of a request an [`start_h2_upstream`] reads before it counts
+/// the request and answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Reads {
+    /// None of the body: it answers from the headers.
+    Nothing,
+    /// The first DATA frame, as grpc-go's unary path runs on the message.
+    FirstFrame,
+    /// The whole body.
+    Whole,
+}
+
 /// An HTTP/2 upstream that answers every request with what `respond` builds
-/// from the request's count (1 for the first) after reading `whole` bodies
-/// (or only their first frame); counts requests.
-pub async fn start_h2_upstream<F>(whole: bool, respond: F) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>)
+/// from the request's count (1 for the first) after reading what `reads`
+/// says and working for `work`; counts requests.
+pub async fn start_h2_upstream<F>(
+    reads: Reads,
+    work: Duration,
+    respond: F,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>)
 where
     F: Fn(u64) -> hyper::Response<FramesBody> + Send + Sync + Clone + 'static,
 {
@@ -387,12 +403,17 @@ where
                     let (counted, respond) = (counted.clone(), respond.clone());
                     async move {
                         let mut body = req.into_body();
-                        if whole {
-                            let _ = body.collect().await;
-                        } else {
-                            let _ = body.frame().await;
+                        match reads {
+                            Reads::Nothing => {}
+                            Reads::FirstFrame => {
+                                let _ = body.frame().await;
+                            }
+                            Reads::Whole => {
+                                let _ = body.collect().await;
+                            }
                         }
                         let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+                        tokio::time::sleep(work).await;
                         Ok::<_, std::convert::Infallible>(respond(n))
                     }
                 });
