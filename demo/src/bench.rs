@@ -108,6 +108,8 @@ impl Load {
             command.args(["-H", header]);
         }
         command.arg(&self.url);
+        // h2load appends to its log file: each window reads only its own.
+        let _ = std::fs::remove_file(&self.log);
         let cpu_before = own_and_children_cpu();
         let started = Instant::now();
         let output = command.output()?;

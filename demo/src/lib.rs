@@ -65,7 +65,8 @@ pub async fn serve_with(
     }
     Server::builder()
         .add_service(service.accept_compressed(CompressionEncoding::Gzip))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        // Without TCP_NODELAY small answers wait for the peer's delayed ACK.
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await
         .map_err(DemoError::Serve)
 }

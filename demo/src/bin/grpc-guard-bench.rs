@@ -43,10 +43,11 @@ struct Args {
     /// Seconds of each measured window.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
-    /// h2load connections and streams per connection in the closed loop.
-    #[arg(long, default_value_t = 4)]
+    /// h2load connections and streams per connection in the closed loop:
+    /// enough in flight to keep one Envoy worker busy.
+    #[arg(long, default_value_t = 8)]
     connections: usize,
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 16)]
     streams: usize,
     /// The open loop's fixed rate, as a fraction of bare Envoy's closed-loop
     /// throughput in the first round.
@@ -161,6 +162,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let dir = args.run_dir.join(format!("{}-{round}", variant.name.replace([' ', '{', '}'], "")));
             let envoy = Envoy::start_on(&args.envoy, params, 1, &dir, Some(&args.envoy_cpus))?;
             let pid = envoy.pid();
+            // The open loop spreads its rate over more connections: h2load
+            // paces each connection's requests, so fewer leave at once.
             let load = |rate: Option<f64>, duration: Duration, log: &str| Load {
                 url: format!("{}/grpcguard.demo.v1.Demo/Echo", envoy.grpc_uri()),
                 body: body.clone(),
@@ -169,8 +172,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     "te: trailers".into(),
                     "authorization: Bearer bench".into(),
                 ],
-                connections: args.connections,
-                streams: args.streams,
+                connections: if rate.is_some() { args.connections * 2 } else { args.connections },
+                streams: if rate.is_some() { 4 } else { args.streams },
                 duration,
                 rate,
                 log: dir.join(log),

@@ -70,8 +70,7 @@ async fn echo_with_raw_grpc_timeout(listen: SocketAddr, grpc_timeout: &str) -> (
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_sees_the_injected_default_and_the_clamped_maximum_as_its_deadline() {
     let upstream = Upstream::start().await;
-    let config =
-        r#"{"deadline":{"default":"5s","max":"20s","per_method":{"grpcguard.demo.v1.Demo/Count":{"default":"3s"}}}}"#;
+    let config = r#"{"deadline":{"default":"5s","max":"20s","per_method":{"grpcguard.demo.v1.Demo/Count":{"default":"3s"}}},"log":{"ok_sample":1}}"#;
     let envoy = start_envoy("deadline-policy", upstream.addr, config).unwrap();
 
     assert_eq!(echo(&envoy, hello(), None).await, Code::Ok);

@@ -13,7 +13,8 @@ use tonic::Code;
 
 use crate::support::*;
 
-const ECHO_DEDUP: &str = r#"{"dedup":{"methods":["grpcguard.demo.v1.Demo/Echo"]}}"#;
+/// Every OK call logged: the tests read the `dedup` field of each.
+const ECHO_DEDUP: &str = r#"{"dedup":{"methods":["grpcguard.demo.v1.Demo/Echo"]},"log":{"ok_sample":1}}"#;
 const ECHO_PATH: &str = "/grpcguard.demo.v1.Demo/Echo";
 
 /// What one keyed Echo got: the reply (or status), whether it was replayed,
@@ -324,7 +325,8 @@ async fn a_keyed_call_from_nobody_is_refused_unless_forwarding_is_configured() {
     assert_eq!(upstream.observed.executions("Echo"), 0);
     assert_eq!(counter(&envoy, "grpc_server_dedup_anonymous_total").await, 1.0);
 
-    let forward = r#"{"dedup":{"methods":["grpcguard.demo.v1.Demo/Echo"],"anonymous":"forward"}}"#;
+    let forward =
+        r#"{"dedup":{"methods":["grpcguard.demo.v1.Demo/Echo"],"anonymous":"forward"},"log":{"ok_sample":1}}"#;
     let envoy = start_envoy("dedup-anonymous-forward", upstream.addr, forward).unwrap();
     for _ in 0..2 {
         let mut anonymous = tonic::Request::new(order(1));

@@ -85,7 +85,7 @@ async fn a_thousand_random_method_paths_keep_grpc_method_values_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_call_logs_one_json_line_with_the_documented_fields() {
     let upstream = Upstream::start().await;
-    let envoy = start_envoy("logs", upstream.addr, "{}").unwrap();
+    let envoy = start_envoy("logs", upstream.addr, r#"{"log":{"ok_sample":1}}"#).unwrap();
     let channel = grpc_guard_demo::lazy_channel(&envoy.grpc_uri()).unwrap();
     let mut client = grpc_guard_demo::client(channel);
     let mut request =
@@ -123,6 +123,32 @@ async fn every_call_logs_one_json_line_with_the_documented_fields() {
     assert_eq!(line["resp_msgs"], 1);
     assert!(line["resp_bytes"].as_u64().unwrap() > 100, "{line}");
     assert_eq!(line["request_id"], "req-\"42\"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_every_failure_and_one_ok_call_in_a_hundred_is_logged_and_every_call_counted() {
+    let upstream = Upstream::start().await;
+    let envoy = start_envoy("logs-default", upstream.addr, "{}").unwrap();
+    let channel = grpc_guard_demo::lazy_channel(&envoy.grpc_uri()).unwrap();
+    let mut client = grpc_guard_demo::client(channel);
+    for n in 0..200 {
+        let request = EchoRequest { message: format!("call {n}"), ..Default::default() };
+        client.echo(request).await.unwrap();
+    }
+    let failing = EchoRequest { message: "x".into(), fail_code: tonic::Code::NotFound as i32, ..Default::default() };
+    assert!(client.echo(failing).await.is_err());
+    let logs = call_logs(&envoy, 3).await;
+    let ok = logs.iter().filter(|l| l["grpc_code"] == "OK").count();
+    assert_eq!(ok, 2, "two OK calls of 200, spread evenly: {logs:?}");
+    assert_eq!(logs.iter().filter(|l| l["grpc_code"] == "NotFound").count(), 1, "{logs:?}");
+    let samples = scrape_until(&envoy, |s| {
+        value(s, "grpc_server_handled_total", &[("grpc_code", "OK"), ("grpc_method", "Echo")]) == Some(200.0)
+    })
+    .await;
+    assert_eq!(
+        value(&samples, "grpc_server_handled_total", &[("grpc_code", "NotFound"), ("grpc_method", "Echo")]),
+        Some(1.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,12 +6,18 @@ use grpc_guard_tests::host::{HostError, LogLevel};
 use crate::support::*;
 
 #[test]
-fn empty_config_starts_and_tags_measures_and_logs() {
+fn empty_config_starts_counts_every_call_and_logs_failures_and_one_ok_call_in_a_hundred() {
     for config in ["{}", "", "  \n"] {
-        let (host, mut vm) = vm_with(config);
+        let (host, mut vm) = vm_exact(config);
+        for _ in 0..99 {
+            unary(&mut vm, PATH, &[], 1, 1, 0);
+        }
+        assert_eq!(call_logs(&mut vm), Vec::<serde_json::Value>::new(), "config {config:?}");
         unary(&mut vm, PATH, &[], 1, 1, 0);
-        assert_eq!(host.metrics().counter(&handled(GET, "OK")), Some(1), "config {config:?}");
         assert_eq!(one_call_log(&mut vm)["grpc_code"], "OK", "config {config:?}");
+        unary(&mut vm, PATH, &[], 1, 1, 5);
+        assert_eq!(one_call_log(&mut vm)["grpc_code"], "NotFound", "config {config:?}");
+        assert_eq!(host.metrics().counter(&handled(GET, "OK")), Some(100), "config {config:?}");
     }
 }
 

@@ -13,18 +13,26 @@ use crate::support::*;
 /// with the log line's keys written as fixed pieces; 17,112 with the call's
 /// lifecycle in the core (`filter/src/call`): its state kept small and never
 /// moved (wasmtime charges a fuel per byte `memory.copy` moves), one effects
-/// buffer per worker.
-const BASELINE_DEFAULT_CONFIG: u64 = 17_112;
+/// buffer per worker; 13,477 with OK calls logged one in a hundred by
+/// default (the line was about 4,000 of it).
+const BASELINE_DEFAULT_CONFIG: u64 = 13_477;
+
+/// How far over its baseline a call shape may go before the test fails: a
+/// regression shows, and a small change does not need the figure retaken.
+fn ceiling(baseline: u64) -> u64 {
+    baseline + baseline / 10
+}
 
 /// The same call with `deadline.default` and `deadline.max` set, the client
 /// sending no `grpc-timeout`: the default is formatted and written upstream.
-/// 21,001 before the lifecycle moved into the core, 20,347 after.
-const BASELINE_DEADLINE_POLICY: u64 = 20_347;
+/// 21,001 before the lifecycle moved into the core, 20,347 after, 16,067
+/// with OK calls sampled.
+const BASELINE_DEADLINE_POLICY: u64 = 16_067;
 
 /// Fuel for the second of two identical unary calls (the first defines the
 /// method's metrics and admits it into the shared method table).
 fn fuel_per_unary_call(config: &str) -> u64 {
-    let (_host, mut vm) = vm_with(config);
+    let (_host, mut vm) = vm_exact(config);
     unary(&mut vm, PATH, &[], 64, 64, 0);
     let before = vm.fuel_consumed();
     unary(&mut vm, PATH, &[], 64, 64, 0);
@@ -36,7 +44,7 @@ fn fuel_per_unary_call(config: &str) -> u64 {
 /// callback. A change that adds one shows here.
 #[test]
 fn a_default_unary_call_makes_these_hostcalls() {
-    let (_host, mut vm) = vm_with("{}");
+    let (_host, mut vm) = vm_exact("{}");
     unary(&mut vm, PATH, &[], 64, 64, 0);
     vm.trace_hostcalls();
     let s = vm.new_stream();
@@ -74,16 +82,14 @@ fn a_default_unary_call_makes_these_hostcalls() {
             vec!["proxy_get_buffer_bytes", "proxy_record_metric"],
             // grpc-status, the filter-state tag
             vec![HEADER, "proxy_set_property"],
-            // the clock, the request id, handled, two message counters, the
-            // duration, the log line
+            // the clock, handled, two message counters, the duration (an OK
+            // call is logged one time in a hundred by default)
             vec![
                 TIME,
-                HEADER,
                 "proxy_increment_metric",
                 "proxy_increment_metric",
                 "proxy_increment_metric",
                 "proxy_record_metric",
-                "proxy_log"
             ],
         ]
     );
@@ -97,8 +103,8 @@ fn fuel_per_unary_call_is_reported_and_bounded() {
         let fuel = fuel_per_unary_call(config);
         eprintln!("fuel per unary call ({config}): {fuel}");
         assert!(
-            fuel < 2 * baseline,
-            "one unary call with {config} burnt {fuel} fuel, over twice the baseline {baseline}"
+            fuel <= ceiling(baseline),
+            "one unary call with {config} burnt {fuel} fuel, over the baseline {baseline} + 10 %"
         );
     }
 }
@@ -114,14 +120,16 @@ const DEDUP: &str = r#"{"dedup":{"methods":["pkg.Svc/Get"]}}"#;
 /// key) takes three blocks and the request fingerprint two; the request
 /// headers callback alone burns about 40,000. A larger request adds about
 /// 120 fuel per byte for its fingerprint. 75,192 once the lifecycle moved
-/// into the core.
-const BASELINE_DEDUP_MISS: u64 = 75_192;
+/// into the core; 92,576 with the bucketed table (one compare-and-swap per
+/// key decision, the caller's tag, the kept metadata), OK calls sampled.
+const BASELINE_DEDUP_MISS: u64 = 92_576;
 
 /// A keyed retry of a kept OK answer: the slots are probed and the entry
 /// decoded, the request is fingerprinted, the request is marked for the
 /// replay hop and the placeholder answer rewritten into the kept one.
-/// Measured at 79,018; 72,380 once the lifecycle moved into the core.
-const BASELINE_DEDUP_HIT: u64 = 72_380;
+/// Measured at 79,018; 72,380 once the lifecycle moved into the core;
+/// 77,632 with the bucketed table and the kept metadata replayed.
+const BASELINE_DEDUP_HIT: u64 = 77_632;
 
 /// A key, and the caller's credentials: a key is only ever matched within
 /// one caller's scope.
@@ -147,7 +155,7 @@ fn replayed_call(vm: &mut Vm, key: &str) {
 /// Fuel for a dedup miss (a first call) and a dedup hit (a replayed retry),
 /// each the second of its kind, so metric definitions are not counted.
 fn fuel_per_dedup_call() -> (u64, u64) {
-    let (_host, mut vm) = vm_with(DEDUP);
+    let (_host, mut vm) = vm_exact(DEDUP);
     unary(&mut vm, PATH, &keyed("order-1"), 64, 64, 0);
     let before = vm.fuel_consumed();
     unary(&mut vm, PATH, &keyed("order-2"), 64, 64, 0);
@@ -165,6 +173,9 @@ fn fuel_per_deduplicated_call_is_reported_and_bounded() {
     for (what, fuel, baseline) in
         [("first call", miss, BASELINE_DEDUP_MISS), ("replayed retry", hit, BASELINE_DEDUP_HIT)]
     {
-        assert!(fuel < 2 * baseline, "a deduplicated {what} burnt {fuel} fuel, over twice the baseline {baseline}");
+        assert!(
+            fuel <= ceiling(baseline),
+            "a deduplicated {what} burnt {fuel} fuel, over the baseline {baseline} + 10 %"
+        );
     }
 }

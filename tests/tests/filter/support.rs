@@ -39,16 +39,41 @@ pub fn host() -> Host {
     Host::load(&wasm).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// One worker configured with `config`; panics with the filter's logs if it
-/// refuses.
+/// One worker configured with `config`, logging every call unless `config`
+/// says otherwise (the default logs a sample of OK calls, and these tests
+/// read the line of each); panics with the filter's logs if it refuses.
 pub fn start(host: &Host, config: &str) -> Vm {
+    start_exact(host, &logging_every_call(config))
+}
+
+/// One worker configured with exactly `config`.
+pub fn start_exact(host: &Host, config: &str) -> Vm {
     host.start_vm(config).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// A host and one worker with `config`.
+/// `config` with `log.ok_sample` 1 when it is a JSON object that sets none.
+fn logging_every_call(config: &str) -> String {
+    let Ok(serde_json::Value::Object(mut object)) = serde_json::from_str(config) else {
+        return config.to_owned();
+    };
+    let log = object.entry("log").or_insert_with(|| serde_json::json!({}));
+    if let Some(log) = log.as_object_mut() {
+        log.entry("ok_sample").or_insert(1.into());
+    }
+    serde_json::Value::Object(object).to_string()
+}
+
+/// A host and one worker with `config` (every call logged).
 pub fn vm_with(config: &str) -> (Host, Vm) {
     let host = host();
     let vm = start(&host, config);
+    (host, vm)
+}
+
+/// A host and one worker with exactly `config`.
+pub fn vm_exact(config: &str) -> (Host, Vm) {
+    let host = host();
+    let vm = start_exact(&host, config);
     (host, vm)
 }
 
