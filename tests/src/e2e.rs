@@ -20,14 +20,16 @@ pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The release filter, as `make wasm` builds it.
+/// The release filter: `GRPC_GUARD_WASM`, else what `make wasm` ships
+/// (after wasm-opt), else cargo's own release build.
 pub fn wasm_path() -> PathBuf {
     if let Some(p) = std::env::var_os("GRPC_GUARD_WASM") {
         return PathBuf::from(p);
     }
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
-    let path = target.join("wasm32-wasip1/release/grpc_guard.wasm");
+    let shipped = target.join("grpc-guard/grpc_guard.wasm");
+    let path = if shipped.exists() { shipped } else { target.join("wasm32-wasip1/release/grpc_guard.wasm") };
     assert!(path.exists(), "{} is missing: run `make wasm` (or `make test`) first", path.display());
     path
 }

@@ -14,8 +14,8 @@ use crate::support::*;
 /// lifecycle in the core (`filter/src/call`): its state kept small and never
 /// moved (wasmtime charges a fuel per byte `memory.copy` moves), one effects
 /// buffer per worker; 13,477 with OK calls logged one in a hundred by
-/// default (the line was about 4,000 of it).
-const BASELINE_DEFAULT_CONFIG: u64 = 13_477;
+/// default (the line was about 4,000 of it); 12,795 after `wasm-opt -Oz`.
+const BASELINE_DEFAULT_CONFIG: u64 = 12_795;
 
 /// How far over its baseline a call shape may go before the test fails: a
 /// regression shows, and a small change does not need the figure retaken.
@@ -26,8 +26,8 @@ fn ceiling(baseline: u64) -> u64 {
 /// The same call with `deadline.default` and `deadline.max` set, the client
 /// sending no `grpc-timeout`: the default is formatted and written upstream.
 /// 21,001 before the lifecycle moved into the core, 20,347 after, 16,067
-/// with OK calls sampled.
-const BASELINE_DEADLINE_POLICY: u64 = 16_067;
+/// with OK calls sampled, 15,297 after `wasm-opt -Oz`.
+const BASELINE_DEADLINE_POLICY: u64 = 15_297;
 
 /// Fuel for the second of two identical unary calls (the first defines the
 /// method's metrics and admits it into the shared method table).
@@ -121,15 +121,17 @@ const DEDUP: &str = r#"{"dedup":{"methods":["pkg.Svc/Get"]}}"#;
 /// headers callback alone burns about 40,000. A larger request adds about
 /// 120 fuel per byte for its fingerprint. 75,192 once the lifecycle moved
 /// into the core; 92,576 with the bucketed table (one compare-and-swap per
-/// key decision, the caller's tag, the kept metadata), OK calls sampled.
-const BASELINE_DEDUP_MISS: u64 = 92_576;
+/// key decision, the caller's tag, the kept metadata), OK calls sampled;
+/// 88,736 after `wasm-opt -Oz`.
+const BASELINE_DEDUP_MISS: u64 = 88_736;
 
 /// A keyed retry of a kept OK answer: the slots are probed and the entry
 /// decoded, the request is fingerprinted, the request is marked for the
 /// replay hop and the placeholder answer rewritten into the kept one.
 /// Measured at 79,018; 72,380 once the lifecycle moved into the core;
-/// 77,632 with the bucketed table and the kept metadata replayed.
-const BASELINE_DEDUP_HIT: u64 = 77_632;
+/// 77,632 with the bucketed table and the kept metadata replayed; 74,320
+/// after `wasm-opt -Oz`.
+const BASELINE_DEDUP_HIT: u64 = 74_320;
 
 /// A key, and the caller's credentials: a key is only ever matched within
 /// one caller's scope.

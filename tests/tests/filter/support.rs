@@ -1,8 +1,6 @@
 //! Loading the filter, driving whole calls through it, and reading back what a
 //! user would see: stat names, JSON log lines, the filter-state status.
 
-use std::path::PathBuf;
-
 use grpc_guard_tests::host::{Action, Host, LogLevel, Stream, Vm};
 use serde_json::Value;
 
@@ -14,28 +12,10 @@ pub const METHOD: &str = "Get";
 /// The filter-state key an Envoy access log prints.
 pub const STATUS_PROPERTY: &[&str] = &["grpc_guard.grpc_code"];
 
-/// `GRPC_GUARD_WASM`, else the release build under `CARGO_TARGET_DIR`
-/// (`target/` at the workspace root when unset).
-fn filter_wasm() -> PathBuf {
-    if let Some(path) = std::env::var_os("GRPC_GUARD_WASM") {
-        return PathBuf::from(path);
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    target.join("wasm32-wasip1/release/grpc_guard.wasm")
-}
-
 /// A fresh host (its own metrics and shared data, like a fresh Envoy). The
 /// module is compiled once per test process and reused.
 pub fn host() -> Host {
-    let wasm = filter_wasm();
-    assert!(
-        wasm.exists(),
-        "no filter at {}: build it with `cargo build -p grpc-guard-filter --target wasm32-wasip1 \
-         --release`, or point GRPC_GUARD_WASM at a built grpc_guard.wasm",
-        wasm.display()
-    );
+    let wasm = grpc_guard_tests::e2e::wasm_path();
     Host::load(&wasm).unwrap_or_else(|e| panic!("{e}"))
 }
 
