@@ -112,6 +112,7 @@ impl Fingerprint {
     }
 
     /// The fingerprint of a body seen whole.
+    #[cfg(test)]
     pub fn of(body: &[u8]) -> Digest {
         Sha256::digest(body).into()
     }

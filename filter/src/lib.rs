@@ -9,8 +9,9 @@
 //! glue: it hands Envoy's callbacks to those steps and carries out what they
 //! return, and is compiled for wasm only.
 //!
-//! What it is not: a gRPC-Web or transcoding filter (`application/grpc-web*`
-//! passes through untouched), nor a replacement for Envoy's router timeouts.
+//! What it is not: a gRPC-Web or transcoding filter (Envoy's `grpc_web`
+//! filter goes before it; untranslated gRPC-Web on a method path is refused
+//! unless `non_grpc` is `pass`), nor a replacement for Envoy's router timeouts.
 
 // Untrusted bytes must never trap the VM: a trap takes down every stream on
 // that worker. Tests may unwrap.

@@ -14,7 +14,7 @@
 
 use std::borrow::Cow;
 
-use super::{lossy, Call, Effect, Effects, Host, Next, Reply, Side};
+use super::{from_slice, lossy, Call, Chunk, Effect, Effects, Host, Next, Reply, Side};
 use crate::config::{Anonymous, DedupConfig, ScopePart, WhenFull};
 use crate::dedup::{
     caller_tag, check_key, digest, disposition, Answer, Claim, Digest, Disposition, Ending, Fingerprint, Lookup,
@@ -238,37 +238,32 @@ impl Call {
         )
     }
 
-    /// A request body chunk of a keyed call; `None` when the chunk is read
-    /// as any other.
+    /// A request body chunk of a keyed call.
     pub(super) fn dedup_request_body<H: Host>(
         &mut self,
         host: &mut H,
         len: usize,
         end_of_stream: bool,
         fx: &mut Effects,
-    ) -> Option<Next> {
-        match self.dedup.as_deref_mut()? {
-            Phase::Verify { seen, .. } => {
+    ) -> Chunk {
+        match self.dedup.as_deref_mut() {
+            Some(Phase::Verify { seen, .. }) => {
                 // Fingerprinted as it streams, then emptied: a retry on its
                 // way to the replay hop holds no memory, whatever its size.
                 let chunk = host.request_body(0, len).unwrap_or_default();
                 seen.update(&chunk);
                 fx.push(Effect::ReplaceRequestBody(Vec::new()));
-                let _ = self.read_frames(
-                    Side::Request,
-                    len,
-                    |offset, n| chunk.get(offset..offset + n).map(<[u8]>::to_vec),
-                    fx,
-                );
-                Some(if end_of_stream { self.verify_and_answer(fx) } else { Next::Continue })
+                let _ = self.read_frames(Side::Request, len, from_slice(&chunk), fx);
+                Chunk::Handled(if end_of_stream { self.verify_and_answer(fx) } else { Next::Continue })
             }
-            Phase::First(first) => {
-                if let Some(chunk) = host.request_body(0, len) {
-                    first.request.update(&chunk);
+            Some(Phase::First(first)) => {
+                let chunk = host.request_body(0, len);
+                if let Some(chunk) = &chunk {
+                    first.request.update(chunk);
                 }
-                None
+                Chunk::Read(chunk)
             }
-            Phase::Replay(_) => None,
+            Some(Phase::Replay(_)) | None => Chunk::Read(None),
         }
     }
 
@@ -362,34 +357,27 @@ impl Call {
         true
     }
 
-    /// A response body chunk of a keyed call; `None` when the chunk is read
-    /// as any other.
+    /// A response body chunk of a keyed call.
     pub(super) fn dedup_response_body<H: Host>(
         &mut self,
         host: &mut H,
         len: usize,
         end_of_stream: bool,
         fx: &mut Effects,
-    ) -> Option<Next> {
-        match self.dedup.as_deref_mut()? {
-            Phase::Replay(_) => {
+    ) -> Chunk {
+        match self.dedup.as_deref_mut() {
+            Some(Phase::Replay(_)) => {
                 // Hold the placeholder until the end, then put the kept
                 // message and trailers in its place (trailers can be added
                 // only here, at end of stream).
                 if !end_of_stream {
-                    return Some(Next::Pause);
+                    return Chunk::Handled(Next::Pause);
                 }
-                let Some(Phase::Replay(answer)) = self.dedup.take().map(|p| *p) else { return None };
+                let Some(Phase::Replay(answer)) = self.dedup.take().map(|p| *p) else { return Chunk::Read(None) };
                 self.seen.trailer_status = Some(answer.status);
                 self.seen.complete = true;
                 self.note_answer(host);
-                let body = &answer.body;
-                let _ = self.read_frames(
-                    Side::Response,
-                    body.len(),
-                    |offset, n| body.get(offset..offset + n).map(<[u8]>::to_vec),
-                    fx,
-                );
+                let _ = self.read_frames(Side::Response, answer.body.len(), from_slice(&answer.body), fx);
                 fx.push(Effect::ReplaceResponseBody(answer.body));
                 // The status as the first call ended, whichever block carried it.
                 fx.push(Effect::AddResponseTrailer(
@@ -400,18 +388,21 @@ impl Call {
                     fx.push(Effect::AddResponseTrailer(name, value));
                 }
                 self.tag_seen_status(fx);
-                Some(Next::Continue)
+                Chunk::Handled(Next::Continue)
             }
-            Phase::First(first) if !first.too_large => {
+            Some(Phase::First(first)) if !first.too_large => {
                 if first.answer.body.len() + len > first.max_body {
                     first.too_large = true;
                     first.answer.body = Vec::new();
-                } else if let Some(chunk) = host.response_body(0, len) {
-                    first.answer.body.extend_from_slice(&chunk);
+                    return Chunk::Read(None);
                 }
-                None
+                let chunk = host.response_body(0, len);
+                if let Some(chunk) = &chunk {
+                    first.answer.body.extend_from_slice(chunk);
+                }
+                Chunk::Read(chunk)
             }
-            _ => None,
+            _ => Chunk::Read(None),
         }
     }
 

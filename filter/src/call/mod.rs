@@ -282,10 +282,12 @@ impl Call {
         end_of_stream: bool,
         fx: &mut Effects,
     ) -> Next {
-        if let Some(next) = self.dedup_request_body(host, len, end_of_stream, fx) {
-            return next;
-        }
-        match self.read_frames(Side::Request, len, |offset, n| host.request_body(offset, n), fx) {
+        let read = match self.dedup_request_body(host, len, end_of_stream, fx) {
+            Chunk::Handled(next) => return next,
+            Chunk::Read(Some(chunk)) => self.read_frames(Side::Request, len, from_slice(&chunk), fx),
+            Chunk::Read(None) => self.read_frames(Side::Request, len, |offset, n| host.request_body(offset, n), fx),
+        };
+        match read {
             Ok(()) => {
                 self.forwarded_messages = self.request.whole_messages();
                 Next::Continue
@@ -332,11 +334,12 @@ impl Call {
         end_of_stream: bool,
         fx: &mut Effects,
     ) -> Next {
-        if let Some(next) = self.dedup_response_body(host, len, end_of_stream, fx) {
-            return next;
-        }
         // A response that is not framed is not ours to fix; counting stops.
-        let _ = self.read_frames(Side::Response, len, |offset, n| host.response_body(offset, n), fx);
+        let _ = match self.dedup_response_body(host, len, end_of_stream, fx) {
+            Chunk::Handled(next) => return next,
+            Chunk::Read(Some(chunk)) => self.read_frames(Side::Response, len, from_slice(&chunk), fx),
+            Chunk::Read(None) => self.read_frames(Side::Response, len, |offset, n| host.response_body(offset, n), fx),
+        };
         self.seen.complete |= end_of_stream;
         Next::Continue
     }
@@ -408,11 +411,6 @@ impl Call {
             dedup: self.dedup_outcome,
         };
         fx.push(Effect::Log(record.to_json()));
-    }
-
-    /// The method's metric slot: the adapter's key for its stat ids.
-    pub fn slot(&self) -> usize {
-        self.method.slot
     }
 
     /// `pkg.Svc/Method` of a well-formed path.
@@ -517,6 +515,20 @@ impl Call {
             _ => Ok(()),
         }
     }
+}
+
+/// What a keyed call's part did with a body chunk.
+pub(super) enum Chunk {
+    /// It took the chunk whole: the step ends with this.
+    Handled(Next),
+    /// The chunk is read as any other; from this copy when the keyed call
+    /// already took one, rather than from the host again.
+    Read(Option<Vec<u8>>),
+}
+
+/// A body reader over bytes already copied out of the host.
+fn from_slice(bytes: &[u8]) -> impl FnMut(usize, usize) -> Option<Vec<u8>> + '_ {
+    move |offset, n| bytes.get(offset..offset + n).map(<[u8]>::to_vec)
 }
 
 /// What Envoy's own check takes for gRPC (`Grpc::Common::hasGrpcContentType`):

@@ -164,6 +164,14 @@ impl<'w> Stream<'w> {
         Stream::with_headers(envoy, worker, headers)
     }
 
+    /// A keyed call (key `k`) whose whole request, the message `x`, went on.
+    fn keyed_x(envoy: &Envoy, worker: &'w mut Worker) -> Stream<'w> {
+        let mut s = Stream::open(envoy, worker, PATH, &[(KEY, "k")]);
+        s.headers(false);
+        s.request_body(&frame(b"x"), true);
+        s
+    }
+
     fn with_headers(envoy: &Envoy, worker: &'w mut Worker, request_headers: Map) -> Stream<'w> {
         let host = Fake {
             store: envoy.store.clone(),
@@ -493,7 +501,7 @@ fn a_malformed_path_is_logged_as_it_came_and_counted_as_other() {
     let mut worker = envoy.worker("{}");
     let mut s = Stream::open(&envoy, &mut worker, "/not a method", &[]);
     s.headers(false);
-    assert_eq!(s.call.as_ref().map(Call::slot), Some(crate::registry::OTHER_SLOT));
+    assert_eq!(s.call.as_ref().map(|c| c.method.slot), Some(crate::registry::OTHER_SLOT));
     s.request_body(&frame(b"x"), true);
     s.upstream_answers(b"y", "12");
     let seen = s.finish("via_upstream");
@@ -903,9 +911,7 @@ fn an_answer_too_large_to_keep_makes_retries_already_exists() {
     let mut worker = envoy.worker(r#"{"dedup":{"methods":["pkg.Orders/Create"],"max_response_bytes":8}}"#);
     let first = unary(&envoy, &mut worker, &[(KEY, "k")], b"x", "0");
     assert_eq!(first.log("dedup"), "not_kept");
-    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
-    s.headers(false);
-    s.request_body(&frame(b"x"), true);
+    let s = Stream::keyed_x(&envoy, &mut worker);
     let seen = s.finish("local_reply");
     assert_eq!(reply_status(&seen).map(|r| r.0), Some(GrpcStatus::AlreadyExists));
     assert_eq!((seen.log("dedup").as_str(), seen.count(Family::DedupNotKept, None)), (Some("not_kept"), 1));
@@ -915,9 +921,7 @@ fn an_answer_too_large_to_keep_makes_retries_already_exists() {
 fn a_kept_error_is_replayed_locally_with_its_message() {
     let envoy = Envoy::default();
     let mut worker = envoy.worker(DEDUP);
-    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
-    s.headers(false);
-    s.request_body(&frame(b"x"), true);
+    let mut s = Stream::keyed_x(&envoy, &mut worker);
     s.response_headers(&[(":status", "200"), ("grpc-status", "5"), ("grpc-message", "no%20such%20order")], true);
     s.finish("via_upstream");
     let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
@@ -1308,9 +1312,7 @@ fn a_missing_replay_hop_sends_its_answer_on_unmarked() {
     let envoy = Envoy::default();
     let mut worker = envoy.worker(DEDUP);
     unary(&envoy, &mut worker, &[(KEY, "k")], b"x", "0");
-    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
-    s.headers(false);
-    s.request_body(&frame(b"x"), true);
+    let mut s = Stream::keyed_x(&envoy, &mut worker);
     // No replay route: the marked path reached the service, which has no such method.
     s.response_headers(&[(":status", "200"), ("grpc-status", "12")], true);
     assert_eq!(get(&s.host.response_headers, crate::dedup::REPLAYED_HEADER), None);
@@ -1347,9 +1349,7 @@ fn only_the_filter_marks_a_request_for_the_replay_route() {
 fn a_compressed_answer_is_replayed_with_its_encoding_content_type_and_metadata() {
     let envoy = Envoy::default();
     let mut worker = envoy.worker(DEDUP);
-    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
-    s.headers(false);
-    s.request_body(&frame(b"x"), true);
+    let mut s = Stream::keyed_x(&envoy, &mut worker);
     let headers = [
         (":status", "200"),
         ("content-type", "application/grpc+proto"),
@@ -1365,9 +1365,7 @@ fn a_compressed_answer_is_replayed_with_its_encoding_content_type_and_metadata()
     s.trailers(&[("grpc-status", "0"), ("x-trace", "t")]);
     s.finish("via_upstream");
 
-    let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
-    retry.headers(false);
-    retry.request_body(&frame(b"x"), true);
+    let mut retry = Stream::keyed_x(&envoy, &mut worker);
     replay_hop_answers(&mut retry, false);
     let header = |n: &str| get(&retry.host.response_headers, n).map(|v| String::from_utf8(v).unwrap());
     assert_eq!(header("content-type").as_deref(), Some("application/grpc+proto"));
@@ -1384,9 +1382,7 @@ fn a_compressed_answer_is_replayed_with_its_encoding_content_type_and_metadata()
 fn a_kept_error_keeps_its_status_details_and_metadata() {
     let envoy = Envoy::default();
     let mut worker = envoy.worker(DEDUP);
-    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
-    s.headers(false);
-    s.request_body(&frame(b"x"), true);
+    let mut s = Stream::keyed_x(&envoy, &mut worker);
     let answer = [
         (":status", "200"),
         ("content-type", "application/grpc"),
@@ -1397,9 +1393,7 @@ fn a_kept_error_keeps_its_status_details_and_metadata() {
     ];
     s.response_headers(&answer, true);
     s.finish("via_upstream");
-    let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
-    retry.headers(false);
-    retry.request_body(&frame(b"x"), true);
+    let retry = Stream::keyed_x(&envoy, &mut worker);
     let seen = retry.finish("local_reply");
     let (_, headers) = reply_headers(&seen).unwrap();
     assert_eq!(header_of(headers, "grpc-status"), Some("9"));
@@ -1412,17 +1406,13 @@ fn a_kept_error_keeps_its_status_details_and_metadata() {
 fn metadata_over_its_bound_is_not_kept_and_the_retry_is_told_the_call_ran() {
     let envoy = Envoy::default();
     let mut worker = envoy.worker(r#"{"dedup":{"methods":["pkg.Orders/Create"],"max_metadata_bytes":100}}"#);
-    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
-    s.headers(false);
-    s.request_body(&frame(b"x"), true);
+    let mut s = Stream::keyed_x(&envoy, &mut worker);
     let big = "v".repeat(100);
     s.response_headers(&[(":status", "200"), ("content-type", "application/grpc"), ("x-big", &big)], false);
     s.response_body(&frame(b"ok"), false);
     s.trailers(&[("grpc-status", "0")]);
     assert_eq!(s.finish("via_upstream").log("dedup"), "not_kept");
-    let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
-    retry.headers(false);
-    retry.request_body(&frame(b"x"), true);
+    let retry = Stream::keyed_x(&envoy, &mut worker);
     assert_eq!(reply_status(&retry.finish("local_reply")).map(|r| r.0), Some(GrpcStatus::AlreadyExists));
 }
 
@@ -1544,9 +1534,7 @@ fn a_caller_over_its_share_is_refused_while_others_still_get_keys() {
 fn a_replay_keeps_every_value_of_a_repeated_header() {
     let envoy = Envoy::default();
     let mut worker = envoy.worker(DEDUP);
-    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
-    s.headers(false);
-    s.request_body(&frame(b"x"), true);
+    let mut s = Stream::keyed_x(&envoy, &mut worker);
     s.response_headers(
         &[(":status", "200"), ("content-type", "application/grpc"), ("x-multi", "a"), ("x-multi", "b")],
         false,
@@ -1554,9 +1542,7 @@ fn a_replay_keeps_every_value_of_a_repeated_header() {
     s.response_body(&frame(b"y"), false);
     s.trailers(&[("grpc-status", "0")]);
     s.finish("via_upstream");
-    let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
-    retry.headers(false);
-    retry.request_body(&frame(b"x"), true);
+    let mut retry = Stream::keyed_x(&envoy, &mut worker);
     replay_hop_answers(&mut retry, false);
     let values: Vec<&[u8]> =
         retry.host.response_headers.iter().filter(|(n, _)| n == "x-multi").map(|(_, v)| v.as_slice()).collect();
@@ -1567,15 +1553,11 @@ fn a_replay_keeps_every_value_of_a_repeated_header() {
 fn a_status_in_the_headers_stands_when_the_trailers_carry_none() {
     let envoy = Envoy::default();
     let mut worker = envoy.worker(DEDUP);
-    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
-    s.headers(false);
-    s.request_body(&frame(b"x"), true);
+    let mut s = Stream::keyed_x(&envoy, &mut worker);
     s.response_headers(&[(":status", "200"), ("grpc-status", "5"), ("grpc-message", "gone")], false);
     s.trailers(&[("x-t", "1")]);
     assert_eq!(s.finish("via_upstream").log("grpc_code"), "NotFound");
-    let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
-    retry.headers(false);
-    retry.request_body(&frame(b"x"), true);
+    let retry = Stream::keyed_x(&envoy, &mut worker);
     let seen = retry.finish("local_reply");
     let (_, headers) = reply_headers(&seen).unwrap();
     assert_eq!(header_of(headers, "grpc-status"), Some("5"));
@@ -1587,9 +1569,7 @@ fn a_status_in_the_headers_stands_when_the_trailers_carry_none() {
 fn an_error_whose_metadata_is_not_text_is_not_kept_rather_than_changed() {
     let envoy = Envoy::default();
     let mut worker = envoy.worker(DEDUP);
-    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
-    s.headers(false);
-    s.request_body(&frame(b"x"), true);
+    let mut s = Stream::keyed_x(&envoy, &mut worker);
     s.host.response_headers = vec![
         (":status".into(), b"200".to_vec()),
         ("grpc-status".into(), b"5".to_vec()),

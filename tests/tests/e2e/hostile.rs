@@ -39,6 +39,20 @@ async fn call(addr: std::net::SocketAddr, key: &str, frames: Vec<Frame<Bytes>>) 
     s.answer.await.unwrap().expect("an answer")
 }
 
+/// A keyed retry sent whole, resent while the first call is still in
+/// progress (ABORTED), as the README's client policy does: no fixed wait
+/// decides what it gets.
+async fn retry(addr: std::net::SocketAddr, key: &str, body: &[u8]) -> H2Answer {
+    for _ in 0..40 {
+        let answer = call(addr, key, vec![data(body.to_vec())]).await;
+        if answer.grpc_status().as_deref() != Some("10") {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the first call with key {key} never settled")
+}
+
 fn replayed(answer: &H2Answer) -> bool {
     answer.header("grpc-guard-replayed").as_deref() == Some("true")
 }
@@ -71,18 +85,30 @@ async fn a_retry_with_another_body_and_trailers_is_refused_at_its_end() {
     assert_eq!(upstream.observed.executions("Echo"), 1);
 }
 
+/// An upstream that acts on the first DATA frame (grpc-go's unary path),
+/// works for `work`, then answers OK.
+async fn start_acting_upstream(work: Duration) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    start_h2_upstream(Reads::FirstFrame, work, |n| {
+        let reply = grpc_frame(&EchoReply { message: "done".into(), execution: n }.encode_to_vec());
+        let body = FramesBody(vec![data(reply), trailers_frame(&[("grpc-status", "0")])].into());
+        hyper::Response::builder().status(200).header("content-type", "application/grpc").body(body).unwrap()
+    })
+    .await
+}
+
+/// An Echo request whose bulk, `padding` bytes, is a field the service
+/// does not know and ignores.
+fn padded_echo_frame(padding: usize) -> Vec<u8> {
+    let mut message = EchoRequest { message: "ok".into(), ..Default::default() }.encode_to_vec();
+    prost::encoding::bytes::encode(99, &vec![7u8; padding], &mut message);
+    grpc_frame(&message)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_answers_before_the_request_ends_has_its_answer_kept() {
     // Like grpc-go's unary path, this upstream runs the call once it has the
     // message, before the client's END_STREAM.
-    let (addr, runs) = start_h2_upstream(Reads::FirstFrame, Duration::ZERO, |n| {
-        let reply = grpc_frame(&EchoReply { message: "done".into(), execution: n }.encode_to_vec());
-        let mut trailers = hyper::HeaderMap::new();
-        trailers.insert("grpc-status", "0".parse().unwrap());
-        let body = FramesBody(vec![data(reply), Frame::trailers(trailers)].into());
-        hyper::Response::builder().status(200).header("content-type", "application/grpc").body(body).unwrap()
-    })
-    .await;
+    let (addr, runs) = start_acting_upstream(Duration::ZERO).await;
     let envoy = start_envoy("hostile-early", addr, ECHO_DEDUP).unwrap();
     let listen = envoy.params().listen_addr();
     let first =
@@ -91,8 +117,7 @@ async fn an_upstream_that_answers_before_the_request_ends_has_its_answer_kept() 
     let answer = tokio::time::timeout(Duration::from_secs(5), first.answer).await.unwrap().unwrap();
     assert_eq!(answer.unwrap().grpc_status().as_deref(), Some("0"));
     drop(first.open);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let retry = call(listen, "k", vec![data(echo_frame("x", 0))]).await;
+    let retry = retry(listen, "k", &echo_frame("x", 0)).await;
     assert!(replayed(&retry), "{retry:?}");
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the retry must not run again");
 }
@@ -258,9 +283,7 @@ async fn a_retry_of_a_huge_request_is_replayed_without_being_held_in_memory() {
     let addr = envoy.params().listen_addr();
     // A small message whose bulk is an unknown field (the service ignores
     // it): the OK answer is small and kept; the retry is 17 MiB.
-    let mut message = EchoRequest { message: "ok".into(), ..Default::default() }.encode_to_vec();
-    prost::encoding::bytes::encode(99, &vec![7u8; 17 << 20], &mut message);
-    let body = grpc_frame(&message);
+    let body = padded_echo_frame(17 << 20);
     let first = call(addr, "big", vec![data(body.clone())]).await;
     let retry = call(addr, "big", vec![data(body)]).await;
     assert_eq!(first.grpc_status().as_deref(), Some("0"));
@@ -305,17 +328,6 @@ async fn a_retry_compressed_otherwise_is_a_different_request_and_never_runs() {
     assert_eq!(upstream.observed.executions("Echo"), 1);
 }
 
-/// An answer from an upstream that acts on the first DATA frame (grpc-go's
-/// unary path) and works for `work` first.
-async fn start_acting_upstream(work: Duration) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
-    start_h2_upstream(Reads::FirstFrame, work, |n| {
-        let reply = grpc_frame(&EchoReply { message: "done".into(), execution: n }.encode_to_vec());
-        let body = FramesBody(vec![data(reply), trailers_frame(&[("grpc-status", "0")])].into());
-        hyper::Response::builder().status(200).header("content-type", "application/grpc").body(body).unwrap()
-    })
-    .await
-}
-
 /// Waits until the upstream has counted `n` requests.
 async fn until_runs(runs: &std::sync::atomic::AtomicU64, n: u64) {
     for _ in 0..100 {
@@ -340,10 +352,9 @@ async fn a_cancel_after_a_whole_message_and_a_stray_byte_keeps_the_key() {
     until_runs(&runs, 1).await;
     first.answer.abort();
     drop(first.open);
-    tokio::time::sleep(Duration::from_millis(300)).await;
     // Refused without running: the same request again is told the first
     // may have run; this one, without the stray byte, is another request.
-    let same = call(addr, "stray", vec![data([echo_frame("charge 10", 0), vec![0]].concat())]).await;
+    let same = retry(addr, "stray", &[echo_frame("charge 10", 0), vec![0]].concat()).await;
     assert_eq!(same.grpc_status().as_deref(), Some("9"), "may have run: {same:?}");
     let retry = call(addr, "stray", vec![data(echo_frame("charge 10", 0))]).await;
     assert_eq!(retry.grpc_status().as_deref(), Some("3"), "{retry:?}");
@@ -373,11 +384,10 @@ async fn grpc_guards_own_refusal_after_a_message_went_on_keeps_the_key() {
         first.open.as_ref().unwrap().send(data(second)).unwrap();
         let answer = first.answer.await.unwrap().expect("an answer");
         assert!(matches!(answer.grpc_status().as_deref(), Some("8" | "13")), "{name}: {answer:?}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
         // Refused without running. (It is not the request the first call
         // sent, which had more after the message: "reused with a different
         // request".)
-        let retry = call(addr, "g", vec![data(echo_frame("charge 10", 0))]).await;
+        let retry = retry(addr, "g", &echo_frame("charge 10", 0)).await;
         assert_eq!(retry.grpc_status().as_deref(), Some("3"), "{name}: {retry:?}");
         assert_eq!(runs.load(Ordering::SeqCst), 1, "{name}: the retry must not run again");
     }
@@ -407,8 +417,7 @@ async fn an_answer_from_the_headers_alone_leaves_the_key_free_for_the_whole_requ
     let answer = first.answer.await.unwrap().expect("an answer");
     assert_eq!(answer.grpc_status().as_deref(), Some("12"));
     let _ = first.open.unwrap().send(data(whole[20..].to_vec()));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let retry = call(addr, "e", vec![data(whole)]).await;
+    let retry = retry(addr, "e", &whole).await;
     assert_eq!(retry.grpc_status().as_deref(), Some("12"), "{retry:?}");
     assert_eq!(runs.load(Ordering::SeqCst), 2, "asked again, as nothing ran");
 }
@@ -420,9 +429,7 @@ async fn tonics_too_large_answer_leaves_the_key_free_for_the_same_request() {
     let upstream = Upstream::start().await;
     let envoy = start_envoy("hostile-tonic-too-large", upstream.addr, ECHO_DEDUP).unwrap();
     let addr = envoy.params().listen_addr();
-    let mut message = EchoRequest { message: "ok".into(), ..Default::default() }.encode_to_vec();
-    prost::encoding::bytes::encode(99, &vec![7u8; grpc_guard_demo::MAX_MESSAGE_BYTES + (1 << 20)], &mut message);
-    let body = grpc_frame(&message);
+    let body = padded_echo_frame(grpc_guard_demo::MAX_MESSAGE_BYTES + (1 << 20));
     let first = call(addr, "oor", vec![data(body.clone())]).await;
     let retry = call(addr, "oor", vec![data(body)]).await;
     assert_eq!(first.grpc_status().as_deref(), Some("11"), "{first:?}");
