@@ -194,6 +194,9 @@ impl Call {
                     REPLAY_CONTENT_TYPE.as_bytes().to_vec(),
                 ));
                 fx.push(Effect::MarkReplay);
+                // Its body is emptied as it passes: a declared length left in
+                // place would have the hop wait for bytes that never come.
+                fx.push(Effect::RemoveRequestHeader("content-length"));
                 // Should the replay route be missing (an Istio install without
                 // its EnvoyFilter), the retry reaches the service on a path no
                 // method has: it is answered Unimplemented, never executed.

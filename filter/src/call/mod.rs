@@ -72,6 +72,7 @@ pub enum Effect {
     SetResponseHeader(Cow<'static, str>, Vec<u8>),
     /// Add a response header value beside any others of the name.
     AddResponseHeader(String, Vec<u8>),
+    RemoveRequestHeader(&'static str),
     RemoveResponseHeader(&'static str),
     /// Replace the request body chunk being delivered.
     ReplaceRequestBody(Vec<u8>),

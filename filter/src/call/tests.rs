@@ -267,6 +267,7 @@ impl<'w> Stream<'w> {
                 Effect::SetResponseHeader(n, v) => set(&mut self.host.response_headers, &n, &v),
                 Effect::AddResponseHeader(n, v) => self.host.response_headers.push((n, v)),
                 Effect::ReplaceRequestBody(body) => self.host.request_chunk = body,
+                Effect::RemoveRequestHeader(n) => self.host.request_headers.retain(|(k, _)| k != n),
                 Effect::RemoveResponseHeader(n) => self.host.response_headers.retain(|(k, _)| k != n),
                 Effect::Reply(reply) => {
                     assert!(self.seen.reply.is_none(), "answered twice");
@@ -737,6 +738,7 @@ const KEY: &str = "x-idempotency-key";
 fn assert_sent_to_replay_hop(s: &Stream) {
     assert_eq!(s.request_header("content-type").as_deref(), Some(crate::dedup::REPLAY_CONTENT_TYPE));
     assert!(s.seen.marked, "marked for the replay route");
+    assert_eq!(s.request_header("content-length"), None, "its emptied body declares no length");
     assert_eq!(s.request_header(":path"), Some(format!("{}{PATH}", crate::dedup::REPLAY_PATH_PREFIX)));
 }
 
@@ -865,7 +867,8 @@ fn a_call_that_sent_no_whole_message_frees_its_key_whoever_answered() {
     s.request_body(&message, true);
     s.upstream_answers(b"", "11");
     s.finish("via_upstream");
-    let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
+    let length = message.len().to_string();
+    let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k"), ("content-length", &length)]);
     retry.headers(false);
     assert_sent_to_replay_hop(&retry);
 }

@@ -138,6 +138,7 @@ impl Shell {
                 Effect::AddResponseHeader(name, value) => {
                     let _ = hostcalls::add_map_value_bytes(MapType::HttpResponseHeaders, &name, &value);
                 }
+                Effect::RemoveRequestHeader(name) => remove_header(MapType::HttpRequestHeaders, name),
                 Effect::RemoveResponseHeader(name) => remove_header(MapType::HttpResponseHeaders, name),
                 Effect::ReplaceRequestBody(body) => {
                     let _ = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_len, &body);

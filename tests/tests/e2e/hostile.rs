@@ -451,3 +451,25 @@ async fn a_retry_that_names_the_service_another_way_is_still_a_retry() {
     assert!(replayed(&answers[1]), "{answers:?}");
     assert_eq!(upstream.observed.executions("Echo"), 1, "same key, caller and method ran twice");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_that_declares_its_content_length_is_replayed() {
+    // The retry's body is emptied on its way to the replay hop; a declared
+    // length left in place would have the hop wait for bytes never sent.
+    let upstream = Upstream::start().await;
+    let envoy = start_envoy("hostile-content-length", upstream.addr, ECHO_DEDUP).unwrap();
+    let addr = envoy.params().listen_addr();
+    let body = echo_frame("charge 10", 0);
+    let length = body.len().to_string();
+    let mut headers = keyed_headers("cl", "Bearer a");
+    headers.push(("content-length", &length));
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let s = h2_stream(addr, None, ECHO_PATH, &headers, vec![data(body.clone())], true).await;
+        let answer = tokio::time::timeout(Duration::from_secs(5), s.answer).await.expect("an answer in time");
+        answers.push(answer.unwrap().expect("an answer"));
+    }
+    assert_eq!(answers[0].grpc_status().as_deref(), Some("0"), "{answers:?}");
+    assert!(replayed(&answers[1]), "{answers:?}");
+    assert_eq!(upstream.observed.executions("Echo"), 1);
+}
