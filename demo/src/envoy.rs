@@ -8,6 +8,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -87,6 +88,9 @@ pub struct EnvoyParams {
     /// Request headers Envoy sets before any filter runs (values may use
     /// Envoy's formatter, e.g. `%UNIQUE_ID%`).
     pub set_request_headers: Vec<(String, String)>,
+    /// The gRPC listener's access log (one line per call on Envoy's
+    /// standard output). `make bench` turns it off, as Istio ships.
+    pub access_log: bool,
 }
 
 impl EnvoyParams {
@@ -102,6 +106,7 @@ impl EnvoyParams {
             http_filter: HttpFilter::GrpcGuard,
             filters_before: String::new(),
             set_request_headers: Vec::new(),
+            access_log: true,
         })
     }
 
@@ -132,6 +137,11 @@ impl EnvoyParams {
             HttpFilter::GrpcStats => swap_filter(template, GRPC_STATS_FILTER)?,
             HttpFilter::None => swap_filter(template, "")?,
         };
+        if !self.access_log {
+            let cut = out.find(ACCESS_LOG).zip(out.find(ROUTE_CONFIG)).filter(|(from, to)| from < to);
+            let (from, to) = cut.ok_or_else(|| EnvoyError::Unfilled("the gRPC listener's access log".to_owned()))?;
+            out.replace_range(from..to, "");
+        }
         if !self.filters_before.is_empty() {
             let at =
                 out.find(FILTER_BEGIN).ok_or_else(|| EnvoyError::Unfilled("grpc-guard filter block".to_owned()))?;
@@ -151,6 +161,10 @@ impl EnvoyParams {
         }
     }
 }
+
+/// The gRPC listener's access log and what follows it in the template.
+const ACCESS_LOG: &str = "          access_log:\n";
+const ROUTE_CONFIG: &str = "          route_config:\n";
 
 /// The gRPC listener's connection manager in the template.
 const STAT_PREFIX: &str = "          stat_prefix: grpc_ingress\n";
@@ -202,6 +216,19 @@ pub struct FilterArgs {
 
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> Result<u16, EnvoyError> {
+    // Below Linux's ephemeral range (32768-60999 by default): a port the
+    // kernel hands out for port 0 can go to an outgoing connection (h2load's,
+    // Envoy's own) between this check and Envoy's bind, which then fails.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(2_654_435_761)
+        ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    for _ in 0..256 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (seed.wrapping_add(n.wrapping_mul(7_919)) % 12_000) as u16;
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return Ok(port);
+        }
+    }
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("binding a free port"))?;
     Ok(listener.local_addr().map_err(io("reading a bound port"))?.port())
 }
@@ -374,6 +401,7 @@ mod tests {
             http_filter: HttpFilter::GrpcGuard,
             filters_before: String::new(),
             set_request_headers: Vec::new(),
+            access_log: true,
         }
     }
 

@@ -151,48 +151,66 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     let variants = variants(&args);
     let window = Duration::from_secs(args.seconds);
+    // Every variant's Envoy runs for the whole bench (idle ones cost nothing
+    // measurable), so rounds interleave variants window by window: a drift of
+    // the machine's speed hits them alike.
+    let mut envoys = Vec::new();
+    for variant in &variants {
+        let (wasm, config) = variant.wasm.clone().unwrap_or((args.wasm.clone(), "{}"));
+        let mut params = EnvoyParams::on_free_ports(upstream, wasm, config)?;
+        params.http_filter = variant.filter;
+        params.set_request_headers = variant.set_headers.clone();
+        // As Istio ships: no access log, which would cost every variant alike.
+        params.access_log = false;
+        let dir = args.run_dir.join(variant.name.replace([' ', '{', '}'], ""));
+        envoys.push((Envoy::start_on(&args.envoy, params, 1, &dir, Some(&args.envoy_cpus))?, dir));
+    }
+    // The open loop spreads its rate over more connections: h2load paces
+    // each connection's requests, so fewer leave at once.
+    let load = |envoy: &Envoy, dir: &std::path::Path, rate: Option<f64>, duration: Duration, log: &str| Load {
+        url: format!("{}/grpcguard.demo.v1.Demo/Echo", envoy.grpc_uri()),
+        body: body.clone(),
+        headers: vec![
+            "content-type: application/grpc".into(),
+            "te: trailers".into(),
+            "authorization: Bearer bench".into(),
+        ],
+        connections: if rate.is_some() { args.connections * 2 } else { args.connections },
+        streams: if rate.is_some() { 4 } else { args.streams },
+        duration,
+        rate,
+        log: dir.join(log),
+    };
+    // h2load runs on a thread of its own: this one serves the upstream.
+    let run = |load: Load| tokio::task::spawn_blocking(move || load.run());
+    // Warm-up: connections, V8 tiering, stats created.
+    for (envoy, dir) in &envoys {
+        run(load(envoy, dir, None, Duration::from_secs(2), "warmup.log")).await??;
+    }
     let mut results: Vec<Vec<Round>> = vec![Vec::new(); variants.len()];
     let mut rate = None;
     for round in 1..=args.rounds {
-        for (i, variant) in variants.iter().enumerate() {
-            let (wasm, config) = variant.wasm.clone().unwrap_or((args.wasm.clone(), "{}"));
-            let mut params = EnvoyParams::on_free_ports(upstream, wasm, config)?;
-            params.http_filter = variant.filter;
-            params.set_request_headers = variant.set_headers.clone();
-            let dir = args.run_dir.join(format!("{}-{round}", variant.name.replace([' ', '{', '}'], "")));
-            let envoy = Envoy::start_on(&args.envoy, params, 1, &dir, Some(&args.envoy_cpus))?;
+        let mut closed_windows = Vec::new();
+        for (envoy, dir) in &envoys {
             let pid = envoy.pid();
-            // The open loop spreads its rate over more connections: h2load
-            // paces each connection's requests, so fewer leave at once.
-            let load = |rate: Option<f64>, duration: Duration, log: &str| Load {
-                url: format!("{}/grpcguard.demo.v1.Demo/Echo", envoy.grpc_uri()),
-                body: body.clone(),
-                headers: vec![
-                    "content-type: application/grpc".into(),
-                    "te: trailers".into(),
-                    "authorization: Bearer bench".into(),
-                ],
-                connections: if rate.is_some() { args.connections * 2 } else { args.connections },
-                streams: if rate.is_some() { 4 } else { args.streams },
-                duration,
-                rate,
-                log: dir.join(log),
-            };
-            // h2load runs on a thread of its own: this one serves the upstream.
-            let run = |load: Load| tokio::task::spawn_blocking(move || load.run());
-            // Warm-up: connections, V8 tiering, stats created.
-            run(load(None, Duration::from_secs(1), "warmup.log")).await??;
-
             let ran_before = observed.executions("Echo");
             let cpu_before = bench::process_cpu(pid);
-            let closed = run(load(None, window, "closed.log")).await??;
+            let closed = run(load(envoy, dir, None, window, "closed.log")).await??;
             let cpu_after = bench::process_cpu(pid);
-            let rss = bench::process_rss(pid).unwrap_or(0);
-            let target = *rate.get_or_insert(args.load_fraction * closed.throughput());
-            let fixed_before = bench::process_cpu(pid);
-            let fixed = run(load(Some(target), window, "fixed.log")).await??;
-            let fixed_after = bench::process_cpu(pid);
             let ran = observed.executions("Echo") - ran_before;
+            rate.get_or_insert(args.load_fraction * closed.throughput());
+            closed_windows.push((closed, cpu_before, cpu_after, ran));
+        }
+        let target = rate.unwrap_or(f64::NAN);
+        for (i, ((envoy, dir), (closed, cpu_before, cpu_after, ran_closed))) in
+            envoys.iter().zip(closed_windows).enumerate()
+        {
+            let pid = envoy.pid();
+            let ran_before = observed.executions("Echo");
+            let fixed_before = bench::process_cpu(pid);
+            let fixed = run(load(envoy, dir, Some(target), window, "fixed.log")).await??;
+            let fixed_after = bench::process_cpu(pid);
+            let ran = ran_closed + observed.executions("Echo") - ran_before;
             let r = Round {
                 throughput: closed.throughput(),
                 cpu_closed: cpu_per_call(cpu_before, cpu_after, closed.done),
@@ -201,7 +219,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     _ => f64::NAN,
                 },
                 cpu_fixed: cpu_per_call(fixed_before, fixed_after, fixed.done),
-                rss_mib: rss as f64 / (1024.0 * 1024.0),
+                rss_mib: bench::process_rss(pid).unwrap_or(0) as f64 / (1024.0 * 1024.0),
                 failed: closed.done - closed.succeeded + fixed.done - fixed.succeeded,
                 // In-flight calls at a window's end ran upstream but are not
                 // counted done: only a shortfall is telling.
@@ -211,7 +229,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             };
             eprintln!(
                 "round {round} {:<20} {:>7.0} calls/s  Envoy {:>5.1} µs/call ({:>3.0}% CPU)  load side {:>3.0}% CPU  | at {:.0}/s: {:>5.1} µs/call, p50 {:>5.0} µs, p99 {:>5.0} µs  | RSS {:.1} MiB  failed {} not run {}",
-                variant.name,
+                variants[i].name,
                 r.throughput,
                 r.cpu_closed,
                 r.envoy_share * 100.0,
@@ -225,9 +243,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 r.not_run,
             );
             results[i].push(r);
-            drop(envoy);
         }
     }
+    drop(envoys);
     let report = report(&args, &variants, &results, rate.unwrap_or(f64::NAN));
     print!("{report}");
     if let Some(dir) = args.results.parent() {
@@ -246,15 +264,20 @@ fn report(args: &Args, variants: &[Variant], results: &[Vec<Round>], rate: f64) 
         quantile_us(&all, q)
     };
     let (bare, floor) = (0, 2);
-    let added = |i: usize| med(i, &|r| r.cpu_closed) - med(bare, &|r| r.cpu_closed);
+    // Paired by round: each round's difference to bare in that same round,
+    // then the median, so a slow stretch of the machine cancels out.
+    let added = |i: usize| {
+        median(&mut results[i].iter().zip(&results[bare]).map(|(r, b)| r.cpu_closed - b.cpu_closed).collect::<Vec<_>>())
+    };
     let mut out = String::new();
     let _ = writeln!(out, "# make bench: results\n");
     let _ = writeln!(
         out,
         "Command: `make bench BENCH_ARGS='--rounds {} --seconds {}'` ({}), Envoy `--concurrency 1` on CPU {}, h2load and the \
          tonic upstream on the other CPU; {} connections × {} streams in the closed loop, {:.0} calls/s ({:.0} % of bare's \
-         closed loop) in the open loop; one 71-byte unary Echo per call. Medians of {} interleaved rounds; p99 over every \
-         round's latencies.\n",
+         closed loop) in the open loop; one 71-byte unary Echo per call; no access log (as Istio ships). Every variant's \
+         Envoy runs throughout, rounds interleave them window by window. Medians of {} rounds; \"added\": the median of \
+         each round's difference to bare; p99 over every round's latencies.\n",
         args.rounds,
         args.seconds,
         chrono_free_date(),

@@ -66,6 +66,7 @@ impl Args {
             http_filter: HttpFilter::GrpcGuard,
             filters_before: String::new(),
             set_request_headers: Vec::new(),
+            access_log: true,
         }
     }
 }

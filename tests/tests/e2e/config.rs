@@ -40,6 +40,7 @@ fn rendered_config_for_docker_run_passes_envoy_validate() {
         http_filter: grpc_guard_demo::envoy::HttpFilter::GrpcGuard,
         filters_before: String::new(),
         set_request_headers: Vec::new(),
+        access_log: true,
     };
     let dir = scratch_dir("validate");
     std::fs::create_dir_all(&dir).unwrap();
