@@ -22,6 +22,7 @@ pub mod config;
 pub mod deadline;
 pub mod dedup;
 pub mod frames;
+pub mod headers;
 pub mod method;
 pub mod metrics;
 pub mod record;

@@ -112,7 +112,7 @@ impl Call {
             .map(|part| {
                 let value = match part {
                     ScopePart::SourcePrincipal => host.property(&["source", "principal"]),
-                    ScopePart::Header(name) => host.request_header(name),
+                    ScopePart::Header(name) => host.request_header(name).map(<[u8]>::to_vec),
                     // Only a text value names someone: a struct or a number
                     // comes serialized, in no stable form, and counts as absent.
                     ScopePart::Metadata(_) => part
@@ -333,7 +333,7 @@ impl Call {
     pub(super) fn replay_response_headers<H: Host>(&mut self, host: &mut H, fx: &mut Effects) -> bool {
         let Some(Phase::Replay(answer)) = self.dedup.as_deref() else { return false };
         let hop_answered =
-            host.response_header(":status").as_deref() == Some(b"200") && host.response_header("grpc-status").is_none();
+            host.response_header(":status") == Some(b"200") && host.response_header("grpc-status").is_none();
         if !hop_answered {
             // The replay hop failed (no route, no listener): its answer goes
             // to the client as it is, unmarked.
@@ -357,6 +357,7 @@ impl Call {
         fx.push(Effect::SetResponseHeader(Cow::Borrowed(REPLAYED_HEADER), b"true".to_vec()));
         self.count(Family::DedupReplayed, None, 1, fx);
         self.seen.http_status = Some(200);
+        self.response_headers_read = true;
         true
     }
 

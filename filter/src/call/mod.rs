@@ -33,10 +33,10 @@ use crate::worker::Worker;
 /// What the host reported about the stream, read when a step needs it. Body
 /// reads are of the chunk the current step was called for.
 pub trait Host: SharedStore {
-    fn request_header(&mut self, name: &str) -> Option<Vec<u8>>;
-    fn response_header(&mut self, name: &str) -> Option<Vec<u8>>;
+    fn request_header(&mut self, name: &str) -> Option<&[u8]>;
+    fn response_header(&mut self, name: &str) -> Option<&[u8]>;
     fn response_headers(&mut self) -> Vec<(String, Vec<u8>)>;
-    fn response_trailer(&mut self, name: &str) -> Option<Vec<u8>>;
+    fn response_trailer(&mut self, name: &str) -> Option<&[u8]>;
     fn response_trailers(&mut self) -> Vec<(String, Vec<u8>)>;
     fn request_body(&mut self, offset: usize, len: usize) -> Option<Vec<u8>>;
     fn response_body(&mut self, offset: usize, len: usize) -> Option<Vec<u8>>;
@@ -148,6 +148,12 @@ pub struct Call {
     counted_req: u64,
     counted_resp: u64,
     seen: ResponseSeen,
+    /// The response headers were read (`seen` has their `:status` and
+    /// `grpc-status`). A response that goes on to a body and trailers has
+    /// them read only if its trailers carry no status, at the call's end:
+    /// each read costs a crossing into the VM, and the trailers' status wins
+    /// anyway.
+    response_headers_read: bool,
     /// The status last written to filter state.
     tagged: Option<GrpcStatus>,
     /// The deadline the call runs under, and where it came from.
@@ -186,11 +192,12 @@ impl Call {
         fx: &mut Effects,
     ) -> Next {
         let content_type = host.request_header("content-type");
-        let is_grpc = content_type.as_deref().is_some_and(crate::is_grpc_content_type);
+        let is_grpc = content_type.is_some_and(crate::is_grpc_content_type);
+        let envoy_grpc = content_type.is_some_and(is_envoy_grpc);
         if !is_grpc && worker.config.non_grpc == NonGrpc::Pass {
             return Next::Continue;
         }
-        let mut path = host.request_header(":path").map(lossy).unwrap_or_default();
+        let mut path = host.request_header(":path").map(lossy_ref).unwrap_or_default();
         if let Some(query) = path.find('?') {
             path.truncate(query);
         }
@@ -215,30 +222,31 @@ impl Call {
             counted_req: 0,
             counted_resp: 0,
             seen: ResponseSeen::default(),
+            response_headers_read: false,
             tagged: None,
             deadline: None,
             deadline_source: DeadlineSource::None,
             answered_after: None,
             answered_by_guard: false,
             forwarded_messages: 0,
-            envoy_grpc: content_type.as_deref().is_some_and(is_envoy_grpc),
+            envoy_grpc,
             details: None,
             dedup: None,
             dedup_outcome: DedupOutcome::None,
         });
         call.count(Family::Started, None, 1, fx);
         if !is_grpc {
-            return call.refuse_non_grpc(content_type.as_deref(), fx);
+            return call.refuse_non_grpc(host.request_header("content-type"), fx);
         }
         // A keyed call ends within the key's TTL, so its claim cannot
         // outlive the key and let a retry run beside it.
         let dedup = worker.config.dedup.as_ref().filter(|_| resolved.dedup);
-        let key = dedup.and_then(|d| host.request_header(&d.header));
+        let key = dedup.and_then(|d| host.request_header(&d.header)).map(<[u8]>::to_vec);
         let policy = match (dedup, &key) {
             (Some(d), Some(_)) => resolved.policy.deadline.within(d.ttl),
             _ => resolved.policy.deadline,
         };
-        let decision = policy.decide(host.request_header("grpc-timeout").as_deref());
+        let decision = policy.decide(host.request_header("grpc-timeout"));
         call.deadline = decision.deadline();
         call.deadline_source = decision.source();
         match decision {
@@ -312,19 +320,34 @@ impl Call {
         self.dedup_request_trailers(host, fx).unwrap_or(Next::Continue)
     }
 
-    /// The response headers.
+    /// The response headers. Read now when they end the response (a
+    /// trailers-only answer), or when a keyed call keeps or replays them;
+    /// otherwise at the call's end, and only if its trailers carried no
+    /// status (Envoy shows a filter the response headers only in their own
+    /// callback and in the log callback).
     pub fn on_response_headers<H: Host>(&mut self, host: &mut H, end_of_stream: bool, fx: &mut Effects) -> Next {
         if self.replay_response_headers(host, fx) {
             return Next::Continue;
         }
-        self.seen.http_status =
-            host.response_header(":status").and_then(|v| std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()));
-        self.seen.header_status = host.response_header("grpc-status").and_then(|v| GrpcStatus::from_header(&v));
         self.seen.complete |= end_of_stream;
+        if end_of_stream || self.dedup.is_some() {
+            self.read_response_headers(host, fx);
+        }
+        Next::Continue
+    }
+
+    /// What the response headers say of the outcome: `:status` and a
+    /// trailers-only `grpc-status`.
+    fn read_response_headers<H: Host>(&mut self, host: &mut H, fx: &mut Effects) {
+        if std::mem::replace(&mut self.response_headers_read, true) {
+            return;
+        }
+        self.seen.http_status =
+            host.response_header(":status").and_then(|v| std::str::from_utf8(v).ok().and_then(|s| s.parse().ok()));
+        self.seen.header_status = host.response_header("grpc-status").and_then(GrpcStatus::from_header);
         self.note_answer(host);
         self.keep_response_headers(host);
         self.tag_seen_status(fx);
-        Next::Continue
     }
 
     /// A chunk of the response body, `len` bytes.
@@ -347,7 +370,7 @@ impl Call {
 
     /// The response trailers.
     pub fn on_response_trailers<H: Host>(&mut self, host: &mut H, fx: &mut Effects) -> Next {
-        self.seen.trailer_status = host.response_trailer("grpc-status").and_then(|v| GrpcStatus::from_header(&v));
+        self.seen.trailer_status = host.response_trailer("grpc-status").and_then(GrpcStatus::from_header);
         self.seen.complete = true;
         self.note_answer(host);
         self.keep_trailers(host);
@@ -359,6 +382,12 @@ impl Call {
     /// the key settled, the log line.
     pub fn finish<H: Host>(&mut self, worker: &mut Worker, host: &mut H, fx: &mut Effects) {
         self.flush_message_counts(fx);
+        if self.seen.trailer_status.is_none() {
+            // No status in trailers: what headers came (Envoy keeps them for
+            // the log callback) decide between a status in the headers, an
+            // HTTP error and a reset.
+            self.read_response_headers(host, fx);
+        }
         let seen = self.seen;
         let (status, source) = seen.final_status(|| ResetSide::from_code_details(self.details(host)));
         self.dedup_settle(worker, host, status, source, fx);
@@ -384,6 +413,8 @@ impl Call {
         if status == GrpcStatus::Ok && !worker.sampler.sample() {
             return;
         }
+        // The line gives the HTTP status: read for logged calls only.
+        self.read_response_headers(host, fx);
         let config = &worker.config;
         let (service, method) = match self.method.split {
             Some(at) => (self.path.get(1..at).unwrap_or_default(), self.path.get(at + 1..).unwrap_or_default()),
@@ -391,7 +422,7 @@ impl Call {
         };
         // Read only for calls that are logged: a host call saved on the
         // sampled-out ones.
-        let request_id = host.request_header(&config.request_id_header).map(lossy);
+        let request_id = host.request_header(&config.request_id_header).map(lossy_ref);
         let record = CallRecord {
             direction: config.direction,
             service,
@@ -542,4 +573,9 @@ fn is_envoy_grpc(content_type: &[u8]) -> bool {
 /// Header bytes as text; invalid UTF-8 is replaced, never trusted.
 fn lossy(bytes: Vec<u8>) -> String {
     String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// [`lossy`] of borrowed bytes.
+fn lossy_ref(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }

@@ -18,8 +18,8 @@ const PATH: &str = "/pkg.Orders/Create";
 /// Headers as Envoy holds them: lower-case names, in order.
 type Map = Vec<(String, Vec<u8>)>;
 
-fn get(map: &Map, name: &str) -> Option<Vec<u8>> {
-    map.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+fn get<'a>(map: &'a Map, name: &str) -> Option<&'a [u8]> {
+    map.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
 }
 
 fn set(map: &mut Map, name: &str, value: &[u8]) {
@@ -38,6 +38,19 @@ struct Fake {
     response_chunk: Vec<u8>,
     /// Envoy attributes by their dotted path.
     properties: HashMap<String, Vec<u8>>,
+    /// Envoy shows a filter the request headers only in their own callback
+    /// and the response headers only in theirs (and both in the log
+    /// callback): the fake does the same.
+    showing: Showing,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Showing {
+    #[default]
+    Neither,
+    Request,
+    Response,
+    Both,
 }
 
 impl SharedStore for Fake {
@@ -50,16 +63,19 @@ impl SharedStore for Fake {
 }
 
 impl Host for Fake {
-    fn request_header(&mut self, name: &str) -> Option<Vec<u8>> {
-        get(&self.request_headers, name)
+    fn request_header(&mut self, name: &str) -> Option<&[u8]> {
+        matches!(self.showing, Showing::Request | Showing::Both).then(|| get(&self.request_headers, name)).flatten()
     }
-    fn response_header(&mut self, name: &str) -> Option<Vec<u8>> {
-        get(&self.response_headers, name)
+    fn response_header(&mut self, name: &str) -> Option<&[u8]> {
+        matches!(self.showing, Showing::Response | Showing::Both).then(|| get(&self.response_headers, name)).flatten()
     }
     fn response_headers(&mut self) -> Vec<(String, Vec<u8>)> {
-        self.response_headers.clone()
+        match self.showing {
+            Showing::Response | Showing::Both => self.response_headers.clone(),
+            _ => Vec::new(),
+        }
     }
-    fn response_trailer(&mut self, name: &str) -> Option<Vec<u8>> {
+    fn response_trailer(&mut self, name: &str) -> Option<&[u8]> {
         get(&self.trailers, name)
     }
     fn response_trailers(&mut self) -> Vec<(String, Vec<u8>)> {
@@ -186,13 +202,16 @@ impl<'w> Stream<'w> {
                 ("upstream.local_address".to_owned(), b"127.0.0.1:40000".to_vec()),
                 ("response.code_details".to_owned(), b"via_upstream".to_vec()),
             ]),
+            showing: Showing::Neither,
         };
         Stream { worker, host, call: None, seen: Seen::default(), fx: Vec::new() }
     }
 
     /// Request headers; `end` when the request has no body.
     fn headers(&mut self, end: bool) -> Next {
+        self.host.showing = Showing::Request;
         let next = Call::start(&mut self.call, self.worker, &mut self.host, 7, end, &mut self.fx);
+        self.host.showing = Showing::Neither;
         self.apply(next)
     }
 
@@ -213,7 +232,9 @@ impl<'w> Stream<'w> {
     fn response_headers(&mut self, headers: &[(&str, &str)], end: bool) -> Next {
         self.host.response_headers = headers.iter().map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec())).collect();
         let Some(call) = self.call.as_mut() else { return Next::Continue };
+        self.host.showing = Showing::Response;
         let next = call.on_response_headers(&mut self.host, end, &mut self.fx);
+        self.host.showing = Showing::Neither;
         self.apply(next)
     }
 
@@ -243,6 +264,7 @@ impl<'w> Stream<'w> {
     fn finish(mut self, details: &str) -> Seen {
         self.property("response.code_details", Some(details));
         if let Some(mut call) = self.call.take() {
+            self.host.showing = Showing::Both;
             call.finish(self.worker, &mut self.host, &mut self.fx);
             self.apply(Next::Continue);
         }
@@ -290,7 +312,7 @@ impl<'w> Stream<'w> {
     }
 
     fn request_header(&self, name: &str) -> Option<String> {
-        get(&self.host.request_headers, name).map(|v| String::from_utf8(v).unwrap())
+        get(&self.host.request_headers, name).map(|v| String::from_utf8(v.to_vec()).unwrap())
     }
 }
 
@@ -773,11 +795,11 @@ fn a_retry_of_a_kept_ok_answer_is_replayed_through_the_hop_without_running() {
         assert_eq!(s.request_body(&request[4..], true), Next::Continue);
         assert!(s.host.request_chunk.is_empty());
         replay_hop_answers(&mut s, split);
-        assert_eq!(get(&s.host.response_headers, "content-type"), Some(b"application/grpc".to_vec()));
+        assert_eq!(get(&s.host.response_headers, "content-type"), Some(&b"application/grpc"[..]));
         assert_eq!(get(&s.host.response_headers, "content-length"), None);
-        assert_eq!(get(&s.host.response_headers, crate::dedup::REPLAYED_HEADER), Some(b"true".to_vec()));
+        assert_eq!(get(&s.host.response_headers, crate::dedup::REPLAYED_HEADER), Some(&b"true"[..]));
         assert_eq!(s.host.response_chunk, frame(b"reply"), "the kept message replaces the placeholder");
-        assert_eq!(get(&s.host.trailers, "grpc-status"), Some(b"0".to_vec()));
+        assert_eq!(get(&s.host.trailers, "grpc-status"), Some(&b"0"[..]));
         let seen = s.finish("via_upstream");
         assert!(seen.reply.is_none());
         assert_eq!(seen.log("dedup"), "replay");
@@ -1370,14 +1392,14 @@ fn a_compressed_answer_is_replayed_with_its_encoding_content_type_and_metadata()
 
     let mut retry = Stream::keyed_x(&envoy, &mut worker);
     replay_hop_answers(&mut retry, false);
-    let header = |n: &str| get(&retry.host.response_headers, n).map(|v| String::from_utf8(v).unwrap());
+    let header = |n: &str| get(&retry.host.response_headers, n).map(|v| String::from_utf8(v.to_vec()).unwrap());
     assert_eq!(header("content-type").as_deref(), Some("application/grpc+proto"));
     assert_eq!(header("grpc-encoding").as_deref(), Some("gzip"));
     assert_eq!(header("grpc-accept-encoding").as_deref(), Some("gzip"));
     assert_eq!(header("x-order-id").as_deref(), Some("o-17"));
     assert_eq!(header("content-length"), None);
     assert_eq!(retry.host.response_chunk, compressed);
-    assert_eq!(get(&retry.host.trailers, "x-trace"), Some(b"t".to_vec()));
+    assert_eq!(get(&retry.host.trailers, "x-trace"), Some(&b"t"[..]));
     assert_eq!(retry.finish("via_upstream").log("dedup"), "replay");
 }
 
@@ -1579,7 +1601,9 @@ fn an_error_whose_metadata_is_not_text_is_not_kept_rather_than_changed() {
         ("x-raw".into(), b"caf\xe9".to_vec()),
     ];
     let call = s.call.as_mut().unwrap();
+    s.host.showing = Showing::Response;
     let next = call.on_response_headers(&mut s.host, true, &mut s.fx);
+    s.host.showing = Showing::Neither;
     s.apply(next);
     assert_eq!(s.finish("via_upstream").log("dedup"), "not_kept");
 }

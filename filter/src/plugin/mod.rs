@@ -15,6 +15,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, GrpcStatusCode, LogLevel, MapType, MetricType, Status};
 
 use crate::call::{Call, Effect, Effects, Host, Next, Reply};
+use crate::headers::HeaderBlock;
 use crate::metrics::{guard, stat_name, Family};
 use crate::shared::{SharedStore, StoreError};
 use crate::status::GrpcStatus;
@@ -77,8 +78,8 @@ impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
         let bytes =
             hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten().unwrap_or_default();
-        let seed = Envoy.now_ns();
-        match Worker::configure(&bytes, &mut Envoy, seed) {
+        let seed = Envoy::default().now_ns();
+        match Worker::configure(&bytes, &mut Envoy::default(), seed) {
             Ok(core) => {
                 self.worker = Some(Rc::new(RefCell::new(Shell { core, fx: Vec::new(), ids: Vec::new() })));
                 true
@@ -188,8 +189,14 @@ impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let mut shell = self.worker.borrow_mut();
         let shell = &mut *shell;
-        let next =
-            Call::start(&mut self.call, &mut shell.core, &mut Envoy, self.context_id, end_of_stream, &mut shell.fx);
+        let next = Call::start(
+            &mut self.call,
+            &mut shell.core,
+            &mut Envoy::default(),
+            self.context_id,
+            end_of_stream,
+            &mut shell.fx,
+        );
         shell.apply(0);
         match next {
             Next::Continue => Action::Continue,
@@ -198,57 +205,76 @@ impl HttpContext for Stream {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        self.step(body_size, |call, fx| call.on_request_body(&mut Envoy, body_size, end_of_stream, fx))
+        self.step(body_size, |call, fx| call.on_request_body(&mut Envoy::default(), body_size, end_of_stream, fx))
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        self.step(0, |call, fx| call.on_request_trailers(&mut Envoy, fx))
+        self.step(0, |call, fx| call.on_request_trailers(&mut Envoy::default(), fx))
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        self.step(0, |call, fx| call.on_response_headers(&mut Envoy, end_of_stream, fx))
+        self.step(0, |call, fx| call.on_response_headers(&mut Envoy::default(), end_of_stream, fx))
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        self.step(body_size, |call, fx| call.on_response_body(&mut Envoy, body_size, end_of_stream, fx))
+        self.step(body_size, |call, fx| call.on_response_body(&mut Envoy::default(), body_size, end_of_stream, fx))
     }
 
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
-        self.step(0, |call, fx| call.on_response_trailers(&mut Envoy, fx))
+        self.step(0, |call, fx| call.on_response_trailers(&mut Envoy::default(), fx))
     }
 
     fn on_log(&mut self) {
         let Some(call) = self.call.as_mut() else { return };
         let mut shell = self.worker.borrow_mut();
         let shell = &mut *shell;
-        call.finish(&mut shell.core, &mut Envoy, &mut shell.fx);
+        call.finish(&mut shell.core, &mut Envoy::default(), &mut shell.fx);
         shell.apply(0);
         self.call = None;
     }
 }
 
-/// The host, as the core reads it: proxy-wasm host calls.
-struct Envoy;
+/// The host, as the core reads it: proxy-wasm host calls. One is made per
+/// callback: each header map the step reads is fetched whole, once, and
+/// looked up here (see [`HeaderBlock`] for why), and dropped with the
+/// callback, before the step's own header changes are carried out.
+#[derive(Default)]
+struct Envoy {
+    request: Option<HeaderBlock>,
+    response: Option<HeaderBlock>,
+    trailers: Option<HeaderBlock>,
+}
+
+impl Envoy {
+    fn map(cache: &mut Option<HeaderBlock>, map: MapType) -> &HeaderBlock {
+        cache.get_or_insert_with(|| HeaderBlock::new(header_map(map)))
+    }
+}
+
+/// Pairs as the core takes them: names as text.
+fn owned_pairs(block: &HeaderBlock) -> Vec<(String, Vec<u8>)> {
+    block.pairs().map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.to_vec())).collect()
+}
 
 impl Host for Envoy {
-    fn request_header(&mut self, name: &str) -> Option<Vec<u8>> {
-        hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name).ok().flatten()
+    fn request_header(&mut self, name: &str) -> Option<&[u8]> {
+        Envoy::map(&mut self.request, MapType::HttpRequestHeaders).get(name)
     }
 
-    fn response_header(&mut self, name: &str) -> Option<Vec<u8>> {
-        hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name).ok().flatten()
+    fn response_header(&mut self, name: &str) -> Option<&[u8]> {
+        Envoy::map(&mut self.response, MapType::HttpResponseHeaders).get(name)
     }
 
     fn response_headers(&mut self) -> Vec<(String, Vec<u8>)> {
-        hostcalls::get_map_bytes(MapType::HttpResponseHeaders).unwrap_or_default()
+        owned_pairs(Envoy::map(&mut self.response, MapType::HttpResponseHeaders))
     }
 
-    fn response_trailer(&mut self, name: &str) -> Option<Vec<u8>> {
-        hostcalls::get_map_value_bytes(MapType::HttpResponseTrailers, name).ok().flatten()
+    fn response_trailer(&mut self, name: &str) -> Option<&[u8]> {
+        Envoy::map(&mut self.trailers, MapType::HttpResponseTrailers).get(name)
     }
 
     fn response_trailers(&mut self) -> Vec<(String, Vec<u8>)> {
-        hostcalls::get_map_bytes(MapType::HttpResponseTrailers).unwrap_or_default()
+        owned_pairs(Envoy::map(&mut self.trailers, MapType::HttpResponseTrailers))
     }
 
     fn request_body(&mut self, offset: usize, len: usize) -> Option<Vec<u8>> {
@@ -268,6 +294,34 @@ impl Host for Envoy {
             .ok()
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    }
+}
+
+#[allow(unsafe_code)]
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_header_map_pairs(
+        map_type: MapType,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> Status;
+}
+
+/// A whole header map in its serialized form; empty where the host has none
+/// (the SDK's own reader traps on a status it does not expect, and turns every
+/// pair into two allocations).
+#[allow(unsafe_code)]
+fn header_map(map: MapType) -> Vec<u8> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes a pointer to `size` bytes it allocated through
+    // this module's `proxy_on_memory_allocate` (the SDK's: a `Vec<u8>` of
+    // that capacity, leaked), which is taken back here exactly once.
+    unsafe {
+        match proxy_get_header_map_pairs(map, &mut data, &mut size) {
+            Status::Ok if !data.is_null() => Vec::from_raw_parts(data, size, size),
+            _ => Vec::new(),
+        }
     }
 }
 
