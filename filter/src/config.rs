@@ -9,10 +9,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::Deserialize;
 use thiserror::Error;
 
 use crate::deadline::DeadlinePolicy;
+use crate::json::{self, FieldError, Fields, Json};
 use crate::method::{Direction, MethodPath, MethodPattern, MethodType};
 
 /// A configuration the plugin refuses to start with.
@@ -59,8 +59,7 @@ pub const MAX_DEDUP_TABLE_BYTES: u64 = 1 << 30;
 /// What a request on a gRPC method path gets when its content type is not
 /// gRPC. gRPC servers route by path: tonic and grpcio execute such a request
 /// as the method, so passing it would let it around every guard.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum NonGrpc {
     /// HTTP 415 with `grpc-status: 13`, as grpc-go answers it.
     #[default]
@@ -71,8 +70,7 @@ pub enum NonGrpc {
 }
 
 /// What a keyed call gets when every identity part of its scope is empty.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Anonymous {
     /// UNAUTHENTICATED: a key without a caller cannot be told apart from
     /// another caller's same key.
@@ -83,8 +81,7 @@ pub enum Anonymous {
 }
 
 /// What a call with an idempotency key gets when its slots are all taken.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WhenFull {
     /// RESOURCE_EXHAUSTED: never run a keyed call without its guarantee.
     #[default]
@@ -152,8 +149,7 @@ impl DedupConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 struct RawConfig {
     direction: Direction,
     non_grpc: NonGrpc,
@@ -164,8 +160,7 @@ struct RawConfig {
     dedup: RawDedup,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, PartialEq)]
 struct RawDedup {
     header: String,
     methods: Vec<String>,
@@ -198,36 +193,31 @@ impl Default for RawDedup {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 struct RawDeadline {
     default: Option<String>,
     max: Option<String>,
     per_method: BTreeMap<String, RawDeadlineOverride>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default, PartialEq)]
 struct RawDeadlineOverride {
     default: Option<String>,
     max: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 struct RawLimits {
     max_request_message_bytes: Option<u64>,
     per_method: BTreeMap<String, RawLimitsOverride>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default, PartialEq)]
 struct RawLimitsOverride {
     max_request_message_bytes: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, PartialEq)]
 struct RawMetrics {
     methods: Vec<String>,
     max_methods: usize,
@@ -240,8 +230,7 @@ impl Default for RawMetrics {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, PartialEq)]
 struct RawLog {
     ok_sample: f64,
     request_id_header: String,
@@ -250,6 +239,124 @@ struct RawLog {
 impl Default for RawLog {
     fn default() -> Self {
         RawLog { ok_sample: DEFAULT_OK_SAMPLE, request_id_header: DEFAULT_REQUEST_ID_HEADER.to_owned() }
+    }
+}
+
+const DIRECTIONS: [(&str, Direction); 2] = [("inbound", Direction::Inbound), ("outbound", Direction::Outbound)];
+const NON_GRPC: [(&str, NonGrpc); 2] = [("refuse", NonGrpc::Refuse), ("pass", NonGrpc::Pass)];
+const WHEN_FULL: [(&str, WhenFull); 2] = [("reject", WhenFull::Reject), ("forward", WhenFull::Forward)];
+const ANONYMOUS: [(&str, Anonymous); 2] = [("reject", Anonymous::Reject), ("forward", Anonymous::Forward)];
+const METHOD_TYPES: [(&str, MethodType); 4] = [
+    ("unary", MethodType::Unary),
+    ("client_stream", MethodType::ClientStream),
+    ("server_stream", MethodType::ServerStream),
+    ("bidi_stream", MethodType::BidiStream),
+];
+
+/// A `u32` field.
+fn u32_value(value: Json) -> Result<u32, String> {
+    json::unsigned(value, u64::from(u32::MAX)).map(|n| n as u32)
+}
+
+/// Fills `target` from `field` when present.
+fn set<T>(target: &mut T, value: Option<T>) {
+    if let Some(value) = value {
+        *target = value;
+    }
+}
+
+impl RawConfig {
+    /// The document, every field named by its path in errors; absent fields
+    /// keep their defaults, unknown ones are refused.
+    fn read(document: Json) -> Result<RawConfig, FieldError> {
+        let mut raw = RawConfig::default();
+        let mut f = Fields::of("", document)?;
+        set(&mut raw.direction, f.read("direction", |v| json::one_of(v, &DIRECTIONS))?);
+        set(&mut raw.non_grpc, f.read("non_grpc", |v| json::one_of(v, &NON_GRPC))?);
+        if let Some(mut m) = f.object("metrics")? {
+            set(&mut raw.metrics.methods, m.read("methods", json::strings)?);
+            set(
+                &mut raw.metrics.max_methods,
+                m.read("max_methods", |v| json::unsigned(v, u64::from(u32::MAX)))?.map(|n| n as usize),
+            );
+            if let Some(types) = m.object("method_types")? {
+                let path = types.path("");
+                for (name, value) in types.into_entries() {
+                    let kind =
+                        json::one_of(value, &METHOD_TYPES).map_err(|reason| (format!("{path}{name}"), reason))?;
+                    raw.metrics.method_types.insert(name, kind);
+                }
+            }
+            m.finish(&["methods", "max_methods", "method_types"])?;
+        }
+        if let Some(mut l) = f.object("log")? {
+            set(&mut raw.log.ok_sample, l.read("ok_sample", json::number)?);
+            set(&mut raw.log.request_id_header, l.read("request_id_header", json::string)?);
+            l.finish(&["ok_sample", "request_id_header"])?;
+        }
+        if let Some(mut d) = f.object("deadline")? {
+            raw.deadline.default = d.read("default", json::string)?;
+            raw.deadline.max = d.read("max", json::string)?;
+            if let Some(per) = d.object("per_method")? {
+                let path = per.path("");
+                for (name, value) in per.into_entries() {
+                    let mut o = Fields::of(&format!("{path}{name}"), value)?;
+                    let entry = RawDeadlineOverride {
+                        default: o.read("default", json::string)?,
+                        max: o.read("max", json::string)?,
+                    };
+                    o.finish(&["default", "max"])?;
+                    raw.deadline.per_method.insert(name, entry);
+                }
+            }
+            d.finish(&["default", "max", "per_method"])?;
+        }
+        if let Some(mut l) = f.object("limits")? {
+            raw.limits.max_request_message_bytes =
+                l.read("max_request_message_bytes", |v| json::unsigned(v, u64::MAX))?;
+            if let Some(per) = l.object("per_method")? {
+                let path = per.path("");
+                for (name, value) in per.into_entries() {
+                    let mut o = Fields::of(&format!("{path}{name}"), value)?;
+                    let entry = RawLimitsOverride {
+                        max_request_message_bytes: o
+                            .read("max_request_message_bytes", |v| json::unsigned(v, u64::MAX))?,
+                    };
+                    o.finish(&["max_request_message_bytes"])?;
+                    raw.limits.per_method.insert(name, entry);
+                }
+            }
+            l.finish(&["max_request_message_bytes", "per_method"])?;
+        }
+        if let Some(mut d) = f.object("dedup")? {
+            let r = &mut raw.dedup;
+            set(&mut r.header, d.read("header", json::string)?);
+            set(&mut r.methods, d.read("methods", json::strings)?);
+            set(&mut r.require_key, d.read("require_key", json::boolean)?);
+            set(&mut r.ttl, d.read("ttl", json::string)?);
+            set(&mut r.max_entries, d.read("max_entries", u32_value)?);
+            set(&mut r.max_response_bytes, d.read("max_response_bytes", u32_value)?);
+            set(&mut r.max_metadata_bytes, d.read("max_metadata_bytes", u32_value)?);
+            set(&mut r.scope, d.read("scope", json::strings)?);
+            set(&mut r.when_full, d.read("when_full", |v| json::one_of(v, &WHEN_FULL))?);
+            set(&mut r.anonymous, d.read("anonymous", |v| json::one_of(v, &ANONYMOUS))?);
+            set(&mut r.caller_share, d.read("caller_share", json::number)?);
+            d.finish(&[
+                "header",
+                "methods",
+                "require_key",
+                "ttl",
+                "max_entries",
+                "max_response_bytes",
+                "max_metadata_bytes",
+                "scope",
+                "when_full",
+                "anonymous",
+                "caller_share",
+            ])?;
+        }
+        f.finish(&["direction", "non_grpc", "metrics", "log", "deadline", "limits", "dedup"])?;
+        Ok(raw)
     }
 }
 
@@ -301,15 +408,11 @@ impl Config {
         if text.trim().is_empty() {
             return Config::from_raw(RawConfig::default());
         }
-        // serde would also read a struct from a JSON array, field by position.
         if !text.trim_start().starts_with('{') {
             return Err(ConfigError::new("configuration", "must be a JSON object, e.g. {}"));
         }
-        // One deserializer (from a parsed `Value`) serves both the normal path
-        // and the error search, so its generic code is in the .wasm once.
-        let value: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| ConfigError { field: "configuration".to_owned(), reason: without_position(&e) })?;
-        let raw: RawConfig = serde_json::from_value(value.clone()).map_err(|_| locate_error(value))?;
+        let document = Json::parse(text).map_err(|reason| ConfigError::new("configuration", reason))?;
+        let raw = RawConfig::read(document).map_err(|(field, reason)| ConfigError { field, reason })?;
         Config::from_raw(raw)
     }
 
@@ -405,59 +508,6 @@ impl Config {
     pub fn method_allowed(&self, full_name: &str) -> bool {
         self.methods.iter().any(|p| p.matches(full_name))
     }
-}
-
-/// Names the field behind a deserialization error: starting from the whole
-/// document, keep only one key of an object at a time and see whether that
-/// alone still fails; descend into the first such key until the value that
-/// fails is not an object. Runs only when the configuration is refused, so
-/// its cost does not matter; doing it this way keeps a path-tracking
-/// deserializer (tens of KB of generic code) out of the `.wasm`.
-fn locate_error(document: serde_json::Value) -> ConfigError {
-    use serde_json::{Map, Value};
-
-    let reason = without_position;
-    let Value::Object(root) = document else {
-        return ConfigError::new("configuration", "must be a JSON object, e.g. {}");
-    };
-    // Wraps `leaf` in the objects named by `path`, innermost last.
-    let wrap = |path: &[String], leaf: Value| {
-        path.iter().rev().fold(leaf, |inner, key| {
-            let mut m = Map::new();
-            m.insert(key.clone(), inner);
-            Value::Object(m)
-        })
-    };
-    let fails = |doc: Value| serde_json::from_value::<RawConfig>(doc).err();
-    let mut path: Vec<String> = Vec::new();
-    let mut current = root;
-    let mut last = "is not valid".to_owned();
-    'descend: loop {
-        for (key, value) in &current {
-            let mut candidate = path.clone();
-            candidate.push(key.clone());
-            if let Some(e) = fails(wrap(&candidate, value.clone())) {
-                last = reason(&e);
-                path = candidate;
-                match value {
-                    Value::Object(inner) if !inner.is_empty() => {
-                        current = inner.clone();
-                        continue 'descend;
-                    }
-                    _ => break 'descend,
-                }
-            }
-        }
-        break;
-    }
-    let field = if path.is_empty() { "configuration".to_owned() } else { path.join(".") };
-    ConfigError { field, reason: last }
-}
-
-/// A serde_json error without its " at line L column C" suffix.
-fn without_position(e: &serde_json::Error) -> String {
-    let full = e.to_string();
-    full.split(" at line ").next().unwrap_or(&full).to_owned()
 }
 
 fn dedup_config(

@@ -23,6 +23,7 @@ pub mod deadline;
 pub mod dedup;
 pub mod frames;
 pub mod headers;
+pub mod json;
 pub mod method;
 pub mod metrics;
 pub mod record;

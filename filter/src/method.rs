@@ -7,11 +7,8 @@
 //! allowlist, and are among the first `max_methods` seen by this Envoy (all
 //! workers together); everything else is counted as `other`.
 
-use serde::Deserialize;
-
 /// Which side of the call this Envoy stands on, which picks the metric family.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Direction {
     /// In front of a server (a sidecar's inbound listener): `grpc_server_*`.
     #[default]
@@ -22,8 +19,7 @@ pub enum Direction {
 
 /// The gRPC call type, as go-grpc-prometheus labels it (`grpc_type`). A proxy
 /// cannot read the method descriptor, so it is configured per method.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MethodType {
     #[default]
     Unary,
