@@ -2,24 +2,103 @@
 //! nothing. Envoy still enters its VM for every callback of every stream and
 //! the SDK still dispatches them, so what this costs is what any Rust wasm
 //! filter pays before it does any work; grpc-guard's cost is measured against
-//! it. It is built for wasm32 only; on other targets the crate is empty.
+//! it. The filter is built for wasm32 only; on other targets the crate holds
+//! only [`Probe`], which the bench reads.
+//!
+//! With a configuration such as `{"probe": "header", "n": 20}` it becomes a
+//! probe for `make bench BENCH_ARGS=--prices`: each request's headers
+//! callback makes `n` host calls of one kind, so their price in Envoy CPU can
+//! be read against the floor (see [`Probe`]).
+
+/// The kinds of host call the probe makes, by the name its configuration
+/// gives them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// `proxy_get_header_map_value` of a header that is there (`:path`):
+    /// the host writes the value into memory it asks the VM to allocate.
+    Header,
+    /// The same for a header that is not there: a lookup only.
+    Absent,
+    /// `proxy_get_header_map_pairs`: the whole map, one allocation.
+    Pairs,
+    /// `proxy_increment_metric` of a counter defined at configure time.
+    Counter,
+    /// `proxy_record_metric` of a histogram defined at configure time.
+    Histogram,
+    /// `proxy_set_property` of a filter-state value.
+    SetProperty,
+    /// `proxy_get_current_time_nanoseconds`.
+    Clock,
+}
+
+impl Probe {
+    pub const ALL: [(&'static str, Probe); 7] = [
+        ("header", Probe::Header),
+        ("absent", Probe::Absent),
+        ("pairs", Probe::Pairs),
+        ("counter", Probe::Counter),
+        ("histogram", Probe::Histogram),
+        ("set_property", Probe::SetProperty),
+        ("clock", Probe::Clock),
+    ];
+
+    /// The probe and count a configuration asks for; `None` for the floor.
+    /// The document is the bench's own (`{"probe":"header","n":20}`), read
+    /// without a JSON library so the floor stays as small as it was.
+    pub fn from_config(config: &str) -> Option<(Probe, u32)> {
+        let value = |key: &str| -> Option<&str> {
+            let rest = config.split(&format!("\"{key}\"")).nth(1)?.trim_start().strip_prefix(':')?.trim_start();
+            let end = rest.find([',', '}']).unwrap_or(rest.len());
+            Some(rest[..end].trim().trim_matches('"'))
+        };
+        let probe = Probe::ALL.iter().find(|(name, _)| Some(*name) == value("probe"))?.1;
+        Some((probe, value("n")?.parse().ok()?))
+    }
+}
 
 #[cfg(target_arch = "wasm32")]
 mod filter {
+    use proxy_wasm::hostcalls;
     use proxy_wasm::traits::{Context, HttpContext, RootContext};
-    use proxy_wasm::types::ContextType;
+    use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType};
+
+    use super::Probe;
 
     proxy_wasm::main! {{
-        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root) });
+        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { probe: None }) });
     }}
 
-    struct Root;
+    #[derive(Clone, Copy)]
+    struct Work {
+        probe: Probe,
+        n: u32,
+        counter: u32,
+        histogram: u32,
+    }
+
+    struct Root {
+        probe: Option<Work>,
+    }
 
     impl Context for Root {}
 
     impl RootContext for Root {
+        fn on_configure(&mut self, _size: usize) -> bool {
+            let config = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            self.probe = Probe::from_config(&String::from_utf8_lossy(&config)).map(|(probe, n)| Work {
+                probe,
+                n,
+                counter: hostcalls::define_metric(MetricType::Counter, "probe_counter").unwrap_or(0),
+                histogram: hostcalls::define_metric(MetricType::Histogram, "probe_histogram").unwrap_or(0),
+            });
+            true
+        }
+
         fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-            Some(Box::new(Stream))
+            Some(Box::new(Stream { probe: self.probe }))
         }
 
         fn get_type(&self) -> Option<ContextType> {
@@ -27,10 +106,41 @@ mod filter {
         }
     }
 
-    /// Every callback is the SDK's default: continue.
-    struct Stream;
+    /// Every callback is the SDK's default (continue), but the probe's.
+    struct Stream {
+        probe: Option<Work>,
+    }
 
     impl Context for Stream {}
 
-    impl HttpContext for Stream {}
+    impl HttpContext for Stream {
+        fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+            let Some(w) = self.probe else { return Action::Continue };
+            for _ in 0..w.n {
+                let _ = match w.probe {
+                    Probe::Header => hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, ":path").map(drop),
+                    Probe::Absent => hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "x-absent").map(drop),
+                    Probe::Pairs => hostcalls::get_map_bytes(MapType::HttpRequestHeaders).map(drop),
+                    Probe::Counter => hostcalls::increment_metric(w.counter, 1),
+                    Probe::Histogram => hostcalls::record_metric(w.histogram, 7),
+                    Probe::SetProperty => hostcalls::set_property(vec!["probe.tag"], Some(b"OK")),
+                    Probe::Clock => hostcalls::get_current_time().map(drop),
+                };
+            }
+            Action::Continue
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Probe;
+
+    #[test]
+    fn the_bench_configuration_names_the_probe_and_the_floor_has_none() {
+        assert_eq!(Probe::from_config(r#"{"probe":"header","n":20}"#), Some((Probe::Header, 20)));
+        assert_eq!(Probe::from_config(r#"{ "n": 5, "probe": "set_property" }"#), Some((Probe::SetProperty, 5)));
+        assert_eq!(Probe::from_config("{}"), None);
+        assert_eq!(Probe::from_config(r#"{"probe":"nope","n":1}"#), None);
+    }
 }

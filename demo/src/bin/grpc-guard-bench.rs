@@ -57,16 +57,21 @@ struct Args {
     #[arg(long, default_value = ".run/bench")]
     run_dir: PathBuf,
     /// Where the report goes (besides standard output).
-    #[arg(long, default_value = "bench/results.md")]
+    #[arg(long, default_value = RESULTS)]
     results: PathBuf,
+    /// Instead of the variants: the price in Envoy CPU of each kind of host
+    /// call, from the floor making 20 of them per request (closed loop only;
+    /// the report goes to bench/prices.md unless --results says otherwise).
+    #[arg(long)]
+    prices: bool,
 }
 
 /// One way of running Envoy.
 struct Variant {
-    name: &'static str,
+    name: String,
     filter: HttpFilter,
     /// The .wasm and its configuration, for wasm variants.
-    wasm: Option<(PathBuf, &'static str)>,
+    wasm: Option<(PathBuf, String)>,
     /// Request headers Envoy sets before the filters (the dedup variant's
     /// unique keys).
     set_headers: Vec<(String, String)>,
@@ -79,31 +84,39 @@ const DEADLINE_CONFIG: &str = r#"{"deadline":{"default":"10s","max":"60s"}}"#;
 const DEDUP_CONFIG: &str = r#"{"dedup":{"methods":["grpcguard.demo.v1.Demo/Echo"],"ttl":"2s","max_entries":100000,"max_response_bytes":256,"caller_share":1}}"#;
 
 fn variants(args: &Args) -> Vec<Variant> {
-    let guard = |config| Some((args.wasm.clone(), config));
+    let variant = |name: &str, filter, wasm: Option<(&PathBuf, &str)>| Variant {
+        name: name.to_owned(),
+        filter,
+        wasm: wasm.map(|(path, config)| (path.clone(), config.to_owned())),
+        set_headers: Vec::new(),
+    };
+    if args.prices {
+        // The floor, then the floor making PRICE_CALLS host calls of one kind
+        // per request.
+        let mut out = vec![variant("floor", HttpFilter::GrpcGuard, Some((&args.floor_wasm, "{}")))];
+        for (name, _) in grpc_guard_floor::Probe::ALL {
+            let config = format!(r#"{{"probe":"{name}","n":{PRICE_CALLS}}}"#);
+            out.push(variant(name, HttpFilter::GrpcGuard, Some((&args.floor_wasm, &config))));
+        }
+        return out;
+    }
+    let mut dedup = variant("grpc-guard dedup", HttpFilter::GrpcGuard, Some((&args.wasm, DEDUP_CONFIG)));
+    dedup.set_headers = vec![("idempotency-key".to_owned(), "%UNIQUE_ID%".to_owned())];
     vec![
-        Variant { name: "bare", filter: HttpFilter::None, wasm: None, set_headers: Vec::new() },
-        Variant { name: "grpc_stats", filter: HttpFilter::GrpcStats, wasm: None, set_headers: Vec::new() },
-        Variant {
-            name: "floor",
-            filter: HttpFilter::GrpcGuard,
-            wasm: Some((args.floor_wasm.clone(), "{}")),
-            set_headers: Vec::new(),
-        },
-        Variant { name: "grpc-guard {}", filter: HttpFilter::GrpcGuard, wasm: guard("{}"), set_headers: Vec::new() },
-        Variant {
-            name: "grpc-guard deadline",
-            filter: HttpFilter::GrpcGuard,
-            wasm: guard(DEADLINE_CONFIG),
-            set_headers: Vec::new(),
-        },
-        Variant {
-            name: "grpc-guard dedup",
-            filter: HttpFilter::GrpcGuard,
-            wasm: guard(DEDUP_CONFIG),
-            set_headers: vec![("x-idempotency-key".to_owned(), "%UNIQUE_ID%".to_owned())],
-        },
+        variant("bare", HttpFilter::None, None),
+        variant("grpc_stats", HttpFilter::GrpcStats, None),
+        variant("floor", HttpFilter::GrpcGuard, Some((&args.floor_wasm, "{}"))),
+        variant("grpc-guard {}", HttpFilter::GrpcGuard, Some((&args.wasm, "{}"))),
+        variant("grpc-guard deadline", HttpFilter::GrpcGuard, Some((&args.wasm, DEADLINE_CONFIG))),
+        dedup,
     ]
 }
+
+const RESULTS: &str = "bench/results.md";
+const PRICES: &str = "bench/prices.md";
+
+/// Host calls per request in each `--prices` variant.
+const PRICE_CALLS: u32 = 20;
 
 /// One variant's figures in one round.
 #[derive(Clone, Debug, Default)]
@@ -156,8 +169,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // the machine's speed hits them alike.
     let mut envoys = Vec::new();
     for variant in &variants {
-        let (wasm, config) = variant.wasm.clone().unwrap_or((args.wasm.clone(), "{}"));
-        let mut params = EnvoyParams::on_free_ports(upstream, wasm, config)?;
+        let (wasm, config) = variant.wasm.clone().unwrap_or((args.wasm.clone(), "{}".to_owned()));
+        let mut params = EnvoyParams::on_free_ports(upstream, wasm, &config)?;
         params.http_filter = variant.filter;
         params.set_request_headers = variant.set_headers.clone();
         // As Istio ships: no access log, which would cost every variant alike.
@@ -208,7 +221,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let pid = envoy.pid();
             let ran_before = observed.executions("Echo");
             let fixed_before = bench::process_cpu(pid);
-            let fixed = run(load(envoy, dir, Some(target), window, "fixed.log")).await??;
+            let fixed = if args.prices {
+                Window::default()
+            } else {
+                run(load(envoy, dir, Some(target), window, "fixed.log")).await??
+            };
             let fixed_after = bench::process_cpu(pid);
             let ran = ran_closed + observed.executions("Echo") - ran_before;
             let r = Round {
@@ -246,13 +263,21 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     drop(envoys);
-    let report = report(&args, &variants, &results, rate.unwrap_or(f64::NAN));
+    let report = if args.prices {
+        prices_report(&args, &variants, &results)
+    } else {
+        report(&args, &variants, &results, rate.unwrap_or(f64::NAN))
+    };
     print!("{report}");
-    if let Some(dir) = args.results.parent() {
+    let results_path = match (args.prices, args.results.as_path() == std::path::Path::new(RESULTS)) {
+        (true, true) => PathBuf::from(PRICES),
+        _ => args.results.clone(),
+    };
+    if let Some(dir) = results_path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&args.results, report)?;
-    eprintln!("wrote {}", args.results.display());
+    std::fs::write(&results_path, report)?;
+    eprintln!("wrote {}", results_path.display());
     Ok(())
 }
 
@@ -266,22 +291,16 @@ fn report(args: &Args, variants: &[Variant], results: &[Vec<Round>], rate: f64) 
     let (bare, floor) = (0, 2);
     // Paired by round: each round's difference to bare in that same round,
     // then the median, so a slow stretch of the machine cancels out.
-    let added = |i: usize| {
-        median(&mut results[i].iter().zip(&results[bare]).map(|(r, b)| r.cpu_closed - b.cpu_closed).collect::<Vec<_>>())
-    };
+    let added = |i: usize| paired_cpu(results, i, bare);
     let mut out = String::new();
     let _ = writeln!(out, "# make bench: results\n");
     let _ = writeln!(
         out,
-        "Command: `make bench BENCH_ARGS='--rounds {} --seconds {}'` ({}), Envoy `--concurrency 1` on CPU {}, h2load and the \
-         tonic upstream on the other CPU; {} connections × {} streams in the closed loop, {:.0} calls/s ({:.0} % of bare's \
-         closed loop) in the open loop; one 71-byte unary Echo per call; no access log (as Istio ships). Every variant's \
-         Envoy runs throughout, rounds interleave them window by window. Medians of {} rounds; \"added\": the median of \
-         each round's difference to bare; p99 over every round's latencies.\n",
-        args.rounds,
-        args.seconds,
-        chrono_free_date(),
-        args.envoy_cpus,
+        "{}, h2load and the tonic upstream on the other CPU; {} connections × {} streams in the closed loop, {:.0} \
+         calls/s ({:.0} % of bare's closed loop) in the open loop; one 71-byte unary Echo per call; no access log (as \
+         Istio ships). Every variant's Envoy runs throughout, rounds interleave them window by window. Medians of {} \
+         rounds; \"added\": the median of each round's difference to bare; p99 over every round's latencies.\n",
+        command_line(args),
         args.connections,
         args.streams,
         rate,
@@ -372,6 +391,55 @@ fn report(args: &Args, variants: &[Variant], results: &[Vec<Round>], rate: f64) 
          compare the ratios, within one run."
     );
     out
+}
+
+/// The `--prices` report: per kind of host call, its Envoy CPU beyond the
+/// floor's, divided by the calls made, paired by round.
+fn prices_report(args: &Args, variants: &[Variant], results: &[Vec<Round>]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# make bench --prices: what each kind of host call costs in Envoy\n");
+    let _ = writeln!(
+        out,
+        "{}; the floor (`bench/floor`) against the same filter making {PRICE_CALLS} host calls of one kind in every \
+         request's headers callback; {} connections × {} streams, closed loop, no access log. Per call: the median over \
+         rounds of (probe − floor in the same round) / {PRICE_CALLS}.\n",
+        command_line(args),
+        args.connections,
+        args.streams,
+    );
+    let _ = writeln!(out, "| host call | Envoy CPU µs per request | µs per host call |");
+    let _ = writeln!(out, "|---|---:|---:|");
+    let floor_cpu = median(&mut results[0].iter().map(|r| r.cpu_closed).collect::<Vec<_>>());
+    let _ = writeln!(out, "| none (the floor) | {floor_cpu:.1} | — |");
+    for (i, v) in variants.iter().enumerate().skip(1) {
+        let cpu = median(&mut results[i].iter().map(|r| r.cpu_closed).collect::<Vec<_>>());
+        let per = paired_cpu(results, i, 0) / f64::from(PRICE_CALLS);
+        let _ = writeln!(out, "| {} | {cpu:.1} | {per:.2} |", v.name);
+    }
+    let _ = writeln!(
+        out,
+        "\nWhat the kinds are: bench/floor/src/lib.rs (`Probe`). A host call that returns a value (a header, the \
+         pairs, a property) makes Envoy call back into the VM to allocate the memory it writes the value into."
+    );
+    out
+}
+
+/// The median over rounds of variant `i`'s closed-loop CPU per call minus
+/// `base`'s in the same round: a slow stretch of the machine cancels out.
+fn paired_cpu(results: &[Vec<Round>], i: usize, base: usize) -> f64 {
+    median(&mut results[i].iter().zip(&results[base]).map(|(r, b)| r.cpu_closed - b.cpu_closed).collect::<Vec<_>>())
+}
+
+/// The report's first words: the command and where Envoy ran.
+fn command_line(args: &Args) -> String {
+    format!(
+        "Command: `make bench BENCH_ARGS='{}--rounds {} --seconds {}'` ({}), Envoy `--concurrency 1` on CPU {}",
+        if args.prices { "--prices " } else { "" },
+        args.rounds,
+        args.seconds,
+        chrono_free_date(),
+        args.envoy_cpus
+    )
 }
 
 /// Today's date from the system clock, without a date crate.
