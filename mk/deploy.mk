@@ -22,9 +22,11 @@ oci-push: oci
 	@test -n "$(OCI_DEST)" || { echo "set OCI_DEST, e.g. make oci-push OCI_DEST=docker://registry.example.com/grpc-guard:$(OCI_TAG)"; exit 2; }
 	skopeo copy $(OCI_PUSH_FLAGS) oci:$(OCI_LAYOUT):$(OCI_TAG) $(OCI_DEST)
 
-# istio/prometheusrule.yaml = its own header + the groups of istio/alerts.rules.yml.
+# istio/prometheusrule.yaml = its own header + the groups of
+# istio/alerts.rules.yml and istio/seconds.rules.yml.
 prometheusrule:
-	@{ sed '/^spec:$$/q' istio/prometheusrule.yaml; sed -n '/^groups:/,$$p' istio/alerts.rules.yml | sed 's/^/  /'; } \
+	@{ sed '/^spec:$$/q' istio/prometheusrule.yaml; sed -n '/^groups:/,$$p' istio/alerts.rules.yml | sed 's/^/  /'; \
+	   sed -n '/^groups:/,$$p' istio/seconds.rules.yml | sed '1d; s/^/  /'; } \
 	  > istio/prometheusrule.yaml.new && mv istio/prometheusrule.yaml.new istio/prometheusrule.yaml
 	@echo "wrote istio/prometheusrule.yaml"
 

@@ -178,7 +178,7 @@ struct RawDedup {
 impl Default for RawDedup {
     fn default() -> Self {
         RawDedup {
-            header: "x-idempotency-key".to_owned(),
+            header: "idempotency-key".to_owned(),
             methods: Vec::new(),
             require_key: false,
             ttl: "5m".to_owned(),
@@ -889,7 +889,7 @@ mod tests {
         assert_eq!(Config::parse(b"{}").unwrap().dedup, None);
         let c = Config::parse(br#"{"dedup":{"methods":["pkg.Orders/Create*"]}}"#).unwrap();
         let d = c.dedup.clone().unwrap();
-        assert_eq!(d.header, "x-idempotency-key");
+        assert_eq!(d.header, "idempotency-key");
         assert!(!d.require_key);
         assert_eq!(d.ttl, Duration::from_secs(300));
         assert_eq!((d.max_entries, d.max_response_bytes, d.max_metadata_bytes), (10_000, 65_536, 4096));

@@ -602,18 +602,47 @@ pub enum KeyError {
     TooLong(usize),
     #[error("must be printable ASCII")]
     NotPrintable,
+    #[error("is not a valid quoted string (RFC 8941 sf-string: printable ASCII, only \\\" and \\\\ escaped)")]
+    BadString,
 }
 
-/// Checks an idempotency key header value.
-pub fn check_key(value: Option<&[u8]>, required: bool) -> Result<Option<&[u8]>, KeyError> {
-    match value {
-        None if required => Err(KeyError::Missing),
-        None => Ok(None),
-        Some([]) => Err(KeyError::Empty),
-        Some(v) if v.len() > 255 => Err(KeyError::TooLong(v.len())),
-        Some(v) if !v.iter().all(|b| (0x21..0x7f).contains(b)) => Err(KeyError::NotPrintable),
-        Some(v) => Ok(Some(v)),
+/// Checks an idempotency key header value and gives the key. The IETF
+/// draft (draft-ietf-httpapi-idempotency-key-header) writes the key as a
+/// Structured Field string, `"8e03978e-..."`; that form is read as the same
+/// key as the bare value, so a client of either kind matches the other.
+pub fn check_key(value: Option<&[u8]>, required: bool) -> Result<Option<Cow<'_, [u8]>>, KeyError> {
+    let key: Cow<'_, [u8]> = match value {
+        None if required => return Err(KeyError::Missing),
+        None => return Ok(None),
+        Some(v @ [b'"', ..]) => Cow::Owned(sf_string(v).ok_or(KeyError::BadString)?),
+        Some(v) if !v.iter().all(|b| (0x21..0x7f).contains(b)) => return Err(KeyError::NotPrintable),
+        Some(v) => Cow::Borrowed(v),
+    };
+    match key.len() {
+        0 => Err(KeyError::Empty),
+        n if n > 255 => Err(KeyError::TooLong(n)),
+        _ => Ok(Some(key)),
     }
+}
+
+/// The content of an RFC 8941 sf-string: `"` ... `"`, printable ASCII and
+/// space inside, with `\"` and `\\` the only escapes; `None` if malformed.
+fn sf_string(raw: &[u8]) -> Option<Vec<u8>> {
+    let inner = raw.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+    let mut out = Vec::with_capacity(inner.len());
+    let mut bytes = inner.iter();
+    while let Some(&b) = bytes.next() {
+        match b {
+            b'\\' => match bytes.next() {
+                Some(&e @ (b'"' | b'\\')) => out.push(e),
+                _ => return None,
+            },
+            b'"' => return None,
+            0x20..=0x7e => out.push(b),
+            _ => return None,
+        }
+    }
+    Some(out)
 }
 
 #[cfg(test)]

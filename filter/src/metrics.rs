@@ -76,10 +76,13 @@ pub enum Family {
     DedupAnonymous,
     /// Counter: keyed calls whose caller held its whole share of the table.
     DedupCallerFull,
+    /// Counter: calls that are a client's retry or hedge
+    /// (`grpc-previous-rpc-attempts` above 0).
+    Retried,
 }
 
 impl Family {
-    pub const ALL: [Family; 23] = [
+    pub const ALL: [Family; 24] = [
         Family::Started,
         Family::Handled,
         Family::MsgFromClient,
@@ -103,6 +106,7 @@ impl Family {
         Family::DedupUnknown,
         Family::DedupAnonymous,
         Family::DedupCallerFull,
+        Family::Retried,
     ];
 
     /// The families labelled with `grpc_code`, and their index among them.
@@ -169,6 +173,8 @@ impl Family {
             (Family::DedupAnonymous, Outbound) => "grpc_client_dedup_anonymous_total",
             (Family::DedupCallerFull, Inbound) => "grpc_server_dedup_caller_full_total",
             (Family::DedupCallerFull, Outbound) => "grpc_client_dedup_caller_full_total",
+            (Family::Retried, Inbound) => "grpc_server_retried_total",
+            (Family::Retried, Outbound) => "grpc_client_retried_total",
         }
     }
 }

@@ -36,6 +36,12 @@ pub struct CallRecord<'a> {
     pub resp_msgs: u64,
     pub resp_bytes: u64,
     pub request_id: Option<&'a str>,
+    /// The trace the call belongs to ([`trace_id`]), so a line can be joined
+    /// to its trace.
+    pub trace_id: Option<&'a str>,
+    /// Attempts of this call the client made before this one
+    /// (`grpc-previous-rpc-attempts`); 0 for a first attempt.
+    pub previous_attempts: u32,
     /// The effective deadline, milliseconds (rounded up), if the call had one.
     pub deadline_ms: Option<u64>,
     pub deadline_source: DeadlineSource,
@@ -128,6 +134,13 @@ impl CallRecord<'_> {
             Some(id) => out.str(id),
             None => out.raw("null"),
         }
+        out.raw(",\"trace_id\":");
+        match self.trace_id {
+            Some(id) => out.str(id),
+            None => out.raw("null"),
+        }
+        out.raw(",\"previous_attempts\":");
+        out.num(u64::from(self.previous_attempts));
         out.raw(",\"deadline_ms\":");
         match self.deadline_ms {
             Some(ms) => out.num(ms),
@@ -142,6 +155,33 @@ impl CallRecord<'_> {
         out.raw("\"}");
         out.0
     }
+}
+
+/// The trace id of a call: W3C `traceparent` (`00-<32 hex>-<16 hex>-<2
+/// hex>`), else B3's `x-b3-traceid` (16 or 32 hex digits); `None` when
+/// neither is well-formed (an all-zero id is invalid in both). Lowercase hex
+/// only, so nothing a client sends reaches the line unchecked.
+pub fn trace_id<'a>(traceparent: Option<&'a [u8]>, b3: Option<&'a [u8]>) -> Option<&'a str> {
+    let lower_hex = |v: &[u8]| v.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let hex = |id: &[u8]| lower_hex(id) && id.iter().any(|b| *b != b'0');
+    let w3c = traceparent.and_then(|v| {
+        let mut parts = v.split(|b| *b == b'-');
+        let (version, id, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        // Version ff is invalid; a later version may add fields after these.
+        let ok = version.len() == 2
+            && lower_hex(version)
+            && version != b"ff"
+            && id.len() == 32
+            && hex(id)
+            && span.len() == 16
+            && hex(span)
+            && flags.len() == 2
+            && lower_hex(flags)
+            && (version != b"00" || parts.next().is_none());
+        ok.then_some(id)
+    });
+    let id = w3c.or_else(|| b3.filter(|id| matches!(id.len(), 16 | 32) && hex(id)))?;
+    std::str::from_utf8(id).ok()
 }
 
 /// A JSON object under construction. `raw` pieces are fixed text that needs
@@ -261,10 +301,36 @@ mod tests {
             resp_msgs: 0,
             resp_bytes: 0,
             request_id: Some("abc"),
+            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736"),
+            previous_attempts: 2,
             deadline_ms: Some(1500),
             deadline_source: DeadlineSource::Clamped,
             late: true,
             dedup: DedupOutcome::Replay,
+        }
+    }
+
+    #[test]
+    fn the_trace_id_comes_from_traceparent_else_b3_and_only_when_well_formed() {
+        let tp = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(trace_id(Some(tp), None), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert_eq!(trace_id(Some(tp), Some(b"463ac35c9f6413ad")), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert_eq!(trace_id(None, Some(b"463ac35c9f6413ad")), Some("463ac35c9f6413ad"));
+        for bad in [
+            &b"00-00000000000000000000000000000000-00f067aa0ba902b7-01"[..],
+            b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            b"00-4bf92f3577b34da6-00f067aa0ba902b7-01",
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736\n-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(trace_id(Some(bad), None), None, "{}", String::from_utf8_lossy(bad));
+        }
+        // A later version may carry more fields after the four.
+        let v1 = b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-more";
+        assert_eq!(trace_id(Some(v1), None), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        for bad in [&b"0000000000000000"[..], b"463ac35c9f6413a", b"463ac35c9f6413aZ", b""] {
+            assert_eq!(trace_id(None, Some(bad)), None, "{}", String::from_utf8_lossy(bad));
         }
     }
 
@@ -275,6 +341,8 @@ mod tests {
         assert_eq!(v["method"], "Echo");
         assert_eq!(v["grpc_code"], "Unavailable");
         assert_eq!(v["grpc_status"], 14);
+        assert_eq!(v["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(v["previous_attempts"], 2);
         assert_eq!(v["status_source"], "headers");
         assert_eq!(v["http_status"], 200);
         assert_eq!(v["duration_ms"], 12);

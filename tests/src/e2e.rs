@@ -122,7 +122,7 @@ pub const CALLER: &str = "Bearer e2e-caller";
 pub fn keyed<T>(message: T, key: &str, credentials: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     let metadata = request.metadata_mut();
-    metadata.insert("x-idempotency-key", key.parse().expect("a test key is printable ASCII"));
+    metadata.insert("idempotency-key", key.parse().expect("a test key is printable ASCII"));
     metadata.insert("authorization", credentials.parse().expect("test credentials are printable ASCII"));
     request
 }

@@ -142,7 +142,7 @@ impl Call {
         let mut parts: Vec<&[u8]> = scope.iter().map(|(_, v)| v.as_slice()).collect();
         // A deduplicated method always has a well-formed path: `pkg.Svc/Method`.
         parts.push(self.method_name().as_bytes());
-        parts.push(key);
+        parts.push(&key);
         let key = digest(&parts);
         let owner = worker.owner_id(self.stream, self.start_ns);
         let in_flight_for = self.deadline.unwrap_or(config.ttl);

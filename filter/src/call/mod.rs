@@ -154,6 +154,9 @@ pub struct Call {
     /// each read costs a crossing into the VM, and the trailers' status wins
     /// anyway.
     response_headers_read: bool,
+    /// `grpc-previous-rpc-attempts`: the client's earlier attempts of this
+    /// call (gRPC retries and hedging send it); 0 for a first attempt.
+    previous_attempts: u32,
     /// The status last written to filter state.
     tagged: Option<GrpcStatus>,
     /// The deadline the call runs under, and where it came from.
@@ -223,6 +226,7 @@ impl Call {
             counted_resp: 0,
             seen: ResponseSeen::default(),
             response_headers_read: false,
+            previous_attempts: 0,
             tagged: None,
             deadline: None,
             deadline_source: DeadlineSource::None,
@@ -235,6 +239,13 @@ impl Call {
             dedup_outcome: DedupOutcome::None,
         });
         call.count(Family::Started, None, 1, fx);
+        call.previous_attempts = host
+            .request_header("grpc-previous-rpc-attempts")
+            .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok())
+            .unwrap_or(0);
+        if call.previous_attempts > 0 {
+            call.count(Family::Retried, None, 1, fx);
+        }
         if !is_grpc {
             return call.refuse_non_grpc(host.request_header("content-type"), fx);
         }
@@ -423,6 +434,8 @@ impl Call {
         // Read only for calls that are logged: a host call saved on the
         // sampled-out ones.
         let request_id = host.request_header(&config.request_id_header).map(lossy_ref);
+        let traceparent = host.request_header("traceparent").map(<[u8]>::to_vec);
+        let b3 = host.request_header("x-b3-traceid").map(<[u8]>::to_vec);
         let record = CallRecord {
             direction: config.direction,
             service,
@@ -437,6 +450,8 @@ impl Call {
             resp_msgs: self.response.messages(),
             resp_bytes: self.response.message_bytes(),
             request_id: request_id.as_deref().map(cap),
+            trace_id: crate::record::trace_id(traceparent.as_deref(), b3.as_deref()),
+            previous_attempts: self.previous_attempts,
             deadline_ms: self.deadline.map(|d| u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)),
             deadline_source: self.deadline_source,
             late,

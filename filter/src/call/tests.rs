@@ -750,10 +750,32 @@ fn a_request_body_that_is_not_grpc_frames_is_answered_internal() {
     assert_eq!(seen.guard_counts, [guard::BAD_FRAMES]);
 }
 
+#[test]
+fn a_retried_attempt_is_counted_and_the_line_carries_its_trace_and_attempts() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker("{}");
+    let retry = [
+        ("grpc-previous-rpc-attempts", "2"),
+        ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        ("x-b3-traceid", "463ac35c9f6413ad"),
+    ];
+    let seen = unary(&envoy, &mut worker, &retry, b"x", "0");
+    assert_eq!(seen.count(Family::Retried, None), 1);
+    assert_eq!(seen.log("previous_attempts"), 2);
+    assert_eq!(seen.log("trace_id"), "4bf92f3577b34da6a3ce929d0e0e4736");
+
+    let first = unary(&envoy, &mut worker, &[("x-b3-traceid", "463ac35c9f6413ad")], b"x", "0");
+    assert_eq!(first.count(Family::Retried, None), 0);
+    assert_eq!(first.log("previous_attempts"), 0);
+    assert_eq!(first.log("trace_id"), "463ac35c9f6413ad", "B3 when there is no traceparent");
+    let junk = unary(&envoy, &mut worker, &[("grpc-previous-rpc-attempts", "-1"), ("traceparent", "x")], b"x", "0");
+    assert_eq!((junk.count(Family::Retried, None), junk.log("trace_id").is_null()), (0, true));
+}
+
 // ---------------------------------------------------------------- dedup
 
 const DEDUP: &str = r#"{"dedup":{"methods":["pkg.Orders/Create"]}}"#;
-const KEY: &str = "x-idempotency-key";
+const KEY: &str = "idempotency-key";
 
 /// A retry that finds its key done: it must be marked for the replay hop,
 /// never sent upstream as gRPC.
@@ -775,6 +797,21 @@ fn replay_hop_answers(s: &mut Stream, split: bool) {
     } else {
         assert_eq!(s.response_body(placeholder, true), Next::Continue);
     }
+}
+
+#[test]
+fn a_configured_x_idempotency_key_header_and_the_drafts_quoted_form_name_the_same_key() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(r#"{"dedup":{"methods":["pkg.Orders/Create"],"header":"x-idempotency-key"}}"#);
+    let first = unary(&envoy, &mut worker, &[("x-idempotency-key", "order-1")], b"create 1", "0");
+    assert_eq!(first.log("dedup"), "first");
+    // The same key written as the draft's Structured Field string is a retry.
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[("x-idempotency-key", "\"order-1\"")]);
+    assert_eq!(s.headers(false), Next::Continue);
+    assert_sent_to_replay_hop(&s);
+    // Under this configuration the default header carries no key.
+    let other = unary(&envoy, &mut worker, &[(KEY, "order-1")], b"create 1", "0");
+    assert_eq!(other.log("dedup"), "none");
 }
 
 #[test]

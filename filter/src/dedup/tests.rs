@@ -1,3 +1,4 @@
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use proptest::prelude::*;
@@ -296,7 +297,20 @@ fn keys_are_checked_like_the_contract_says() {
     assert_eq!(check_key(Some(b""), false), Err(KeyError::Empty));
     assert_eq!(check_key(Some(&[b'a'; 256]), false), Err(KeyError::TooLong(256)));
     assert_eq!(check_key(Some(b"a b"), false), Err(KeyError::NotPrintable));
-    assert_eq!(check_key(Some(b"order-42"), true), Ok(Some(&b"order-42"[..])));
+    assert_eq!(check_key(Some(b"order-42"), true), Ok(Some(Cow::Borrowed(&b"order-42"[..]))));
+}
+
+#[test]
+fn a_key_written_as_the_drafts_structured_string_is_the_same_key_as_the_bare_one() {
+    let key = |raw: &[u8]| check_key(Some(raw), false).map(|k| k.map(Cow::into_owned));
+    assert_eq!(key(br#""order-42""#), Ok(Some(b"order-42".to_vec())));
+    assert_eq!(key(br#""a \"quoted\" \\ key""#), Ok(Some(br#"a "quoted" \ key"#.to_vec())));
+    assert_eq!(key(br#""""#), Err(KeyError::Empty));
+    for bad in [&br#""open"#[..], br#"""#, br#""bad \n escape""#, br#""in"side""#, b"\"tab\there\"", br#""ends \""#] {
+        assert_eq!(key(bad), Err(KeyError::BadString), "{}", String::from_utf8_lossy(bad));
+    }
+    let long = format!("\"{}\"", "k".repeat(256));
+    assert_eq!(key(long.as_bytes()), Err(KeyError::TooLong(256)));
 }
 
 #[test]

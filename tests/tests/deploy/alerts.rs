@@ -1,6 +1,7 @@
 //! The alert rules: promtool's syntax check and its unit tests
 //! (istio/alerts.test.yml: firing and not firing), and label values that the
-//! filter really writes.
+//! filter really writes. The seconds recording rules (istio/seconds.rules.yml):
+//! promtool's check and unit tests, and their buckets are Envoy's.
 
 use std::process::Command;
 
@@ -51,4 +52,57 @@ fn error_ratio_excludes_exactly_the_client_caused_codes_by_their_metric_names() 
     ];
     expected.sort_unstable();
     assert_eq!(excluded, expected);
+}
+
+#[test]
+fn seconds_rules_pass_promtool_check_and_their_unit_tests() {
+    let out =
+        run_ok(Command::new(tool("promtool")).arg("check").arg("rules").arg(repo_file("istio/seconds.rules.yml")));
+    let text = String::from_utf8_lossy(&out.stdout);
+    // 16 buckets, +Inf, _sum and _count, for servers and for clients.
+    assert!(text.contains("SUCCESS: 38 rules found"), "{text}");
+    let out = run_ok(Command::new(tool("promtool")).arg("test").arg("rules").arg(repo_file("istio/seconds.test.yml")));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("SUCCESS"), "{text}");
+}
+
+/// The `buckets: [...]` list that follows `match` on the handling histogram
+/// in a config file, as numbers.
+fn handling_buckets(file: &str) -> Vec<u64> {
+    let text = read(file);
+    let (_, after) = text.split_once("handling_milliseconds").unwrap_or_else(|| panic!("{file}: no handling buckets"));
+    let (_, list) = after.split_once('[').unwrap();
+    let (list, _) = list.split_once(']').unwrap();
+    list.split(',').map(|n| n.trim().parse().unwrap()).collect()
+}
+
+/// Each rule turns one of Envoy's millisecond buckets into seconds: a bucket
+/// Envoy has and the rules lack would vanish from every seconds panel.
+#[test]
+fn seconds_rules_cover_exactly_envoy_s_handling_buckets() {
+    let envoy = handling_buckets("envoy/envoy.yaml");
+    assert_eq!(envoy, handling_buckets("istio/stats-bootstrap.yaml"), "envoy.yaml and the Istio bootstrap differ");
+    let rules = yaml("istio/seconds.rules.yml");
+    for direction in ["server", "client"] {
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        for group in rules["groups"].as_sequence().unwrap() {
+            for rule in group["rules"].as_sequence().unwrap() {
+                if rule["record"] == format!("grpc_{direction}_handling_seconds_bucket").as_str() {
+                    let expr = rule["expr"].as_str().unwrap().to_owned();
+                    pairs.push((expr, rule["labels"]["le"].as_str().unwrap().to_owned()));
+                }
+            }
+        }
+        let mut want: Vec<(String, String)> = envoy
+            .iter()
+            .map(|ms| {
+                (
+                    format!("grpc_{direction}_handling_milliseconds_bucket{{le=~\"{ms}(\\\\.0)?\"}}"),
+                    format!("{}", *ms as f64 / 1000.0),
+                )
+            })
+            .collect();
+        want.push((format!("grpc_{direction}_handling_milliseconds_bucket{{le=\"+Inf\"}}"), "+Inf".to_owned()));
+        assert_eq!(pairs, want, "istio/seconds.rules.yml, {direction}");
+    }
 }

@@ -15,6 +15,7 @@ const WORKLOAD_PATCH: &str = "istio/workload-patch.yaml";
 const DESTINATION_RULE: &str = "istio/destinationrule.yaml";
 const ENVOY_FILTER: &str = "istio/envoyfilter-replay.yaml";
 const PROMETHEUS_RULE: &str = "istio/prometheusrule.yaml";
+const SECONDS_RULES: &str = "istio/seconds.rules.yml";
 const RULE_FILE: &str = "istio/alerts.rules.yml";
 
 /// The `stats_config` the ConfigMap hands to Istio's Envoy.
@@ -147,7 +148,7 @@ fn destination_rule_hashes_calls_on_the_idempotency_key() {
     assert!(str_at(&doc, f, "spec.host").ends_with(".svc.cluster.local"), "{f}: spec.host is the ClusterIP service");
     assert_eq!(
         str_at(&doc, f, "spec.trafficPolicy.loadBalancer.consistentHash.httpHeaderName"),
-        "x-idempotency-key",
+        "idempotency-key",
         "{f}"
     );
     assert!(read(f).contains("headless"), "{f}: keep the note on headless services");
@@ -185,10 +186,12 @@ fn destination_rule_and_envoy_yaml_hash_on_the_plugin_s_idempotency_key_header()
 fn prometheus_rule_carries_the_rule_file_s_groups() {
     let rule = yaml(PROMETHEUS_RULE);
     assert_kind(&rule, PROMETHEUS_RULE, "monitoring.coreos.com/v1", "PrometheusRule");
+    let mut groups = at(&yaml(RULE_FILE), RULE_FILE, "groups").as_sequence().unwrap().clone();
+    groups.extend(at(&yaml(SECONDS_RULES), SECONDS_RULES, "groups").as_sequence().unwrap().iter().cloned());
     assert_eq!(
         at(&rule, PROMETHEUS_RULE, "spec.groups"),
-        at(&yaml(RULE_FILE), RULE_FILE, "groups"),
-        "{PROMETHEUS_RULE} differs from {RULE_FILE} (the source): run `make prometheusrule`"
+        &serde_yaml::Value::Sequence(groups),
+        "{PROMETHEUS_RULE} differs from {RULE_FILE} and {SECONDS_RULES} (the sources): run `make prometheusrule`"
     );
 }
 
@@ -231,7 +234,7 @@ fn manifests_pass_istio_s_and_the_prometheus_operator_s_published_schemas() {
 fn schema_check_refuses_a_misspelled_field_and_an_unknown_enum_value() {
     let mut docs = crd_manifests();
     docs[0]["spec"]["phase"] = "STAT".into();
-    docs[1]["spec"]["trafficPolicy"]["loadBalancer"]["consistentHash"]["httpHeader"] = "x-idempotency-key".into();
+    docs[1]["spec"]["trafficPolicy"]["loadBalancer"]["consistentHash"]["httpHeader"] = "idempotency-key".into();
     let route_patch = &mut docs[3]["spec"]["configPatches"][2];
     route_patch["patch"]["operation"] = "INSERT_FIRTS".into();
     route_patch["match"]["routeConfiguration"]["port"] = 50051.into();

@@ -5,7 +5,9 @@
 //! table full. The rules are
 //! istio/alerts.rules.yml as shipped except `for:`, cut from 5m to 1s so the
 //! test ends in seconds; the expressions, windows and thresholds are the
-//! file's own.
+//! file's own. istio/seconds.rules.yml is loaded as shipped, and a
+//! go-grpc-prometheus-style latency query in seconds must agree with the
+//! milliseconds.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -89,8 +91,9 @@ async fn prometheus_fires_every_alert_on_envoy_s_metrics_during_failures_slow_ca
     std::fs::write(
         dir.join("prometheus.yml"),
         format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n- {}\nscrape_configs:\n- job_name: envoy\n  metrics_path: /stats/prometheus\n  static_configs:\n  - targets: ['{}']\n",
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n- {}\n- {}\nscrape_configs:\n- job_name: envoy\n  metrics_path: /stats/prometheus\n  static_configs:\n  - targets: ['{}']\n",
             dir.join("alerts.fast.yml").display(),
+            repo_file("istio/seconds.rules.yml").display(),
             envoy.params().admin_addr()
         ),
     )
@@ -184,6 +187,28 @@ async fn prometheus_fires_every_alert_on_envoy_s_metrics_during_failures_slow_ca
     }
     // Every expression holds for the demo's Echo, labelled by envoy.yaml's stats_tags.
     assert_eq!(demo_echo, ALERTS.len(), "expected every expression true for grpcguard.demo.v1.Demo/Echo:\n{seen}");
+
+    // A go-grpc-prometheus latency panel and alert, written for seconds,
+    // read the recorded seconds (istio/seconds.rules.yml) and say what the
+    // millisecond histogram says.
+    let echo = |expr: &str| {
+        query(&base, expr)
+            .into_iter()
+            .find(|(labels, _)| labels["grpc_method"] == "Echo")
+            .map(|(_, v)| v)
+            .unwrap_or_else(|| panic!("no Echo in {expr}"))
+    };
+    let p95_ms = echo(
+        r#"histogram_quantile(0.95, sum by (le, grpc_method) (rate(grpc_server_handling_milliseconds_bucket[1m])))"#,
+    );
+    let p95_s =
+        echo(r#"histogram_quantile(0.95, sum by (le, grpc_method) (rate(grpc_server_handling_seconds_bucket[1m])))"#);
+    println!("p95: {p95_ms} ms from the milliseconds, {p95_s} s from the recorded seconds");
+    assert!(p95_ms > 1000.0 && (p95_s * 1000.0 - p95_ms).abs() <= 0.2 * p95_ms, "p95 {p95_s} s against {p95_ms} ms");
+    let alert_s = echo(
+        r#"histogram_quantile(0.95, sum by (grpc_service, grpc_method, le) (rate(grpc_server_handling_seconds_bucket{grpc_type="unary"}[5m]))) > 1"#,
+    );
+    assert!(alert_s > 1.0, "the seconds form of the p95 alert holds for Echo: {alert_s}");
     drop(prometheus);
     drop(envoy);
     drop(upstream);

@@ -134,6 +134,28 @@ async fn sequential_duplicate_runs_once_and_gets_the_identical_answer_replayed()
     assert!(logs.iter().all(|l| l["grpc_code"] == "OK"));
 }
 
+/// A config that names only the methods: the standard `Idempotency-Key`
+/// header is read, bare or in the IETF draft's quoted (sf-string) form.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standard_idempotency_key_header_bare_or_quoted_deduplicates_with_only_methods_configured() {
+    let upstream = Upstream::start().await;
+    let envoy =
+        start_envoy("dedup-standard-header", upstream.addr, r#"{"dedup":{"methods":["grpcguard.demo.v1.Demo/Echo"]}}"#)
+            .unwrap();
+    let first = keyed_echo(&envoy, "order-q", order(7)).await;
+    let quoted = keyed_echo(&envoy, "\"order-q\"", order(7)).await;
+    assert_eq!(upstream.observed.executions("Echo"), 1, "the quoted retry must not run upstream");
+    assert_eq!(first.code(), Code::Ok);
+    assert!(quoted.replayed, "the quoted key is the same key: {quoted:?}");
+    assert_eq!(quoted.result.unwrap(), first.result.unwrap());
+    // A malformed quoted key is refused naming the header, never run.
+    let bad = keyed_echo(&envoy, "\"order-q", order(7)).await;
+    let status = bad.result.expect_err("a malformed quoted key is refused");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("idempotency-key") && status.message().contains("sf-string"), "{status:?}");
+    assert_eq!(upstream.observed.executions("Echo"), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_two_concurrent_duplicates_run_once_and_each_gets_the_answer_or_aborted() {
     let upstream = Upstream::start().await;
@@ -319,7 +341,7 @@ async fn a_keyed_call_from_nobody_is_refused_unless_forwarding_is_configured() {
     let upstream = Upstream::start().await;
     let envoy = start_envoy("dedup-anonymous", upstream.addr, ECHO_DEDUP).unwrap();
     let mut anonymous = tonic::Request::new(order(1));
-    anonymous.metadata_mut().insert("x-idempotency-key", "k".parse().unwrap());
+    anonymous.metadata_mut().insert("idempotency-key", "k".parse().unwrap());
     let got = send(&mut client(&envoy), anonymous).await;
     assert_eq!(got.code(), Code::Unauthenticated, "{got:?}");
     assert_eq!(upstream.observed.executions("Echo"), 0);
@@ -330,7 +352,7 @@ async fn a_keyed_call_from_nobody_is_refused_unless_forwarding_is_configured() {
     let envoy = start_envoy("dedup-anonymous-forward", upstream.addr, forward).unwrap();
     for _ in 0..2 {
         let mut anonymous = tonic::Request::new(order(1));
-        anonymous.metadata_mut().insert("x-idempotency-key", "k".parse().unwrap());
+        anonymous.metadata_mut().insert("idempotency-key", "k".parse().unwrap());
         assert!(send(&mut client(&envoy), anonymous).await.result.is_ok());
     }
     assert_eq!(upstream.observed.executions("Echo"), 2, "forwarded undeduplicated");
@@ -465,7 +487,7 @@ async fn a_grpc_call_dressed_as_another_content_type_is_refused_before_the_servi
         &[
             ("content-type", "application/grpc"),
             ("te", "trailers"),
-            ("x-idempotency-key", "k"),
+            ("idempotency-key", "k"),
             ("authorization", CALLER),
         ],
         &body,

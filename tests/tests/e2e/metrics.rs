@@ -91,6 +91,9 @@ async fn every_call_logs_one_json_line_with_the_documented_fields() {
     let mut request =
         tonic::Request::new(EchoRequest { message: "log me".into(), reply_padding: 100, ..Default::default() });
     request.metadata_mut().insert("x-request-id", "req-\"42\"".parse().unwrap());
+    // A client's second attempt, in a W3C trace.
+    request.metadata_mut().insert("traceparent", TRACEPARENT.parse().unwrap());
+    request.metadata_mut().insert("grpc-previous-rpc-attempts", "1".parse().unwrap());
     client.echo(request).await.unwrap();
 
     let logs = call_logs(&envoy, 1).await;
@@ -111,6 +114,8 @@ async fn every_call_logs_one_json_line_with_the_documented_fields() {
         "resp_msgs",
         "resp_bytes",
         "request_id",
+        "trace_id",
+        "previous_attempts",
     ] {
         assert!(line.get(field).is_some(), "missing field {field}: {line}");
     }
@@ -123,7 +128,14 @@ async fn every_call_logs_one_json_line_with_the_documented_fields() {
     assert_eq!(line["resp_msgs"], 1);
     assert!(line["resp_bytes"].as_u64().unwrap() > 100, "{line}");
     assert_eq!(line["request_id"], "req-\"42\"");
+    assert_eq!(line["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736", "the line joins its trace");
+    assert_eq!(line["previous_attempts"], 1);
+    let samples = parse_exposition(&envoy.prometheus().unwrap());
+    assert_eq!(value(&samples, "grpc_server_retried_total", &[("grpc_method", "Echo")]), Some(1.0));
+    assert_eq!(value(&samples, "grpc_server_started_total", &[("grpc_method", "Echo")]), Some(1.0));
 }
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn by_default_every_failure_and_one_ok_call_in_a_hundred_is_logged_and_every_call_counted() {

@@ -16,7 +16,7 @@ const CREATE: &str = "/pkg.Orders/Create";
 const ORDERS: Labels<'static> = Labels { service: "pkg.Orders", method: "Create", grpc_type: "unary" };
 const DEDUP: &str = r#"{"dedup":{"methods":["pkg.Orders/Create"]}}"#;
 
-const KEY_HEADER: &str = "x-idempotency-key";
+const KEY_HEADER: &str = "idempotency-key";
 /// The filter-state mark that sends a retry to the replay route.
 const REPLAY_PROPERTY: &[&str] = &["grpc_guard.replay"];
 const REPLAY_CONTENT_TYPE: &str = "application/x-grpc-guard-replay";
@@ -367,7 +367,7 @@ fn missing_key_is_invalid_argument_when_the_key_is_required() {
     assert_eq!(action, Action::Pause);
     let (code, message) = local_reply(&vm, &s);
     assert_eq!(code, Some(3));
-    assert_eq!(message, "grpc-guard: idempotency key header x-idempotency-key is required for this method and missing");
+    assert_eq!(message, "grpc-guard: idempotency key header idempotency-key is required for this method and missing");
     vm.finish(s);
     let log = one_call_log(&mut vm);
     assert_eq!((log["dedup"].as_str(), log["grpc_code"].as_str()), (Some("bad_key"), Some("InvalidArgument")));
@@ -389,7 +389,7 @@ fn malformed_keys_are_invalid_argument_naming_the_header() {
         assert_eq!(action, Action::Pause, "{key:?}");
         let (code, message) = local_reply(&vm, &s);
         assert_eq!(code, Some(3), "{key:?}");
-        assert!(message.contains("idempotency key header x-idempotency-key") && message.contains(why), "{message}");
+        assert!(message.contains("idempotency key header idempotency-key") && message.contains(why), "{message}");
         vm.finish(s);
         assert_eq!(one_call_log(&mut vm)["dedup"], "bad_key");
     }

@@ -49,6 +49,7 @@ fn default_config_logs_every_call_with_the_documented_fields() {
             "http_status",
             "late",
             "method",
+            "previous_attempts",
             "req_bytes",
             "req_msgs",
             "request_id",
@@ -56,6 +57,7 @@ fn default_config_logs_every_call_with_the_documented_fields() {
             "resp_msgs",
             "service",
             "status_source",
+            "trace_id",
         ]
     );
     assert_eq!(log["direction"], "inbound");
