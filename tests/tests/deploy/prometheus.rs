@@ -121,9 +121,10 @@ async fn prometheus_fires_every_alert_on_envoy_s_metrics_during_failures_slow_ca
         let kept = client.clone().echo(keyed(format!("kept {n}"), format!("alert-test-kept-{n}"))).await;
         assert!(kept.is_ok(), "keyed call {n} takes a way: {kept:?}");
     }
-    // Rounds of 8 OK calls, 2 Unavailable and 1 keyed call refused for a full
-    // table (23 % server-side errors), 1 slow call (8 %) and 1 late response
-    // (8 %), until every alert fires; 45 s at most.
+    // Rounds of 8 OK calls, 2 Unavailable (15 % server-side errors; the keyed
+    // call refused for a full table is grpc-guard's own answer and does not
+    // count), 1 slow call (8 %) and 1 late response (8 %), about ten calls a
+    // second, until every alert fires; 45 s at most.
     let deadline = Instant::now() + Duration::from_secs(45);
     let mut rounds = 0;
     let fired = loop {
