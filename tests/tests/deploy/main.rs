@@ -14,6 +14,7 @@
 mod support;
 
 mod alerts;
+mod dashboard;
 mod manifests;
 mod oci;
 mod prometheus;

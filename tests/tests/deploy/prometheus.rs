@@ -52,8 +52,38 @@ fn fast_rules() -> (String, Vec<(String, String)>) {
     (serde_yaml::to_string(&rules).unwrap(), exprs)
 }
 
+/// A real Prometheus scraping `target`'s `/stats/prometheus` every second
+/// and evaluating `rule_files` every second; its base URL.
+pub(crate) fn start_prometheus(
+    dir: &std::path::Path,
+    rule_files: &[std::path::PathBuf],
+    target: &str,
+) -> (Server, String) {
+    let rules: String = rule_files.iter().map(|f| format!("- {}\n", f.display())).collect();
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n{rules}scrape_configs:\n- job_name: envoy\n  metrics_path: /stats/prometheus\n  static_configs:\n  - targets: ['{target}']\n"
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let server = Server::start(
+        "prometheus",
+        Command::new(tool("prometheus"))
+            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn"),
+        dir,
+        &format!("{base}/-/ready"),
+    );
+    (server, base)
+}
+
 /// An instant query; the result vector as (labels, value) pairs.
-fn query(base: &str, expr: &str) -> Vec<(serde_json::Value, f64)> {
+pub(crate) fn query(base: &str, expr: &str) -> Vec<(serde_json::Value, f64)> {
     let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(5))).build().into();
     let body = agent
         .get(format!("{base}/api/v1/query"))
@@ -81,34 +111,16 @@ fn firing(base: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_fires_every_alert_on_envoy_s_metrics_during_failures_slow_calls_late_responses_and_a_full_dedup_table(
 ) {
-    let prometheus_bin = tool("prometheus");
     let dir = scratch_dir("prometheus");
     let upstream = grpc_guard_tests::e2e::Upstream::start().await;
     let envoy = grpc_guard_tests::e2e::start_envoy("deploy-prometheus", upstream.addr, ONE_BUCKET_DEDUP).unwrap();
 
     let (rules, exprs) = fast_rules();
     std::fs::write(dir.join("alerts.fast.yml"), rules).unwrap();
-    std::fs::write(
-        dir.join("prometheus.yml"),
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n- {}\n- {}\nscrape_configs:\n- job_name: envoy\n  metrics_path: /stats/prometheus\n  static_configs:\n  - targets: ['{}']\n",
-            dir.join("alerts.fast.yml").display(),
-            repo_file("istio/seconds.rules.yml").display(),
-            envoy.params().admin_addr()
-        ),
-    )
-    .unwrap();
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let prometheus = Server::start(
-        "prometheus",
-        Command::new(prometheus_bin)
-            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--log.level=warn"),
+    let (prometheus, base) = start_prometheus(
         &dir,
-        &format!("{base}/-/ready"),
+        &[dir.join("alerts.fast.yml"), repo_file("istio/seconds.rules.yml")],
+        &envoy.params().admin_addr().to_string(),
     );
 
     let channel = grpc_guard_demo::lazy_channel(&envoy.grpc_uri()).unwrap();
