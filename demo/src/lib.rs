@@ -16,6 +16,7 @@ mod error;
 mod observed;
 pub mod scenario;
 mod service;
+pub mod tour;
 
 pub use duration::{parse_duration, DurationError};
 pub use error::DemoError;

@@ -140,6 +140,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
+    println!("\n== every guard at work (envoy/demo-plugin-config.json)");
+    for shown in grpc_guard_demo::tour::guards(&channel, || observed.executions("Echo")).await {
+        println!("  {shown}");
+    }
+
     // Histograms reach /stats/prometheus at Envoy's next stats flush (1 s).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     println!(

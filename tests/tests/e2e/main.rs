@@ -12,3 +12,4 @@ mod dedup;
 mod hostile;
 mod metrics;
 mod status;
+mod tour;
