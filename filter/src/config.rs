@@ -295,15 +295,15 @@ impl RawConfig {
             l.finish(&["ok_sample", "request_id_header"])?;
         }
         if let Some(mut d) = f.object("deadline")? {
-            raw.deadline.default = d.read("default", json::string)?;
-            raw.deadline.max = d.read("max", json::string)?;
+            raw.deadline.default = d.read_optional("default", json::string)?;
+            raw.deadline.max = d.read_optional("max", json::string)?;
             if let Some(per) = d.object("per_method")? {
                 let path = per.path("");
                 for (name, value) in per.into_entries() {
                     let mut o = Fields::of(&format!("{path}{name}"), value)?;
                     let entry = RawDeadlineOverride {
-                        default: o.read("default", json::string)?,
-                        max: o.read("max", json::string)?,
+                        default: o.read_optional("default", json::string)?,
+                        max: o.read_optional("max", json::string)?,
                     };
                     o.finish(&["default", "max"])?;
                     raw.deadline.per_method.insert(name, entry);
@@ -313,14 +313,14 @@ impl RawConfig {
         }
         if let Some(mut l) = f.object("limits")? {
             raw.limits.max_request_message_bytes =
-                l.read("max_request_message_bytes", |v| json::unsigned(v, u64::MAX))?;
+                l.read_optional("max_request_message_bytes", |v| json::unsigned(v, u64::MAX))?;
             if let Some(per) = l.object("per_method")? {
                 let path = per.path("");
                 for (name, value) in per.into_entries() {
                     let mut o = Fields::of(&format!("{path}{name}"), value)?;
                     let entry = RawLimitsOverride {
                         max_request_message_bytes: o
-                            .read("max_request_message_bytes", |v| json::unsigned(v, u64::MAX))?,
+                            .read_optional("max_request_message_bytes", |v| json::unsigned(v, u64::MAX))?,
                     };
                     o.finish(&["max_request_message_bytes"])?;
                     raw.limits.per_method.insert(name, entry);
@@ -768,6 +768,35 @@ mod tests {
         assert!(e.reason.contains("unknown field"), "{e}");
         let e = err(r#"{"dedupe": {}}"#);
         assert!(e.to_string().contains("dedupe"), "{e}");
+    }
+
+    #[test]
+    fn null_never_stands_for_a_default_except_where_absence_means_none() {
+        for (doc, field) in [
+            (r#"{"dedup":null}"#, "dedup"),
+            (r#"{"dedup":{"methods":null}}"#, "dedup.methods"),
+            (r#"{"dedup":{"methods":["a.B/C"],"require_key":null}}"#, "dedup.require_key"),
+            (r#"{"metrics":{"methods":null}}"#, "metrics.methods"),
+            (r#"{"log":{"ok_sample":null}}"#, "log.ok_sample"),
+            (r#"{"deadline":{"per_method":null}}"#, "deadline.per_method"),
+        ] {
+            assert_eq!(err(doc).field, field, "{doc}");
+        }
+        let none = br#"{"deadline":{"default":null,"max":null},"limits":{"max_request_message_bytes":null}}"#;
+        assert_eq!(Config::parse(none).unwrap(), Config::parse(b"{}").unwrap());
+    }
+
+    #[test]
+    fn a_whole_number_field_takes_only_a_whole_number_as_written() {
+        for doc in [
+            r#"{"metrics":{"max_methods":1.0}}"#,
+            r#"{"metrics":{"max_methods":1e2}}"#,
+            r#"{"metrics":{"max_methods":-0}}"#,
+            r#"{"metrics":{"max_methods":-1}}"#,
+        ] {
+            assert_eq!(err(doc).field, "metrics.max_methods", "{doc}");
+        }
+        assert_eq!(Config::parse(br#"{"metrics":{"max_methods":7}}"#).unwrap().max_methods, 7);
     }
 
     #[test]

@@ -11,6 +11,10 @@ use std::fmt;
 pub enum Json {
     Null,
     Bool(bool),
+    /// A number written as a whole number: digits only, no sign, fraction or
+    /// exponent (and small enough for `u64`).
+    Integer(u64),
+    /// Any other number.
     Number(f64),
     String(String),
     Array(Vec<Json>),
@@ -38,6 +42,7 @@ impl Json {
         match self {
             Json::Null => "null".to_owned(),
             Json::Bool(b) => format!("boolean `{b}`"),
+            Json::Integer(n) => format!("number {n}"),
             Json::Number(n) => format!("number {}", Number(*n)),
             Json::String(s) => format!("string {s:?}"),
             Json::Array(_) => "an array".to_owned(),
@@ -213,6 +218,9 @@ impl Parser<'_> {
 
     fn hex4(&mut self) -> Result<u32, String> {
         let digits = self.bytes.get(self.at..self.at + 4).ok_or("EOF while parsing a string")?;
+        if !digits.iter().all(u8::is_ascii_hexdigit) {
+            return Err("invalid \\u escape".to_owned());
+        }
         let text = std::str::from_utf8(digits).map_err(|_| "invalid \\u escape")?;
         let code = u32::from_str_radix(text, 16).map_err(|_| "invalid \\u escape")?;
         self.at += 4;
@@ -251,6 +259,11 @@ impl Parser<'_> {
             }
         }
         let text = std::str::from_utf8(self.bytes.get(start..self.at).unwrap_or_default()).unwrap_or_default();
+        if text.bytes().all(|b| b.is_ascii_digit()) {
+            if let Ok(n) = text.parse::<u64>() {
+                return Ok(Json::Integer(n));
+            }
+        }
         text.parse::<f64>().map(Json::Number).map_err(|_| "invalid number".to_owned())
     }
 }
@@ -284,13 +297,12 @@ impl Fields {
         }
     }
 
-    /// Takes `field` out, if present (`null` counts as absent).
+    /// Takes `field` out, if present. A `null` is a value like any other
+    /// (what a template writes for a value it was not given): the readers
+    /// refuse it, so it never quietly stands for the default.
     pub fn take(&mut self, field: &str) -> Option<Json> {
         let at = self.fields.iter().position(|(k, _)| k == field)?;
-        match self.fields.remove(at).1 {
-            Json::Null => None,
-            value => Some(value),
-        }
+        Some(self.fields.remove(at).1)
     }
 
     /// Takes `field` and reads it with `read`, naming the field on error.
@@ -299,10 +311,28 @@ impl Fields {
         field: &str,
         read: impl FnOnce(Json) -> Result<T, String>,
     ) -> Result<Option<T>, FieldError> {
-        match self.take(field) {
-            None => Ok(None),
-            Some(value) => read(value).map(Some).map_err(|reason| (self.path(field), reason)),
-        }
+        let value = self.take(field);
+        self.apply(field, value, read)
+    }
+
+    /// [`Fields::read`] for a field whose absence means "none" (a deadline, a
+    /// limit): `null` says the same.
+    pub fn read_optional<T>(
+        &mut self,
+        field: &str,
+        read: impl FnOnce(Json) -> Result<T, String>,
+    ) -> Result<Option<T>, FieldError> {
+        let value = self.take(field).filter(|v| !matches!(v, Json::Null));
+        self.apply(field, value, read)
+    }
+
+    fn apply<T>(
+        &self,
+        field: &str,
+        value: Option<Json>,
+        read: impl FnOnce(Json) -> Result<T, String>,
+    ) -> Result<Option<T>, FieldError> {
+        value.map(read).transpose().map_err(|reason| (self.path(field), reason))
     }
 
     /// Takes the object `field`, if present.
@@ -362,6 +392,7 @@ pub fn boolean(value: Json) -> Result<bool, String> {
 pub fn number(value: Json) -> Result<f64, String> {
     match value {
         Json::Number(n) => Ok(n),
+        Json::Integer(n) => Ok(n as f64),
         other => Err(format!("invalid type: {}, expected a number", other.describe())),
     }
 }
@@ -369,7 +400,8 @@ pub fn number(value: Json) -> Result<f64, String> {
 /// A whole number from 0 to `max`.
 pub fn unsigned(value: Json, max: u64) -> Result<u64, String> {
     match value {
-        Json::Number(n) if n.fract() == 0.0 && (0.0..=max as f64).contains(&n) => Ok(n as u64),
+        Json::Integer(n) if n <= max => Ok(n),
+        Json::Integer(n) => Err(format!("invalid value: {n}, expected a whole number from 0 to {max}")),
         Json::Number(n) => Err(format!("invalid value: {}, expected a whole number from 0 to {max}", Number(n))),
         other => Err(format!("invalid type: {}, expected a whole number", other.describe())),
     }
@@ -410,7 +442,7 @@ mod tests {
                 (
                     "a".into(),
                     Json::Array(vec![
-                        Json::Number(1.0),
+                        Json::Integer(1),
                         Json::Number(-2500.0),
                         Json::Bool(true),
                         Json::Null,
@@ -433,6 +465,7 @@ mod tests {
             ("01", "invalid number"),
             ("\"a\nb\"", "control character in a string"),
             ("\"\\ud800\"", "lone surrogate in a string"),
+            ("\"\\u+041\"", "invalid \\u escape"),
             ("", "EOF while parsing a value"),
         ] {
             assert_eq!(Json::parse(text), Err(reason.to_owned()), "{text:?}");
@@ -462,7 +495,12 @@ mod tests {
 
         #[test]
         fn numbers_round_trip(n in -1e12f64..1e12) {
-            prop_assert_eq!(Json::parse(&n.to_string()), Ok(Json::Number(n)));
+            let parsed = match Json::parse(&n.to_string()) {
+                Ok(Json::Integer(i)) => i as f64,
+                Ok(Json::Number(f)) => f,
+                other => panic!("{other:?}"),
+            };
+            prop_assert_eq!(parsed, n);
         }
     }
 }

@@ -79,10 +79,16 @@ pub enum Family {
     /// Counter: calls that are a client's retry or hedge
     /// (`grpc-previous-rpc-attempts` above 0).
     Retried,
+    /// Counter: calls grpc-guard answered itself with a server-side code
+    /// for what the client did: a content type that is not gRPC or a body
+    /// that is not gRPC frames (Internal), a message over the limit
+    /// (ResourceExhausted), a retry while its first call runs (Aborted). The
+    /// error-ratio alert subtracts them: they are no server failing.
+    Refused,
 }
 
 impl Family {
-    pub const ALL: [Family; 24] = [
+    pub const ALL: [Family; 25] = [
         Family::Started,
         Family::Handled,
         Family::MsgFromClient,
@@ -107,6 +113,7 @@ impl Family {
         Family::DedupAnonymous,
         Family::DedupCallerFull,
         Family::Retried,
+        Family::Refused,
     ];
 
     /// The families labelled with `grpc_code`, and their index among them.
@@ -175,6 +182,8 @@ impl Family {
             (Family::DedupCallerFull, Outbound) => "grpc_client_dedup_caller_full_total",
             (Family::Retried, Inbound) => "grpc_server_retried_total",
             (Family::Retried, Outbound) => "grpc_client_retried_total",
+            (Family::Refused, Inbound) => "grpc_server_refused_total",
+            (Family::Refused, Outbound) => "grpc_client_refused_total",
         }
     }
 }

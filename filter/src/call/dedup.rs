@@ -173,6 +173,7 @@ impl Call {
             }
             Lookup::InFlight | Lookup::Contended => {
                 self.set_outcome(DedupOutcome::InFlight, Family::DedupInFlight, fx);
+                self.count(Family::Refused, None, 1, fx);
                 self.answer(
                     GrpcStatus::Aborted,
                     "grpc-guard: a call with this idempotency key is in progress; retry",

@@ -154,6 +154,9 @@ pub struct Call {
     /// each read costs a crossing into the VM, and the trailers' status wins
     /// anyway.
     response_headers_read: bool,
+    /// When response headers that were left unread arrived, for calls with
+    /// a deadline: a status they turn out to carry came then.
+    headers_after: Option<Duration>,
     /// `grpc-previous-rpc-attempts`: the client's earlier attempts of this
     /// call (gRPC retries and hedging send it); 0 for a first attempt.
     previous_attempts: u32,
@@ -226,6 +229,7 @@ impl Call {
             counted_resp: 0,
             seen: ResponseSeen::default(),
             response_headers_read: false,
+            headers_after: None,
             previous_attempts: 0,
             tagged: None,
             deadline: None,
@@ -283,6 +287,7 @@ impl Call {
     /// refused as grpc-go refuses it, HTTP 415 with INTERNAL.
     fn refuse_non_grpc(&mut self, content_type: Option<&[u8]>, fx: &mut Effects) -> Next {
         fx.push(Effect::CountGuard(guard::NON_GRPC_REFUSED));
+        self.count(Family::Refused, None, 1, fx);
         self.answered_by_guard = true;
         let message = format!(
             "grpc-guard: {} is a gRPC method; call it with content-type application/grpc, not {:?}",
@@ -314,10 +319,12 @@ impl Call {
             }
             Err(ChunkError::Frame(e)) => {
                 fx.push(Effect::CountGuard(guard::BAD_FRAMES));
+                self.count(Family::Refused, None, 1, fx);
                 self.answer(GrpcStatus::Internal, format!("grpc-guard: request body is not gRPC: {e}"), fx)
             }
             Err(ChunkError::TooLarge { largest, limit }) => {
                 self.count(Family::RequestTooLarge, None, 1, fx);
+                self.count(Family::Refused, None, 1, fx);
                 let message = format!(
                     "grpc-guard: request message of {largest} bytes is over this method's limit of {limit} bytes"
                 );
@@ -343,6 +350,10 @@ impl Call {
         self.seen.complete |= end_of_stream;
         if end_of_stream || self.dedup.is_some() {
             self.read_response_headers(host, fx);
+        } else if self.deadline.is_some() {
+            // Read later if at all: when they arrived decides whether a status
+            // they carry came in time (a clock read returns no value to copy).
+            self.headers_after = Some(Duration::from_nanos(host.now_ns().saturating_sub(self.start_ns)));
         }
         Next::Continue
     }
@@ -505,9 +516,11 @@ impl Call {
     fn note_answer<H: Host>(&mut self, host: &mut H) {
         let final_status = self.seen.trailer_status.or(self.seen.header_status).is_some();
         if final_status && self.answered_after.is_none() {
-            self.answered_after = Some(match self.deadline {
-                Some(_) => Duration::from_nanos(host.now_ns().saturating_sub(self.start_ns)),
-                None => Duration::ZERO,
+            let from_headers_read_late = self.seen.trailer_status.is_none().then_some(self.headers_after).flatten();
+            self.answered_after = Some(match (self.deadline, from_headers_read_late) {
+                (Some(_), Some(at)) => at,
+                (Some(_), None) => Duration::from_nanos(host.now_ns().saturating_sub(self.start_ns)),
+                (None, _) => Duration::ZERO,
             });
         }
     }

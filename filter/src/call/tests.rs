@@ -709,6 +709,42 @@ fn late_answers_are_counted_when_the_upstream_outlives_the_deadline_or_the_clien
     }
 }
 
+/// A status in headers that do not end the response is only read at the
+/// call's end (Envoy shows the headers again in the log callback), but it
+/// came when the headers did: the call is not late for how long the rest took.
+#[test]
+fn a_status_in_headers_read_at_the_end_counts_from_when_the_headers_came() {
+    for ending in ["trailers without a status", "body to the end", "reset"] {
+        let envoy = Envoy::default();
+        let mut worker = envoy.worker("{}");
+        let mut s = Stream::open(&envoy, &mut worker, PATH, &[("grpc-timeout", "100m")]);
+        s.headers(false);
+        s.request_body(&frame(b"x"), true);
+        envoy.advance(10);
+        s.response_headers(&[(":status", "200"), ("grpc-status", "0")], false);
+        envoy.advance(500);
+        match ending {
+            "trailers without a status" => {
+                s.response_body(&frame(b"y"), false);
+                s.trailers(&[("x-other", "1")]);
+            }
+            "body to the end" => {
+                s.response_body(&frame(b"y"), true);
+            }
+            _ => {}
+        }
+        let details =
+            if ending == "reset" { "upstream_reset_after_response_started{remote_reset}" } else { "via_upstream" };
+        let seen = s.finish(details);
+        assert_eq!(
+            (seen.log("grpc_code").as_str(), seen.log("status_source").as_str()),
+            (Some("OK"), Some("headers")),
+            "{ending}"
+        );
+        assert_eq!(seen.count(Family::LateResponses, None), 0, "{ending}");
+    }
+}
+
 // ---------------------------------------------------------------- size guard
 
 #[test]
@@ -726,6 +762,7 @@ fn a_request_message_over_the_limit_is_refused_before_the_upstream_sees_it() {
     assert_eq!(status, GrpcStatus::ResourceExhausted);
     assert!(message.contains("17 bytes") && message.contains("limit of 16"), "{message}");
     assert_eq!(seen.count(Family::RequestTooLarge, None), 1);
+    assert_eq!(seen.count(Family::Refused, None), 1);
     assert_eq!(seen.log("late"), false);
 }
 
@@ -748,6 +785,7 @@ fn a_request_body_that_is_not_grpc_frames_is_answered_internal() {
     let seen = s.finish("local_reply");
     assert_eq!(reply_status(&seen).map(|r| r.0), Some(GrpcStatus::Internal));
     assert_eq!(seen.guard_counts, [guard::BAD_FRAMES]);
+    assert_eq!(seen.count(Family::Refused, None), 1, "the error-ratio alert subtracts it");
 }
 
 #[test]
@@ -1496,6 +1534,7 @@ fn a_grpc_call_dressed_as_another_content_type_is_refused_on_a_method_path() {
         assert_eq!((code, header_of(headers, "grpc-status")), (415, Some("13")));
         assert!(header_of(headers, "grpc-message").unwrap().contains("/pkg.Orders/Create is a gRPC method"));
         assert_eq!(seen.guard_counts, [guard::NON_GRPC_REFUSED]);
+        assert_eq!(seen.count(Family::Refused, None), 1, "the error-ratio alert subtracts it");
         assert_eq!(seen.count(Family::Handled, Some(GrpcStatus::Internal)), 1);
         assert_eq!((seen.log("method").as_str(), seen.log("http_status").as_u64()), (Some("Create"), Some(415)));
     }
