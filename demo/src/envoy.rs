@@ -219,12 +219,21 @@ pub fn free_port() -> Result<u16, EnvoyError> {
     // Below Linux's ephemeral range (32768-60999 by default): a port the
     // kernel hands out for port 0 can go to an outgoing connection (h2load's,
     // Envoy's own) between this check and Envoy's bind, which then fails.
+    // One walk through the range per process, from a start of its own: the
+    // ports one process hands out never repeat (7,919 is prime to 12,000), so
+    // two of its Envoys cannot be given one port. Envoy binds listeners with
+    // SO_REUSEPORT: two on one port would both start and share its traffic.
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let seed = std::process::id().wrapping_mul(2_654_435_761)
-        ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| {
+        u64::from(std::process::id()).wrapping_mul(2_654_435_761)
+            ^ u64::from(
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos()),
+            )
+    });
     for _ in 0..256 {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = 20_000 + (seed.wrapping_add(n.wrapping_mul(7_919)) % 12_000) as u16;
+        let n = u64::from(NEXT.fetch_add(1, Ordering::Relaxed));
+        let port = 20_000 + ((start % 12_000 + n * 7_919) % 12_000) as u16;
         if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
             return Ok(port);
         }

@@ -1,6 +1,5 @@
 //! Paths, YAML, external tools and child processes for the deployment tests.
 
-use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
@@ -106,9 +105,10 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, never one this process
+/// handed out before (the Envoys' own picker).
 pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port()
+    grpc_guard_demo::envoy::free_port().unwrap()
 }
 
 /// A server process started by a test, killed when the test ends, pass or fail.
