@@ -11,6 +11,7 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
+use crate::pb::demo_client::DemoClient;
 use crate::pb::EchoRequest;
 
 /// The demo configuration's limit on a request message, bytes.
@@ -40,103 +41,93 @@ impl fmt::Display for Shown {
     }
 }
 
+/// One call made for `guard`: what came back and how many times the service
+/// ran meanwhile; the sentence is the caller's to write.
+async fn attempt(
+    client: &DemoClient<Channel>,
+    guard: &'static str,
+    request: Request<EchoRequest>,
+    executions: &impl Fn() -> u64,
+) -> Shown {
+    let before = executions();
+    let started = Instant::now();
+    let (code, replayed) = match client.clone().echo(request).await {
+        Ok(r) => (Code::Ok, r.metadata().get(REPLAYED).is_some()),
+        Err(s) => (s.code(), s.metadata().get(REPLAYED).is_some()),
+    };
+    Shown {
+        guard,
+        code,
+        executions: executions() - before,
+        replayed,
+        elapsed: started.elapsed(),
+        sentence: String::new(),
+    }
+}
+
+/// The header grpc-guard marks a replayed answer with.
+const REPLAYED: &str = "grpc-guard-replayed";
+
 /// Runs the tour on `channel`; `executions` reads the service's count of Echo
 /// runs (the demo service's own counter).
 pub async fn guards(channel: &Channel, executions: impl Fn() -> u64) -> Vec<Shown> {
-    let mut shown = Vec::new();
     let client = crate::client(channel.clone());
-    let call = |guard: &'static str, request: Request<EchoRequest>| {
-        let before = executions();
-        let started = Instant::now();
-        let mut client = client.clone();
-        async move {
-            let (code, replayed) = match client.echo(request).await {
-                Ok(r) => (Code::Ok, r.metadata().get("grpc-guard-replayed").is_some()),
-                Err(s) => (s.code(), s.metadata().get("grpc-guard-replayed").is_some()),
-            };
-            (guard, code, replayed, started.elapsed(), before)
-        }
-    };
-    let echo = |message: String| EchoRequest { message, ..EchoRequest::default() };
+    let echo = |message: &str| EchoRequest { message: message.to_owned(), ..EchoRequest::default() };
 
     // A call without grpc-timeout runs under the default deadline.
-    let (guard, code, replayed, elapsed, before) = call("deadline", Request::new(echo("no deadline".into()))).await;
-    shown.push(Shown {
-        guard,
-        code,
-        executions: executions() - before,
-        replayed,
-        elapsed,
-        sentence: format!(
-            "Echo sent without grpc-timeout -> {code:?}: grpc-guard gave it the default deadline of {} s \
-             (its log line: deadline_source=default)",
-            DEMO_DEFAULT_DEADLINE.as_secs()
-        ),
-    });
+    let mut deadline = attempt(&client, "deadline", Request::new(echo("no deadline")), &executions).await;
+    deadline.sentence = format!(
+        "Echo sent without grpc-timeout -> {:?}: grpc-guard gave it the default deadline of {} s (its log line: \
+         deadline_source=default)",
+        deadline.code,
+        DEMO_DEFAULT_DEADLINE.as_secs()
+    );
 
     // A slow call cut at its deadline: the client is told, the service's
     // late work is counted.
-    let mut slow = Request::new(EchoRequest { delay_ms: SLOW_MS, ..echo("slow".into()) });
-    slow.metadata_mut().insert("grpc-timeout", MetadataValue::from_static("200m"));
-    let (guard, code, replayed, elapsed, before) = call("late", slow).await;
-    shown.push(Shown {
-        guard,
-        code,
-        executions: executions() - before,
-        replayed,
-        elapsed,
-        sentence: format!(
-            "Echo with a {} ms deadline on a service that takes {SLOW_MS} ms -> {code:?} after {} ms (Envoy answers \
-             DeadlineExceeded; tonic's own timer, armed from the same header, may cancel first); the service worked on \
-             for nobody: grpc_server_late_responses_total counts it",
-            CUT_AFTER.as_millis(),
-            elapsed.as_millis()
-        ),
-    });
+    let mut slow = Request::new(EchoRequest { delay_ms: SLOW_MS, ..echo("slow") });
+    let timeout = format!("{}m", CUT_AFTER.as_millis());
+    slow.metadata_mut().insert("grpc-timeout", MetadataValue::try_from(timeout.as_str()).expect("digits and m"));
+    let mut late = attempt(&client, "late", slow, &executions).await;
+    late.sentence = format!(
+        "Echo with a {} ms deadline on a service that takes {SLOW_MS} ms -> {:?} after {} ms (Envoy answers \
+         DeadlineExceeded; tonic's own timer, armed from the same header, may cancel first); the service worked on \
+         for nobody: grpc_server_late_responses_total counts it",
+        CUT_AFTER.as_millis(),
+        late.code,
+        late.elapsed.as_millis()
+    );
 
     // A message over the limit never reaches the service.
-    let big = echo("x".repeat(DEMO_MESSAGE_LIMIT * 2));
-    let (guard, code, replayed, elapsed, before) = call("size", Request::new(big)).await;
-    let ran = executions() - before;
-    shown.push(Shown {
-        guard,
-        code,
-        executions: ran,
-        replayed,
-        elapsed,
-        sentence: format!(
-            "Echo with an {} KB message, over the {} KB limit -> {code:?}; the service ran it {ran} times",
-            DEMO_MESSAGE_LIMIT * 2 / 1024,
-            DEMO_MESSAGE_LIMIT / 1024
-        ),
-    });
+    let big = echo(&"x".repeat(DEMO_MESSAGE_LIMIT * 2));
+    let mut size = attempt(&client, "size", Request::new(big), &executions).await;
+    size.sentence = format!(
+        "Echo with an {} KB message, over the {} KB limit -> {:?}; the service ran it {} times",
+        DEMO_MESSAGE_LIMIT * 2 / 1024,
+        DEMO_MESSAGE_LIMIT / 1024,
+        size.code,
+        size.executions
+    );
 
     // A retry with the same idempotency key gets the first answer again.
     let keyed = || {
-        let mut r = Request::new(echo("create order 1".into()));
+        let mut r = Request::new(echo("create order 1"));
         r.metadata_mut().insert("idempotency-key", MetadataValue::from_static("demo-order-1"));
         // The key is scoped to its caller: the demo calls as one.
         r.metadata_mut().insert("authorization", MetadataValue::from_static("Bearer demo-caller"));
         r
     };
-    let before_both = executions();
-    let first = call("dedup", keyed()).await;
-    let retry = call("dedup", keyed()).await;
-    let ran = executions() - before_both;
-    let (guard, code, replayed, elapsed, _) = retry;
-    shown.push(Shown {
-        guard,
-        code,
-        executions: ran,
-        replayed,
-        elapsed,
-        sentence: format!(
-            "Echo with Idempotency-Key: demo-order-1, then its retry -> {:?}, {code:?}{}; the service ran it {ran} \
-             time{}",
-            first.1,
-            if replayed { " (replayed: grpc-guard-replayed: true)" } else { "" },
-            if ran == 1 { "" } else { "s" }
-        ),
-    });
-    shown
+    let first = attempt(&client, "dedup", keyed(), &executions).await;
+    let mut dedup = attempt(&client, "dedup", keyed(), &executions).await;
+    // Both calls count: the service ran the key's work this many times.
+    dedup.executions += first.executions;
+    dedup.sentence = format!(
+        "Echo with Idempotency-Key: demo-order-1, then its retry -> {:?}, {:?}{}; the service ran it {} time{}",
+        first.code,
+        dedup.code,
+        if dedup.replayed { " (replayed: grpc-guard-replayed: true)" } else { "" },
+        dedup.executions,
+        if dedup.executions == 1 { "" } else { "s" }
+    );
+    vec![deadline, late, size, dedup]
 }

@@ -131,15 +131,26 @@ impl Parser<'_> {
                 return Err(format!("duplicate field `{key}`"));
             }
             fields.push((key, value));
-            self.whitespace();
-            match self.peek() {
-                Some(b',') => self.at += 1,
-                Some(b'}') => {
-                    self.at += 1;
-                    return Ok(Json::Object(fields));
-                }
-                _ => return Err("expected `,` or `}` after an object field".to_owned()),
+            if self.closed(b'}', "an object field")? {
+                return Ok(Json::Object(fields));
             }
+        }
+    }
+
+    /// After an item of an object or array: a `,` (more follow) or `close`
+    /// (true: the container ended).
+    fn closed(&mut self, close: u8, after: &str) -> Result<bool, String> {
+        self.whitespace();
+        match self.peek() {
+            Some(b',') => {
+                self.at += 1;
+                Ok(false)
+            }
+            Some(b) if b == close => {
+                self.at += 1;
+                Ok(true)
+            }
+            _ => Err(format!("expected `,` or `{}` after {after}", char::from(close))),
         }
     }
 
@@ -153,14 +164,8 @@ impl Parser<'_> {
         }
         loop {
             items.push(self.value(depth + 1)?);
-            self.whitespace();
-            match self.peek() {
-                Some(b',') => self.at += 1,
-                Some(b']') => {
-                    self.at += 1;
-                    return Ok(Json::Array(items));
-                }
-                _ => return Err("expected `,` or `]` after an array item".to_owned()),
+            if self.closed(b']', "an array item")? {
+                return Ok(Json::Array(items));
             }
         }
     }

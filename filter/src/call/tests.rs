@@ -928,11 +928,7 @@ fn an_upstream_that_answered_before_the_request_ended_keeps_its_answer() {
 fn a_bodyless_retry_is_checked_at_its_headers() {
     let envoy = Envoy::default();
     let mut worker = envoy.worker(DEDUP);
-    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
-    s.headers(false);
-    s.request_body(&frame(b"pay"), true);
-    s.upstream_answers(b"done", "0");
-    s.finish("via_upstream");
+    unary(&envoy, &mut worker, &[(KEY, "k")], b"pay", "0");
     let mut retry = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "k")]);
     assert_eq!(retry.headers(true), Next::Pause);
     let seen = retry.finish("local_reply");

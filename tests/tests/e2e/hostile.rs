@@ -85,7 +85,7 @@ async fn a_retry_with_another_body_and_trailers_is_refused_at_its_end() {
 async fn start_acting_upstream(work: Duration) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
     start_h2_upstream(Reads::FirstFrame, work, |n| {
         let reply = grpc_frame(&EchoReply { message: "done".into(), execution: n }.encode_to_vec());
-        let body = FramesBody(vec![data(reply), trailers_frame(&[("grpc-status", "0")])].into());
+        let body = frames_body(vec![data(reply), trailers_frame(&[("grpc-status", "0")])]);
         hyper::Response::builder().status(200).header("content-type", "application/grpc").body(body).unwrap()
     })
     .await
@@ -221,7 +221,7 @@ async fn uncommon_answers_are_replayed_as_they_were() {
         trailers.append("grpc-status", "0".parse().unwrap());
         trailers.append("x-t", "1".parse().unwrap());
         trailers.append("x-t", "2".parse().unwrap());
-        let body = FramesBody(vec![data(reply(n)), Frame::trailers(trailers)].into());
+        let body = frames_body(vec![data(reply(n)), Frame::trailers(trailers)]);
         grpc().header("x-multi", "a").header("x-multi", "b").body(body).unwrap()
     })
     .await;
@@ -243,7 +243,7 @@ async fn uncommon_answers_are_replayed_as_they_were() {
     let (addr, runs) = start_h2_upstream(Reads::Whole, Duration::ZERO, move |_| {
         let mut trailers = hyper::HeaderMap::new();
         trailers.append("x-t", "1".parse().unwrap());
-        let body = FramesBody(vec![Frame::trailers(trailers)].into());
+        let body = frames_body(vec![Frame::trailers(trailers)]);
         grpc().header("grpc-status", "5").header("grpc-message", "no such order").body(body).unwrap()
     })
     .await;
@@ -260,7 +260,7 @@ async fn uncommon_answers_are_replayed_as_they_were() {
     // never run again.
     let (addr, runs) = start_h2_upstream(Reads::Whole, Duration::ZERO, move |_| {
         let raw = hyper::header::HeaderValue::from_bytes(b"caf\xe9").unwrap();
-        grpc().header("grpc-status", "5").header("x-raw", raw).body(FramesBody(Default::default())).unwrap()
+        grpc().header("grpc-status", "5").header("x-raw", raw).body(frames_body([])).unwrap()
     })
     .await;
     let envoy = start_envoy("hostile-obs-text", addr, ECHO_DEDUP).unwrap();
@@ -399,7 +399,7 @@ async fn an_answer_from_the_headers_alone_leaves_the_key_free_for_the_whole_requ
             .header("content-type", "application/grpc")
             .header("grpc-status", "12")
             .header("grpc-message", "unknown method")
-            .body(FramesBody(Default::default()))
+            .body(frames_body([]))
             .unwrap()
     })
     .await;

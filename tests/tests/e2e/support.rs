@@ -293,17 +293,12 @@ impl hyper::body::Body for ChannelBody {
 }
 
 /// A body of these frames, then its end.
-pub struct FramesBody(pub std::collections::VecDeque<hyper::body::Frame<hyper::body::Bytes>>);
-
-impl hyper::body::Body for FramesBody {
-    type Data = hyper::body::Bytes;
-    type Error = std::convert::Infallible;
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<hyper::body::Bytes>, std::convert::Infallible>>> {
-        std::task::Poll::Ready(self.0.pop_front().map(Ok))
+pub fn frames_body(frames: impl IntoIterator<Item = hyper::body::Frame<hyper::body::Bytes>>) -> ChannelBody {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    for frame in frames {
+        let _ = tx.send(frame);
     }
+    ChannelBody(rx)
 }
 
 /// One raw HTTP/2 request in flight: `frames` are sent at once; with `end`
@@ -382,7 +377,7 @@ pub async fn start_h2_upstream<F>(
     respond: F,
 ) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>)
 where
-    F: Fn(u64) -> hyper::Response<FramesBody> + Send + Sync + Clone + 'static,
+    F: Fn(u64) -> hyper::Response<ChannelBody> + Send + Sync + Clone + 'static,
 {
     use http_body_util::BodyExt;
     use hyper::body::Incoming;
