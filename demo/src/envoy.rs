@@ -91,6 +91,10 @@ pub struct EnvoyParams {
     /// The gRPC listener's access log (one line per call on Envoy's
     /// standard output). `make bench` turns it off, as Istio ships.
     pub access_log: bool,
+    /// Envoy lets the filter hold a call's headers while its body still
+    /// reaches it (`allow_on_headers_stop_iteration`); off, the filter is
+    /// loaded as Istio's WasmPlugin loads it.
+    pub hold_headers: bool,
 }
 
 impl EnvoyParams {
@@ -107,6 +111,7 @@ impl EnvoyParams {
             filters_before: String::new(),
             set_request_headers: Vec::new(),
             access_log: true,
+            hold_headers: true,
         })
     }
 
@@ -142,6 +147,10 @@ impl EnvoyParams {
             let (from, to) = cut.ok_or_else(|| EnvoyError::Unfilled("the gRPC listener's access log".to_owned()))?;
             out.replace_range(from..to, "");
         }
+        if !self.hold_headers {
+            let at = out.find(HOLD_HEADERS).ok_or_else(|| EnvoyError::Unfilled(HOLD_HEADERS.trim().to_owned()))?;
+            out.replace_range(at..at + HOLD_HEADERS.len(), "");
+        }
         if !self.filters_before.is_empty() {
             let at =
                 out.find(FILTER_BEGIN).ok_or_else(|| EnvoyError::Unfilled("grpc-guard filter block".to_owned()))?;
@@ -161,6 +170,9 @@ impl EnvoyParams {
         }
     }
 }
+
+/// The setting that lets the filter hold headers while reading the body.
+const HOLD_HEADERS: &str = "                allow_on_headers_stop_iteration: true\n";
 
 /// The gRPC listener's access log and what follows it in the template.
 const ACCESS_LOG: &str = "          access_log:\n";
@@ -411,6 +423,7 @@ mod tests {
             filters_before: String::new(),
             set_request_headers: Vec::new(),
             access_log: true,
+            hold_headers: true,
         }
     }
 

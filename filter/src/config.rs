@@ -55,6 +55,10 @@ pub const MAX_DEDUP_METADATA_BYTES: u32 = 64 * 1024;
 /// `max_entries` × (`max_response_bytes` + `max_metadata_bytes` +
 /// [`crate::dedup::ENTRY_OVERHEAD`]). A configuration above it is refused.
 pub const MAX_DEDUP_TABLE_BYTES: u64 = 1 << 30;
+/// Protobuf's largest field number.
+const MAX_FIELD_NUMBER: u64 = (1 << 29) - 1;
+/// Deepest nesting of a key field.
+const MAX_KEY_FIELD_DEPTH: usize = 8;
 
 /// What a request on a gRPC method path gets when its content type is not
 /// gRPC. gRPC servers route by path: tonic and grpcio execute such a request
@@ -128,6 +132,9 @@ impl ScopePart {
 pub struct DedupConfig {
     pub header: String,
     pub methods: Vec<MethodPattern>,
+    /// AIP-155 methods: the request message field (a path of field numbers)
+    /// that carries the key, by full method name.
+    pub key_fields: BTreeMap<String, Vec<u32>>,
     pub require_key: bool,
     pub ttl: Duration,
     /// A multiple of [`crate::dedup::WAYS`] (rounded up).
@@ -164,6 +171,7 @@ struct RawConfig {
 struct RawDedup {
     header: String,
     methods: Vec<String>,
+    key_fields: Vec<(String, Json)>,
     require_key: bool,
     ttl: String,
     max_entries: u32,
@@ -180,6 +188,7 @@ impl Default for RawDedup {
         RawDedup {
             header: "idempotency-key".to_owned(),
             methods: Vec::new(),
+            key_fields: Vec::new(),
             require_key: false,
             ttl: "5m".to_owned(),
             max_entries: 10_000,
@@ -332,6 +341,9 @@ impl RawConfig {
             let r = &mut raw.dedup;
             set(&mut r.header, d.read("header", json::string)?);
             set(&mut r.methods, d.read("methods", json::strings)?);
+            if let Some(fields) = d.object("key_fields")? {
+                r.key_fields = fields.into_entries();
+            }
             set(&mut r.require_key, d.read("require_key", json::boolean)?);
             set(&mut r.ttl, d.read("ttl", json::string)?);
             set(&mut r.max_entries, d.read("max_entries", u32_value)?);
@@ -344,6 +356,7 @@ impl RawConfig {
             d.finish(&[
                 "header",
                 "methods",
+                "key_fields",
                 "require_key",
                 "ttl",
                 "max_entries",
@@ -437,14 +450,7 @@ impl Config {
         }
         let mut method_types = BTreeMap::new();
         for (name, kind) in m.method_types {
-            let bare = name.strip_prefix('/').unwrap_or(&name);
-            if MethodPath::parse(&format!("/{bare}")).is_none() {
-                return Err(ConfigError::new(
-                    &format!("metrics.method_types.{name}"),
-                    "is not a method name like \"pkg.Svc/Method\"",
-                ));
-            }
-            method_types.insert(bare.to_owned(), kind);
+            method_types.insert(method_name(&format!("metrics.method_types.{name}"), &name)?, kind);
         }
         let log = raw.log;
         if !(0.0..=1.0).contains(&log.ok_sample) {
@@ -532,6 +538,16 @@ fn dedup_config(
         }
         methods.push(p);
     }
+    let mut key_fields = BTreeMap::new();
+    for (name, value) in raw.key_fields {
+        let field = format!("dedup.key_fields.{name}");
+        let name = method_name(&field, &name)?;
+        let path = key_field_path(value).map_err(|reason| ConfigError::new(&field, reason))?;
+        if !methods.iter().any(|p| p.matches(&name)) {
+            return Err(ConfigError::new(&field, format!("{name} is not among dedup.methods")));
+        }
+        key_fields.insert(name, path);
+    }
     let ttl = duration("dedup.ttl", Some(&raw.ttl))?.unwrap_or_default();
     if raw.max_entries == 0 || raw.max_entries > MAX_DEDUP_ENTRIES {
         return Err(ConfigError::new(
@@ -616,6 +632,7 @@ fn dedup_config(
     Ok(Some(DedupConfig {
         header,
         methods,
+        key_fields,
         require_key: raw.require_key,
         ttl,
         max_entries,
@@ -626,6 +643,30 @@ fn dedup_config(
         anonymous: raw.anonymous,
         caller_ways,
     }))
+}
+
+/// A key field's path: a field number, or an array of them for a field of a
+/// nested message (outermost first).
+fn key_field_path(value: Json) -> Result<Vec<u32>, String> {
+    const EXPECTED: &str = "a protobuf field number, or an array of them for a nested field";
+    let numbers = match value {
+        Json::Array(items) if (1..=MAX_KEY_FIELD_DEPTH).contains(&items.len()) => items,
+        Json::Array(items) => {
+            return Err(format!("a path of {} field numbers; expected 1 to {MAX_KEY_FIELD_DEPTH}", items.len()))
+        }
+        one => vec![one],
+    };
+    numbers
+        .into_iter()
+        .map(|n| match n {
+            // 19000-19999 are reserved for protobuf itself.
+            Json::Integer(n @ 1..=MAX_FIELD_NUMBER) if !(19_000..20_000).contains(&n) => Ok(n as u32),
+            Json::Integer(n) => {
+                Err(format!("{n} is not a protobuf field number (1 to {MAX_FIELD_NUMBER}, not 19000-19999)"))
+            }
+            other => Err(format!("invalid type: {}, expected {EXPECTED}", other.describe())),
+        })
+        .collect()
 }
 
 /// Parses a configuration duration: an integer and a unit `ms`, `s`, `m`, `h`
@@ -720,6 +761,16 @@ fn policies(
 
 fn bare(name: &str) -> &str {
     name.strip_prefix('/').unwrap_or(name)
+}
+
+/// A full method name as configuration keys write it, `pkg.Svc/Method` (a
+/// leading `/` allowed), without the slash.
+fn method_name(field: &str, name: &str) -> Result<String, ConfigError> {
+    let bare = name.strip_prefix('/').unwrap_or(name);
+    if MethodPath::parse(&format!("/{bare}")).is_none() {
+        return Err(ConfigError::new(field, "is not a method name like \"pkg.Svc/Method\""));
+    }
+    Ok(bare.to_owned())
 }
 
 fn check_pattern(field: &str, pattern: &str) -> Result<(), ConfigError> {
@@ -934,6 +985,33 @@ mod tests {
         assert_eq!(c.non_grpc, NonGrpc::Refuse);
         assert!(c.dedup_applies("pkg.Orders/CreateOrder"));
         assert!(!c.dedup_applies("pkg.Orders/Get"));
+    }
+
+    #[test]
+    fn key_fields_name_a_field_number_or_a_nested_path_of_a_deduplicated_method() {
+        let c = Config::parse(
+            br#"{"dedup":{"methods":["pkg.Svc/*"],"key_fields":{"pkg.Svc/Create":1,"/pkg.Svc/Update":[2,1]}}}"#,
+        )
+        .unwrap();
+        let d = c.dedup.unwrap();
+        assert_eq!(d.key_fields.get("pkg.Svc/Create"), Some(&vec![1]));
+        assert_eq!(d.key_fields.get("pkg.Svc/Update"), Some(&vec![2, 1]));
+        for (fields, reason) in [
+            (r#"{"pkg.Other/Create":1}"#, "not among dedup.methods"),
+            (r#"{"pkg.Svc/*":1}"#, "is not a method name"),
+            (r#"{"pkg.Svc/Create":0}"#, "is not a protobuf field number"),
+            (r#"{"pkg.Svc/Create":19500}"#, "is not a protobuf field number"),
+            (r#"{"pkg.Svc/Create":536870912}"#, "is not a protobuf field number"),
+            (r#"{"pkg.Svc/Create":"1"}"#, "expected a protobuf field number"),
+            (r#"{"pkg.Svc/Create":1.5}"#, "expected a protobuf field number"),
+            (r#"{"pkg.Svc/Create":[]}"#, "a path of 0 field numbers"),
+            (r#"{"pkg.Svc/Create":[1,2,3,4,5,6,7,8,9]}"#, "a path of 9 field numbers"),
+            (r#"{"pkg.Svc/Create":null}"#, "expected a protobuf field number"),
+        ] {
+            let e = err(&format!(r#"{{"dedup":{{"methods":["pkg.Svc/*"],"key_fields":{fields}}}}}"#));
+            assert!(e.field.starts_with("dedup.key_fields."), "{fields}: {e}");
+            assert!(e.reason.contains(reason), "{fields}: {e}");
+        }
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod headers;
 pub mod json;
 pub mod method;
 pub mod metrics;
+pub mod protowire;
 pub mod record;
 pub mod registry;
 pub mod shared;

@@ -67,6 +67,7 @@ impl Args {
             filters_before: String::new(),
             set_request_headers: Vec::new(),
             access_log: true,
+            hold_headers: true,
         }
     }
 }

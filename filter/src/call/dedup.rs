@@ -21,6 +21,7 @@ use crate::dedup::{
     Outcome, Settlement, REPLAYED_HEADER, REPLAY_CONTENT_TYPE, REPLAY_PATH_PREFIX,
 };
 use crate::metrics::Family;
+use crate::protowire;
 use crate::record::DedupOutcome;
 use crate::status::{GrpcStatus, StatusSource};
 use crate::worker::Worker;
@@ -42,6 +43,9 @@ fn kept_header(name: &str) -> bool {
 /// Where a keyed call stands.
 #[derive(Debug)]
 pub(super) enum Phase {
+    /// Held, headers and body, until the request message that carries the
+    /// key is whole; `held` bytes are buffered so far.
+    AwaitKey { held: usize },
     /// This call runs upstream and what it ends with will be kept.
     First(FirstCall),
     /// The key's first call finished; the request's fingerprint is taken as
@@ -49,6 +53,31 @@ pub(super) enum Phase {
     Verify { fingerprint: Digest, outcome: Outcome, seen: Fingerprint },
     /// An OK answer is being replayed through the second hop.
     Replay(Answer),
+}
+
+/// The first gRPC message of a request body, as far as it has come.
+enum FirstMessage<'b> {
+    Partial,
+    Whole {
+        compressed: bool,
+        message: &'b [u8],
+    },
+    /// Not a gRPC frame, or one over the method's size limit.
+    Other,
+}
+
+fn first_message(body: &[u8], limit: Option<u64>) -> FirstMessage<'_> {
+    let Some((&[flag, a, b, c, d], rest)) = body.split_first_chunk::<5>() else {
+        return FirstMessage::Partial;
+    };
+    let len = u32::from_be_bytes([a, b, c, d]) as usize;
+    if flag > 1 || limit.is_some_and(|limit| len as u64 > limit) {
+        return FirstMessage::Other;
+    }
+    match rest.get(..len) {
+        Some(message) => FirstMessage::Whole { compressed: flag == 1, message },
+        None => FirstMessage::Partial,
+    }
 }
 
 /// What the first call of a key collects to keep.
@@ -97,15 +126,103 @@ impl Call {
         end_of_stream: bool,
         fx: &mut Effects,
     ) -> Next {
-        let key = match check_key(value.as_deref(), config.require_key) {
-            Ok(Some(key)) => key,
-            Ok(None) => return Next::Continue,
-            Err(e) => {
-                self.set_outcome(DedupOutcome::BadKey, Family::DedupKeyRejected, fx);
-                let message = format!("grpc-guard: idempotency key header {} {e}", config.header);
-                return self.answer(GrpcStatus::InvalidArgument, message, fx);
-            }
+        match check_key(value.as_deref(), config.require_key) {
+            Ok(Some(key)) => self.claim_key(worker, config, host, &key, end_of_stream, fx),
+            Ok(None) => Next::Continue,
+            Err(e) => self.refuse_key(format!("grpc-guard: idempotency key header {} {e}", config.header), fx),
+        }
+    }
+
+    fn refuse_key(&mut self, message: String, fx: &mut Effects) -> Next {
+        self.set_outcome(DedupOutcome::BadKey, Family::DedupKeyRejected, fx);
+        self.answer(GrpcStatus::InvalidArgument, message, fx)
+    }
+
+    /// Holds a call whose key is a field of its request message (AIP-155)
+    /// until that message is whole: its headers wait too, so it can still be
+    /// sent to the replay hop or answered.
+    pub(super) fn await_key_field(&mut self) -> Next {
+        self.dedup = Some(Box::new(Phase::AwaitKey { held: 0 }));
+        Next::Pause
+    }
+
+    /// A request body chunk of a call held for its key field: `len` is all
+    /// the body Envoy has buffered. `None` when the call is not held; the
+    /// step's end when it stays held or was answered; `Some(Continue)` once
+    /// the key is claimed (or the call goes on without one), and the
+    /// buffered body is then read as any chunk.
+    pub(super) fn dedup_key_field<H: Host>(
+        &mut self,
+        worker: &Worker,
+        host: &mut H,
+        len: usize,
+        end_of_stream: bool,
+        fx: &mut Effects,
+    ) -> Option<Next> {
+        let Some(Phase::AwaitKey { held }) = self.dedup.as_deref_mut() else { return None };
+        *held = len;
+        let config = worker.config.dedup.as_ref()?;
+        let path = config.key_fields.get(self.method_name())?;
+        let body = host.request_body(0, len).unwrap_or_default();
+        let read = match first_message(&body, self.method.max_request_message_bytes) {
+            FirstMessage::Partial if !end_of_stream => return Some(Next::Pause),
+            FirstMessage::Whole { compressed: false, message } => protowire::field(message, path).map(Some),
+            FirstMessage::Whole { compressed: true, .. } => Ok(None),
+            // Cut short, too large or not gRPC: the frame reader answers for
+            // those; any key is the header's.
+            FirstMessage::Partial | FirstMessage::Other => Ok(Some(None)),
         };
+        self.dedup = None;
+        let header = host.request_header(&config.header).map(<[u8]>::to_vec);
+        let field = path.iter().map(u32::to_string).collect::<Vec<_>>().join(".");
+        Some(match read {
+            Ok(Some(Some(key))) if !key.is_empty() => match key.len() {
+                n if n > 255 => self.refuse_key(
+                    format!(
+                        "grpc-guard: idempotency key (request field {field}) is {n} bytes; at most 255 are allowed"
+                    ),
+                    fx,
+                ),
+                _ => self.claim_key(worker, config, host, key, false, fx),
+            },
+            // The field is empty or absent: the header may still carry a key.
+            Ok(Some(_)) => self.dedup_request_headers(worker, config, host, header, false, fx),
+            // A compressed message hides the field. A key in the header
+            // stands; without one the call is refused as a server refuses
+            // a compression it does not take (gRPC's compression spec).
+            Ok(None) if header.is_some() => self.dedup_request_headers(worker, config, host, header, false, fx),
+            Ok(None) => {
+                // Unimplemented is a server-side code: counted as refused, so
+                // the error-ratio alert leaves it out.
+                self.set_outcome(DedupOutcome::BadKey, Family::DedupKeyRejected, fx);
+                self.count(Family::Refused, None, 1, fx);
+                let message = format!(
+                    "grpc-guard: {} reads its idempotency key from request field {field}, which a compressed \
+                     message hides; send it uncompressed (or with the {} header)",
+                    self.method_name(),
+                    config.header
+                );
+                let accept = vec![("grpc-accept-encoding".to_owned(), "identity".to_owned())];
+                self.answer_with(GrpcStatus::Unimplemented, message, accept, fx)
+            }
+            Err(e) => self.refuse_key(
+                format!("grpc-guard: the request message {e}, so its idempotency key (field {field}) cannot be read"),
+                fx,
+            ),
+        })
+    }
+
+    /// Claims `key` for this call, or answers it from what the key's first
+    /// call left.
+    fn claim_key<H: Host>(
+        &mut self,
+        worker: &Worker,
+        config: &DedupConfig,
+        host: &mut H,
+        key: &[u8],
+        end_of_stream: bool,
+        fx: &mut Effects,
+    ) -> Next {
         let scope: Vec<(bool, Vec<u8>)> = config
             .scope
             .iter()
@@ -142,7 +259,7 @@ impl Call {
         let mut parts: Vec<&[u8]> = scope.iter().map(|(_, v)| v.as_slice()).collect();
         // A deduplicated method always has a well-formed path: `pkg.Svc/Method`.
         parts.push(self.method_name().as_bytes());
-        parts.push(&key);
+        parts.push(key);
         let key = digest(&parts);
         let owner = worker.owner_id(self.stream, self.start_ns);
         let in_flight_for = self.deadline.unwrap_or(config.ttl);
@@ -267,7 +384,15 @@ impl Call {
                 }
                 Chunk::Read(chunk)
             }
-            Some(Phase::Replay(_)) | None => Chunk::Read(None),
+            Some(Phase::Replay(_) | Phase::AwaitKey { .. }) | None => Chunk::Read(None),
+        }
+    }
+
+    /// The body bytes buffered for a call still held for its key field.
+    pub(super) fn key_field_held(&self) -> Option<usize> {
+        match self.dedup.as_deref() {
+            Some(Phase::AwaitKey { held }) => Some(*held),
+            _ => None,
         }
     }
 

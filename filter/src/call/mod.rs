@@ -257,8 +257,9 @@ impl Call {
         // outlive the key and let a retry run beside it.
         let dedup = worker.config.dedup.as_ref().filter(|_| resolved.dedup);
         let key = dedup.and_then(|d| host.request_header(&d.header)).map(<[u8]>::to_vec);
-        let policy = match (dedup, &key) {
-            (Some(d), Some(_)) => resolved.policy.deadline.within(d.ttl),
+        let key_field = dedup.is_some_and(|d| d.key_fields.contains_key(call.method_name()));
+        let policy = match dedup {
+            Some(d) if key.is_some() || key_field => resolved.policy.deadline.within(d.ttl),
             _ => resolved.policy.deadline,
         };
         let decision = policy.decide(host.request_header("grpc-timeout"));
@@ -278,6 +279,7 @@ impl Call {
             }
         }
         match dedup {
+            Some(_) if key_field && !end_of_stream => call.await_key_field(),
             Some(config) => call.dedup_request_headers(worker, config, host, key, end_of_stream, fx),
             None => Next::Continue,
         }
@@ -299,14 +301,20 @@ impl Call {
         Next::Pause
     }
 
-    /// A chunk of the request body, `len` bytes.
+    /// A chunk of the request body, `len` bytes (all of the body Envoy
+    /// holds, after a step that paused it).
     pub fn on_request_body<H: Host>(
         &mut self,
+        worker: &Worker,
         host: &mut H,
         len: usize,
         end_of_stream: bool,
         fx: &mut Effects,
     ) -> Next {
+        match self.dedup_key_field(worker, host, len, end_of_stream, fx) {
+            None | Some(Next::Continue) => {}
+            Some(Next::Pause) => return Next::Pause,
+        }
         let read = match self.dedup_request_body(host, len, end_of_stream, fx) {
             Chunk::Handled(next) => return next,
             Chunk::Read(Some(chunk)) => self.read_frames(Side::Request, len, from_slice(&chunk), fx),
@@ -334,7 +342,13 @@ impl Call {
     }
 
     /// The request trailers: the request's end, when it has them.
-    pub fn on_request_trailers<H: Host>(&mut self, host: &mut H, fx: &mut Effects) -> Next {
+    pub fn on_request_trailers<H: Host>(&mut self, worker: &Worker, host: &mut H, fx: &mut Effects) -> Next {
+        if let Some(held) = self.key_field_held() {
+            // Still held for its key field: the request ends here.
+            if self.on_request_body(worker, host, held, true, fx) == Next::Pause {
+                return Next::Pause;
+            }
+        }
         self.dedup_request_trailers(host, fx).unwrap_or(Next::Continue)
     }
 
@@ -487,19 +501,31 @@ impl Call {
     /// Answers the call from the proxy; it goes no further upstream. Valid in
     /// request steps only.
     fn answer(&mut self, status: GrpcStatus, message: impl Into<String>, fx: &mut Effects) -> Next {
+        self.answer_with(status, message, Vec::new(), fx)
+    }
+
+    /// [`Call::answer`] with more headers in the answer.
+    fn answer_with(
+        &mut self,
+        status: GrpcStatus,
+        message: impl Into<String>,
+        extra: Vec<(String, String)>,
+        fx: &mut Effects,
+    ) -> Next {
         self.answered_by_guard = true;
         let message = message.into();
-        let reply = if self.envoy_grpc {
+        let reply = if self.envoy_grpc && extra.is_empty() {
             Reply::Status { status, message }
         } else {
             // Envoy does not take this content type for gRPC and would send
             // the message as a plain-text body without `grpc-status`: spell
             // the status out. (A bodyless local reply loses its content
             // type in Envoy; clients read the status from `grpc-status`.)
-            let headers = vec![
+            let mut headers = vec![
                 ("grpc-status".to_owned(), status.code().to_string()),
                 ("grpc-message".to_owned(), crate::status::percent_encode(&message)),
             ];
+            headers.extend(extra);
             Reply::Http { code: 200, headers, body: None }
         };
         fx.push(Effect::Reply(reply));

@@ -155,6 +155,11 @@ struct Stream<'w> {
     call: Option<Call>,
     seen: Seen,
     fx: Effects,
+    /// The request headers wait in the filter (its headers step paused
+    /// without answering): Envoy then still shows them to body steps.
+    headers_held: bool,
+    /// Request body Envoy buffered for the filter (a body step paused).
+    buffered: Vec<u8>,
 }
 
 fn frame(message: &[u8]) -> Vec<u8> {
@@ -204,29 +209,54 @@ impl<'w> Stream<'w> {
             ]),
             showing: Showing::Neither,
         };
-        Stream { worker, host, call: None, seen: Seen::default(), fx: Vec::new() }
+        Stream {
+            worker,
+            host,
+            call: None,
+            seen: Seen::default(),
+            fx: Vec::new(),
+            headers_held: false,
+            buffered: Vec::new(),
+        }
     }
 
     /// Request headers; `end` when the request has no body.
     fn headers(&mut self, end: bool) -> Next {
         self.host.showing = Showing::Request;
         let next = Call::start(&mut self.call, self.worker, &mut self.host, 7, end, &mut self.fx);
-        self.host.showing = Showing::Neither;
-        self.apply(next)
+        let next = self.apply(next);
+        self.headers_held = next == Next::Pause && self.seen.reply.is_none();
+        self.host.showing = if self.headers_held { Showing::Request } else { Showing::Neither };
+        next
     }
 
+    /// A request body chunk; after a step that paused, Envoy hands the
+    /// filter everything it buffered, this chunk included.
     fn request_body(&mut self, chunk: &[u8], end: bool) -> Next {
-        self.host.request_chunk = chunk.to_vec();
+        self.buffered.extend_from_slice(chunk);
+        self.host.request_chunk = std::mem::take(&mut self.buffered);
         let Some(call) = self.call.as_mut() else { return Next::Continue };
-        let next = call.on_request_body(&mut self.host, chunk.len(), end, &mut self.fx);
-        self.apply(next)
+        let len = self.host.request_chunk.len();
+        let next = call.on_request_body(self.worker, &mut self.host, len, end, &mut self.fx);
+        self.after_request_step(next)
+    }
+
+    fn after_request_step(&mut self, next: Next) -> Next {
+        let next = self.apply(next);
+        if next == Next::Pause && self.seen.reply.is_none() {
+            self.buffered = self.host.request_chunk.clone();
+        } else if next == Next::Continue {
+            self.headers_held = false;
+            self.host.showing = Showing::Neither;
+        }
+        next
     }
 
     /// Request trailers: the request ends with them.
     fn request_trailers(&mut self) -> Next {
         let Some(call) = self.call.as_mut() else { return Next::Continue };
-        let next = call.on_request_trailers(&mut self.host, &mut self.fx);
-        self.apply(next)
+        let next = call.on_request_trailers(self.worker, &mut self.host, &mut self.fx);
+        self.after_request_step(next)
     }
 
     fn response_headers(&mut self, headers: &[(&str, &str)], end: bool) -> Next {
@@ -1715,4 +1745,203 @@ fn the_authority_does_not_make_a_caller_someone_else() {
     }
     let nexts: Vec<Next> = held.iter().map(|(n, _)| *n).collect();
     assert_eq!(nexts, [Next::Continue, Next::Continue, Next::Pause], "a quarter of eight, whatever the authority");
+}
+
+// ------------------------------------------------------- AIP-155 key fields
+
+/// `pkg.Orders/Create` takes its key from field 1 of its request, and the
+/// nested `pkg.Orders/Update` from field 1 of the message in field 2.
+const KEY_FIELDS: &str = r#"{"dedup":{"methods":["pkg.Orders/*"],
+    "key_fields":{"pkg.Orders/Create":1,"pkg.Orders/Update":[2,1]}}}"#;
+
+/// A `Create` request: `request_id` (field 1) and an amount (field 3).
+fn create_request(request_id: &str, amount: &str) -> Vec<u8> {
+    use crate::protowire::write::string;
+    let mut message = string(1, request_id.as_bytes());
+    message.extend(string(3, amount.as_bytes()));
+    message
+}
+
+/// A keyed call whose request (framed) arrives in `chunks`: held until the
+/// message is whole, then claimed; what the client gets and the line.
+fn field_keyed(envoy: &Envoy, worker: &mut Worker, path: &str, extra: &[(&str, &str)], body: &[u8]) -> Seen {
+    let mut s = Stream::open(envoy, worker, path, extra);
+    assert_eq!(s.headers(false), Next::Pause, "the headers wait for the key in the message");
+    let next = s.request_body(body, true);
+    if next == Next::Continue && s.request_header(":path").as_deref() == Some(path) {
+        s.upstream_answers(b"reply", "0");
+    }
+    s.finish(if next == Next::Continue { "via_upstream" } else { "local_reply" })
+}
+
+#[test]
+fn an_aip155_request_id_field_is_the_key_and_its_retry_goes_to_the_replay_hop() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(KEY_FIELDS);
+    let request = frame(&create_request("req-1", "10 EUR"));
+    // Held while the message comes in pieces; the headers are still the
+    // filter's to change.
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[]);
+    assert_eq!(s.headers(false), Next::Pause);
+    assert_eq!(s.request_body(&request[..3], false), Next::Pause, "no whole frame prefix yet");
+    assert_eq!(s.request_body(&request[3..9], false), Next::Pause, "the message is not whole");
+    assert_eq!(s.request_body(&request[9..], true), Next::Continue, "claimed: the call runs");
+    assert_eq!(s.host.request_chunk, request, "the whole buffered request goes on unchanged");
+    s.upstream_answers(b"reply", "0");
+    let first = s.finish("via_upstream");
+    assert_eq!(first.log("dedup"), "first");
+    assert_eq!(first.log("req_bytes"), request.len() as u64 - 5, "the message is counted once");
+    assert_eq!(first.count(Family::MsgFromClient, None), 1);
+
+    // The retry carries no header at all: the field alone makes it one.
+    let mut retry = Stream::open(&envoy, &mut worker, PATH, &[]);
+    assert_eq!(retry.headers(false), Next::Pause);
+    assert_eq!(retry.request_body(&request, true), Next::Continue);
+    assert_sent_to_replay_hop(&retry);
+    assert!(retry.host.request_chunk.is_empty(), "its body is emptied on the way to the hop");
+    replay_hop_answers(&mut retry, false);
+    assert_eq!(retry.host.response_chunk, frame(b"reply"));
+    assert_eq!(retry.finish("via_upstream").log("dedup"), "replay");
+}
+
+#[test]
+fn the_fingerprint_still_covers_the_whole_message() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(KEY_FIELDS);
+    field_keyed(&envoy, &mut worker, PATH, &[], &frame(&create_request("req-1", "10 EUR")));
+    let seen = field_keyed(&envoy, &mut worker, PATH, &[], &frame(&create_request("req-1", "99 EUR")));
+    assert_eq!(reply_status(&seen).map(|r| r.0), Some(GrpcStatus::InvalidArgument));
+    assert_eq!(seen.log("dedup"), "mismatch");
+}
+
+#[test]
+fn a_nested_key_field_is_read_by_its_path() {
+    use crate::protowire::write::string;
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(KEY_FIELDS);
+    let update = |id: &str| frame(&[string(2, &string(1, id.as_bytes())), string(4, b"name")].concat());
+    let path = "/pkg.Orders/Update";
+    assert_eq!(field_keyed(&envoy, &mut worker, path, &[], &update("u-1")).log("dedup"), "first");
+    let mut retry = Stream::open(&envoy, &mut worker, path, &[]);
+    retry.headers(false);
+    retry.request_body(&update("u-1"), true);
+    assert!(retry.seen.marked, "the same nested id is a retry");
+    assert_eq!(field_keyed(&envoy, &mut worker, path, &[], &update("u-2")).log("dedup"), "first");
+}
+
+#[test]
+fn an_empty_key_field_falls_back_to_the_header_and_then_to_no_key() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(KEY_FIELDS);
+    let no_id = frame(&create_request("", "10 EUR"));
+    let seen = field_keyed(&envoy, &mut worker, PATH, &[(KEY, "h-1")], &no_id);
+    assert_eq!(seen.log("dedup"), "first", "the header's key");
+    // A field equal to the header's value names the same key.
+    let mut retry = Stream::open(&envoy, &mut worker, PATH, &[]);
+    retry.headers(false);
+    retry.request_body(&frame(&create_request("h-1", "10 EUR")), true);
+    assert!(retry.seen.marked);
+    assert_eq!(field_keyed(&envoy, &mut worker, PATH, &[], &no_id).log("dedup"), "none");
+
+    let mut required = envoy.worker(
+        r#"{"dedup":{"methods":["pkg.Orders/Create"],"key_fields":{"pkg.Orders/Create":1},"require_key":true}}"#,
+    );
+    let seen = field_keyed(&envoy, &mut required, PATH, &[], &no_id);
+    assert_eq!(reply_status(&seen).map(|r| r.0), Some(GrpcStatus::InvalidArgument));
+    assert_eq!(seen.log("dedup"), "bad_key");
+}
+
+#[test]
+fn a_bodyless_call_to_a_key_field_method_is_not_held() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(KEY_FIELDS);
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[]);
+    assert_eq!(s.headers(true), Next::Continue, "nothing to wait for");
+    assert_eq!(s.finish("via_upstream").log("dedup"), "none");
+}
+
+#[test]
+fn a_compressed_message_hides_the_field_so_only_a_header_key_stands() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(KEY_FIELDS);
+    let mut compressed = frame(b"\x1f\x8b gzip bytes");
+    compressed[0] = 1;
+    let seen = field_keyed(&envoy, &mut worker, PATH, &[("grpc-encoding", "gzip")], &compressed);
+    let (code, headers) = reply_headers(&seen).expect("answered by the filter");
+    assert_eq!(code, 200);
+    assert_eq!(header_of(headers, "grpc-status"), Some("12"), "UNIMPLEMENTED, as for an unsupported compression");
+    assert_eq!(header_of(headers, "grpc-accept-encoding"), Some("identity"));
+    assert!(header_of(headers, "grpc-message").unwrap().contains("compressed"), "{headers:?}");
+    assert_eq!(seen.log("dedup"), "bad_key");
+    assert_eq!(seen.count(Family::Refused, None), 1, "a client's doing, left out of the error-ratio alert");
+
+    let seen = field_keyed(&envoy, &mut worker, PATH, &[("grpc-encoding", "gzip"), (KEY, "h-2")], &compressed);
+    assert!(seen.reply.is_none());
+    assert_eq!(seen.log("dedup"), "first");
+}
+
+#[test]
+fn a_message_that_is_not_protobuf_is_refused_as_invalid_argument() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(KEY_FIELDS);
+    // Field 1 declared 100 bytes long, 2 there.
+    let seen = field_keyed(&envoy, &mut worker, PATH, &[], &frame(&[0x0a, 100, b'a', b'b']));
+    let (status, message) = reply_status(&seen).expect("refused");
+    assert_eq!(status, GrpcStatus::InvalidArgument);
+    assert!(message.contains("is not a protobuf message"), "{message}");
+    // Field 1 as a number.
+    let seen = field_keyed(&envoy, &mut worker, PATH, &[], &frame(&[0x08, 7]));
+    assert!(reply_status(&seen).unwrap().1.contains("field 1 as a number"));
+}
+
+#[test]
+fn a_held_call_cut_before_its_message_is_whole_claims_nothing() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(KEY_FIELDS);
+    let request = frame(&create_request("req-9", "1"));
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[]);
+    s.headers(false);
+    assert_eq!(s.request_body(&request[..8], false), Next::Pause);
+    let seen = s.finish("http2.remote_reset");
+    assert_eq!(seen.log("dedup"), "none");
+    assert_eq!(seen.count(Family::DedupFirst, None), 0);
+    // The key was never claimed: its call runs as a first call.
+    assert_eq!(field_keyed(&envoy, &mut worker, PATH, &[], &request).log("dedup"), "first");
+}
+
+#[test]
+fn a_request_over_the_size_limit_is_refused_without_waiting_for_it() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(
+        r#"{"limits":{"max_request_message_bytes":10},
+            "dedup":{"methods":["pkg.Orders/Create"],"key_fields":{"pkg.Orders/Create":1}}}"#,
+    );
+    let request = frame(&create_request("req-1", "a long amount"));
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[]);
+    s.headers(false);
+    // Only the prefix is in: its declared length is already over the limit.
+    assert_eq!(s.request_body(&request[..5], false), Next::Pause);
+    let seen = s.finish("local_reply");
+    assert_eq!(reply_status(&seen).map(|r| r.0), Some(GrpcStatus::ResourceExhausted));
+}
+
+#[test]
+fn a_held_request_that_ends_with_trailers_is_decided_there() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(KEY_FIELDS);
+    let request = frame(&create_request("req-t", "1"));
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[]);
+    s.headers(false);
+    assert_eq!(s.request_body(&request[..8], false), Next::Pause);
+    assert_eq!(s.request_body(&request[8..], false), Next::Continue, "whole: claimed before the end");
+    assert_eq!(s.request_trailers(), Next::Continue);
+    s.upstream_answers(b"reply", "0");
+    assert_eq!(s.finish("via_upstream").log("dedup"), "first");
+    // Still held when trailers end the request (the message cut short): no
+    // field to read, the header's key stands.
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "h-t")]);
+    s.headers(false);
+    assert_eq!(s.request_body(&request[..8], false), Next::Pause);
+    assert_eq!(s.request_trailers(), Next::Continue);
+    assert_eq!(s.finish("via_upstream").log("dedup"), "first");
 }

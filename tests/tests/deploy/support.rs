@@ -58,6 +58,7 @@ pub fn envoy_config() -> serde_yaml::Value {
         filters_before: String::new(),
         set_request_headers: Vec::new(),
         access_log: true,
+        hold_headers: true,
     };
     serde_yaml::from_str(&params.render(TEMPLATE).unwrap()).expect("rendered envoy.yaml is YAML")
 }

@@ -41,6 +41,7 @@ fn rendered_config_for_docker_run_passes_envoy_validate() {
         filters_before: String::new(),
         set_request_headers: Vec::new(),
         access_log: true,
+        hold_headers: true,
     };
     let dir = scratch_dir("validate");
     std::fs::create_dir_all(&dir).unwrap();

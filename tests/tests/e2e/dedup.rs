@@ -595,3 +595,116 @@ async fn kept_answer_expires_after_the_ttl_and_the_call_runs_again() {
     assert!(!after.replayed);
     assert_eq!(upstream.observed.executions("Echo"), 2);
 }
+
+// ------------------------------------------- AIP-155: the key in the message
+
+/// Echo takes its key from `request_id` (field 5), as an AIP-155 API does;
+/// the calls carry no idempotency header.
+const ECHO_KEY_FIELD: &str = r#"{"dedup":{"methods":["grpcguard.demo.v1.Demo/Echo"],
+    "key_fields":{"grpcguard.demo.v1.Demo/Echo":5}},"log":{"ok_sample":1}}"#;
+
+fn with_request_id(request_id: &str, message: &str) -> EchoRequest {
+    EchoRequest { message: message.into(), request_id: request_id.into(), ..Default::default() }
+}
+
+/// A call from the tests' caller with no idempotency header.
+fn unkeyed(message: EchoRequest) -> tonic::Request<EchoRequest> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("authorization", CALLER.parse().unwrap());
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aip155_request_id_deduplicates_calls_that_carry_no_header() {
+    let upstream = Upstream::start().await;
+    let envoy = start_envoy("dedup-key-field", upstream.addr, ECHO_KEY_FIELD).unwrap();
+    let first = send(&mut client(&envoy), unkeyed(with_request_id("r-1", "pay 10"))).await;
+    let retry = send(&mut client(&envoy), unkeyed(with_request_id("r-1", "pay 10"))).await;
+    assert_eq!(upstream.observed.executions("Echo"), 1, "the retry must not run upstream");
+    assert_eq!(first.result.as_ref().unwrap().execution, 1);
+    assert!(retry.replayed, "{retry:?}");
+    assert_eq!(retry.result.unwrap(), first.result.unwrap(), "the first call's exact answer");
+    // The key does not cover the rest of the message: reusing it for another
+    // request is refused, never run.
+    let reuse = send(&mut client(&envoy), unkeyed(with_request_id("r-1", "pay 99"))).await;
+    assert_eq!(reuse.code(), Code::InvalidArgument, "{reuse:?}");
+    // Another id runs; a message without one runs undeduplicated, each time.
+    assert!(send(&mut client(&envoy), unkeyed(with_request_id("r-2", "pay 10"))).await.result.is_ok());
+    for _ in 0..2 {
+        assert!(send(&mut client(&envoy), unkeyed(with_request_id("", "read"))).await.result.is_ok());
+    }
+    assert_eq!(upstream.observed.executions("Echo"), 4);
+    let logs = call_logs(&envoy, 6).await;
+    let outcomes: Vec<&str> = logs.iter().filter_map(|l| l["dedup"].as_str()).collect();
+    assert_eq!(outcomes, ["first", "replay", "mismatch", "first", "none", "none"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_concurrent_duplicates_by_request_id_run_once() {
+    let upstream = Upstream::start().await;
+    let envoy = start_envoy("dedup-key-field-concurrent", upstream.addr, ECHO_KEY_FIELD).unwrap();
+    let request = EchoRequest { delay_ms: 300, ..with_request_id("pay-32", "pay 10") };
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let mut client = client(&envoy);
+        let request = request.clone();
+        tasks.push(tokio::spawn(async move { send(&mut client, unkeyed(request)).await }));
+    }
+    for task in tasks {
+        let got = task.await.unwrap();
+        match got.result {
+            Ok(reply) => assert_eq!(reply.execution, 1),
+            Err(status) => assert_eq!(status.code(), Code::Aborted, "{status:?}"),
+        }
+    }
+    assert_eq!(upstream.observed.executions("Echo"), 1, "32 concurrent duplicates, one execution");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_request_hides_its_request_id_and_is_refused_unless_a_header_carries_the_key() {
+    let upstream = Upstream::start().await;
+    let envoy = start_envoy("dedup-key-field-gzip", upstream.addr, ECHO_KEY_FIELD).unwrap();
+    let mut gzip = client(&envoy).send_compressed(CompressionEncoding::Gzip);
+    let got = send(&mut gzip, unkeyed(with_request_id("z-1", "pay 10"))).await;
+    let status = got.result.expect_err("refused");
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    assert!(status.message().contains("compressed"), "{status:?}");
+    assert_eq!(status.metadata().get("grpc-accept-encoding").and_then(|v| v.to_str().ok()), Some("identity"));
+    assert_eq!(upstream.observed.executions("Echo"), 0, "never run undeduplicated");
+    // With the key in the header as well, the compressed call is deduplicated.
+    let first = send(&mut gzip, keyed(with_request_id("z-1", "pay 10"), "z-1", CALLER)).await;
+    let retry = send(&mut gzip, keyed(with_request_id("z-1", "pay 10"), "z-1", CALLER)).await;
+    assert!(first.result.is_ok() && retry.replayed, "{first:?} {retry:?}");
+    assert_eq!(upstream.observed.executions("Echo"), 1);
+    let samples = parse_exposition(&envoy.prometheus().unwrap());
+    assert_eq!(value(&samples, "grpc_server_refused_total", &[("grpc_method", "Echo")]), Some(1.0));
+}
+
+/// Loaded without `allow_on_headers_stop_iteration` (as Istio's WasmPlugin
+/// loads a plugin), Envoy holds the body with the headers: a call to a
+/// key-field method waits until its client gives up and never runs
+/// unguarded. (Envoy's own deadline never starts: the router never saw the
+/// call, so the client's deadline ends it, as a cancel.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_envoys_hold_setting_a_key_field_call_times_out_and_never_runs() {
+    let upstream = Upstream::start().await;
+    let mut params =
+        grpc_guard_demo::envoy::EnvoyParams::on_free_ports(upstream.addr, wasm_path(), ECHO_KEY_FIELD).unwrap();
+    params.hold_headers = false;
+    let envoy =
+        grpc_guard_demo::envoy::Envoy::start(&envoy_binary(), params, CONCURRENCY, &scratch_dir("dedup-no-hold"))
+            .unwrap();
+    let mut request = unkeyed(with_request_id("h-1", "pay 10"));
+    request.set_timeout(Duration::from_millis(800));
+    let got = send(&mut client(&envoy), request).await;
+    assert!(matches!(got.code(), Code::DeadlineExceeded | Code::Cancelled), "{got:?}");
+    assert_eq!(upstream.observed.executions("Echo"), 0);
+    // Methods without a key field are not held.
+    let count = grpc_guard_demo::pb::CountRequest { count: 2, ..Default::default() };
+    let mut stream = client(&envoy).count(count).await.expect("Count is served").into_inner();
+    let mut replies = 0;
+    while stream.message().await.expect("Count streams").is_some() {
+        replies += 1;
+    }
+    assert_eq!(replies, 2);
+}

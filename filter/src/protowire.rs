@@ -1,0 +1,210 @@
+//! A field of a protobuf message read from its wire format, without the
+//! schema: how an AIP-155 method's `request_id` becomes an idempotency key
+//! (`dedup.key_fields`, README "Idempotency keys").
+//!
+//! A path of field numbers names the field: `[1]` a top-level field, `[2, 1]`
+//! field 1 of the message in field 2. The value is what a protobuf parser
+//! would make of it: the last occurrence of a scalar field wins, and the
+//! occurrences of a message field merge, so the last occurrence of the inner
+//! field in any of them wins.
+
+/// Why a message's field could not be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WireError {
+    /// The bytes are not a protobuf message (a truncated varint or length,
+    /// a length past the end, a group or an unknown wire type).
+    Malformed,
+    /// The field (or a message on its path) is there, but not with the
+    /// length-delimited wire type a string, bytes or message field has.
+    NotLengthDelimited { number: u32 },
+}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WireError::Malformed => f.write_str("is not a protobuf message"),
+            WireError::NotLengthDelimited { number } => {
+                write!(f, "has field {number} as a number, not a string or message")
+            }
+        }
+    }
+}
+
+/// The value of the field at `path` in `message` (string or bytes, as
+/// written), `None` when no occurrence is there.
+pub fn field<'m>(message: &'m [u8], path: &[u32]) -> Result<Option<&'m [u8]>, WireError> {
+    let Some((&number, rest)) = path.split_first() else { return Ok(None) };
+    let mut found = None;
+    let mut fields = Fields { bytes: message };
+    while let Some((n, value)) = fields.next_field()? {
+        if n != number {
+            continue;
+        }
+        let Value::Delimited(bytes) = value else { return Err(WireError::NotLengthDelimited { number }) };
+        if rest.is_empty() {
+            found = Some(bytes);
+        } else if let Some(inner) = field(bytes, rest)? {
+            found = Some(inner);
+        }
+    }
+    Ok(found)
+}
+
+enum Value<'m> {
+    Scalar,
+    Delimited(&'m [u8]),
+}
+
+struct Fields<'m> {
+    bytes: &'m [u8],
+}
+
+impl<'m> Fields<'m> {
+    fn varint(&mut self) -> Result<u64, WireError> {
+        let mut value = 0u64;
+        for i in 0..10 {
+            let (&b, rest) = self.bytes.split_first().ok_or(WireError::Malformed)?;
+            self.bytes = rest;
+            value |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(WireError::Malformed)
+    }
+
+    fn skip(&mut self, n: u64) -> Result<&'m [u8], WireError> {
+        let n = usize::try_from(n).map_err(|_| WireError::Malformed)?;
+        if n > self.bytes.len() {
+            return Err(WireError::Malformed);
+        }
+        let (taken, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(taken)
+    }
+
+    /// The next field's number and value; `None` at the message's end.
+    fn next_field(&mut self) -> Result<Option<(u32, Value<'m>)>, WireError> {
+        if self.bytes.is_empty() {
+            return Ok(None);
+        }
+        let tag = self.varint()?;
+        let number = u32::try_from(tag >> 3).map_err(|_| WireError::Malformed)?;
+        if number == 0 {
+            return Err(WireError::Malformed);
+        }
+        let value = match tag & 7 {
+            0 => {
+                self.varint()?;
+                Value::Scalar
+            }
+            1 => {
+                self.skip(8)?;
+                Value::Scalar
+            }
+            2 => {
+                let len = self.varint()?;
+                Value::Delimited(self.skip(len)?)
+            }
+            5 => {
+                self.skip(4)?;
+                Value::Scalar
+            }
+            // Groups (3, 4) are proto2's deprecated encoding; 6 and 7 do not exist.
+            _ => return Err(WireError::Malformed),
+        };
+        Ok(Some((number, value)))
+    }
+}
+
+/// Writers of the wire format, for tests.
+#[cfg(test)]
+pub(crate) mod write {
+    pub fn tag(number: u32, wire: u8) -> Vec<u8> {
+        varint(u64::from(number) << 3 | u64::from(wire))
+    }
+
+    pub fn varint(mut v: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(b);
+                return out;
+            }
+            out.push(b | 0x80);
+        }
+    }
+
+    /// A string, bytes or message field.
+    pub fn string(number: u32, value: &[u8]) -> Vec<u8> {
+        let mut out = tag(number, 2);
+        out.extend(varint(value.len() as u64));
+        out.extend_from_slice(value);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::write::{string, tag, varint};
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_top_level_string_is_read_between_other_fields() {
+        let mut m = tag(1, 0);
+        m.extend(varint(300));
+        m.extend(tag(3, 1));
+        m.extend([0; 8]);
+        m.extend(string(2, b"req-42"));
+        m.extend(tag(4, 5));
+        m.extend([0; 4]);
+        assert_eq!(field(&m, &[2]), Ok(Some(&b"req-42"[..])));
+        assert_eq!(field(&m, &[9]), Ok(None));
+    }
+
+    #[test]
+    fn the_last_occurrence_wins_and_nested_messages_merge() {
+        let mut m = string(5, b"first");
+        m.extend(string(5, b"second"));
+        assert_eq!(field(&m, &[5]), Ok(Some(&b"second"[..])));
+        // Field 1 of the message in field 2: set in the first occurrence of
+        // field 2 only, so the merged message keeps it.
+        let mut nested = string(2, &string(1, b"inner"));
+        nested.extend(string(2, &string(3, b"other")));
+        assert_eq!(field(&nested, &[2, 1]), Ok(Some(&b"inner"[..])));
+    }
+
+    #[test]
+    fn a_number_where_a_string_is_named_is_an_error() {
+        let mut m = tag(1, 0);
+        m.extend(varint(7));
+        assert_eq!(field(&m, &[1]), Err(WireError::NotLengthDelimited { number: 1 }));
+    }
+
+    #[test]
+    fn truncated_and_unknown_encodings_are_malformed() {
+        assert_eq!(field(&[0x0a, 5, b'a'], &[1]), Err(WireError::Malformed), "length past the end");
+        assert_eq!(field(&[0x08, 0x80], &[1]), Err(WireError::Malformed), "varint cut");
+        assert_eq!(field(&[0x0b], &[1]), Err(WireError::Malformed), "group start");
+        assert_eq!(field(&[0x00, 0x00], &[1]), Err(WireError::Malformed), "field number 0");
+        assert_eq!(field(&[0xff; 11], &[1]), Err(WireError::Malformed), "varint over 10 bytes");
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64), a in 1u32..6, b in 1u32..6) {
+            let _ = field(&bytes, &[a]);
+            let _ = field(&bytes, &[a, b]);
+        }
+
+        #[test]
+        fn a_written_string_reads_back(value in proptest::collection::vec(any::<u8>(), 0..300), number in 1u32..100_000) {
+            let mut m = string(number + 1, b"noise");
+            m.extend(string(number, &value));
+            prop_assert_eq!(field(&m, &[number]), Ok(Some(&value[..])));
+        }
+    }
+}
