@@ -77,16 +77,28 @@ pub const METADATA_PAIR_OVERHEAD: usize = 32;
 pub type Digest = [u8; 32];
 
 /// The key's identity: length-prefixed parts (the scope values, the method,
-/// the key itself), so ("ab","c") and ("a","bc") differ.
+/// the key itself), so ("ab","c") and ("a","bc") differ. Each length is a
+/// LEB128 varint: one byte for a part under 128 bytes, so a typical key's
+/// material fits one 64-byte BLAKE3 block where 8-byte lengths took two.
 pub fn digest(parts: &[&[u8]]) -> Digest {
     // One buffer, hashed at once: cheaper in wasm than feeding the hasher
     // piece by piece.
-    let mut bytes = Vec::with_capacity(parts.iter().map(|p| p.len() + 8).sum());
+    blake3::hash(&key_material(parts)).into()
+}
+
+/// The parts as [`digest`] hashes them.
+fn key_material(parts: &[&[u8]]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(parts.iter().map(|p| p.len() + 4).sum());
     for part in parts {
-        bytes.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        let mut len = part.len();
+        while len >= 0x80 {
+            bytes.push((len as u8 & 0x7f) | 0x80);
+            len >>= 7;
+        }
+        bytes.push(len as u8);
         bytes.extend_from_slice(part);
     }
-    blake3::hash(&bytes).into()
+    bytes
 }
 
 /// The caller's tag for fairness: FNV-1a of the scope values. Not a secret
@@ -250,24 +262,26 @@ impl Record {
         self.state != State::Free && self.expires > now
     }
 
-    fn encode(&self, out: &mut Vec<u8>) {
-        out.push(self.state as u8);
-        out.extend_from_slice(&self.key);
-        for n in [self.caller, self.owner, self.claim_until, self.expires] {
-            out.extend_from_slice(&n.to_le_bytes());
+    /// Writes the record over `out`.
+    fn write(&self, out: &mut [u8; RECORD_LEN]) {
+        let mut bytes = [0u8; RECORD_LEN];
+        bytes[0] = self.state as u8;
+        let mut at = 1;
+        for part in [&self.key[..], &self.caller.to_le_bytes(), &self.owner.to_le_bytes()].into_iter().chain([
+            &self.claim_until.to_le_bytes()[..],
+            &self.expires.to_le_bytes(),
+            &self.fingerprint,
+        ]) {
+            if let Some(to) = bytes.get_mut(at..at + part.len()) {
+                to.copy_from_slice(part);
+            }
+            at += part.len();
         }
-        out.extend_from_slice(&self.fingerprint);
+        *out = bytes;
     }
 
     fn decode(r: &mut Reader<'_>) -> Option<Record> {
-        let state = match r.u8()? {
-            0 => State::Free,
-            1 => State::InFlight,
-            2 => State::Kept,
-            3 => State::NotKept,
-            4 => State::Unknown,
-            _ => return None,
-        };
+        let state = *STATES.get(usize::from(r.u8()?))?;
         Some(Record {
             state,
             key: r.digest()?,
@@ -282,30 +296,89 @@ impl Record {
 
 type Bucket = [Record; WAYS];
 
-/// A bucket's bytes; anything unreadable (another format, a torn value) is
-/// an empty bucket rather than trusted.
-pub fn decode_bucket(bytes: &[u8]) -> Bucket {
-    let mut r = Reader(bytes);
-    let mut bucket = [FREE; WAYS];
-    if r.u8() != Some(BUCKET_FORMAT) {
-        return bucket;
-    }
-    for way in bucket.iter_mut() {
-        match Record::decode(&mut r) {
-            Some(record) => *way = record,
-            None => return [FREE; WAYS],
+const BUCKET_LEN: usize = 1 + WAYS * RECORD_LEN;
+
+/// A bucket as stored, read and changed in place, a way at a time: a lookup
+/// reads a key and an expiry per way and rewrites one record, where
+/// decoding all eight records and encoding them again moved every byte
+/// twice (wasm pays for each).
+struct Ways<'b>(Cow<'b, [u8]>);
+
+impl<'b> Ways<'b> {
+    /// The bucket in `bytes`; anything unreadable (another format, a torn
+    /// value, a state that does not exist) is an empty bucket rather than
+    /// trusted.
+    fn read(bytes: &'b [u8]) -> Ways<'b> {
+        let ways = Ways(Cow::Borrowed(bytes));
+        let valid = bytes.len() == BUCKET_LEN
+            && bytes.first() == Some(&BUCKET_FORMAT)
+            && (0..WAYS).all(|w| usize::from(ways.way(w)[0]) < STATES.len());
+        if valid {
+            ways
+        } else {
+            let mut empty = vec![0; BUCKET_LEN];
+            if let Some(format) = empty.first_mut() {
+                *format = BUCKET_FORMAT;
+            }
+            Ways(Cow::Owned(empty))
         }
     }
-    bucket
+
+    fn way(&self, way: usize) -> &[u8; RECORD_LEN] {
+        self.0.get(1 + way * RECORD_LEN..).and_then(<[u8]>::first_chunk).unwrap_or(&[0; RECORD_LEN])
+    }
+
+    fn state(&self, way: usize) -> State {
+        STATES.get(usize::from(self.way(way)[0])).copied().unwrap_or(State::Free)
+    }
+
+    fn key(&self, way: usize) -> &[u8] {
+        &self.way(way)[1..33]
+    }
+
+    fn number(&self, way: usize, at: usize) -> u64 {
+        let bytes = self.way(way).get(at..).and_then(<[u8]>::first_chunk).unwrap_or(&[0; 8]);
+        u64::from_le_bytes(*bytes)
+    }
+
+    fn caller(&self, way: usize) -> u64 {
+        self.number(way, 33)
+    }
+
+    fn live(&self, way: usize, now: u64) -> bool {
+        self.state(way) != State::Free && self.number(way, 57) > now
+    }
+
+    fn record(&self, way: usize) -> Record {
+        Record::decode(&mut Reader(self.way(way))).unwrap_or(FREE)
+    }
+
+    fn set(&mut self, way: usize, record: &Record) {
+        let at = 1 + way * RECORD_LEN;
+        if let Some(out) = self.0.to_mut().get_mut(at..).and_then(<[u8]>::first_chunk_mut) {
+            record.write(out);
+        }
+    }
+
+    fn into_bytes(self) -> Vec<u8> {
+        self.0.into_owned()
+    }
+}
+
+const STATES: [State; 5] = [State::Free, State::InFlight, State::Kept, State::NotKept, State::Unknown];
+
+/// A bucket's bytes decoded whole; anything unreadable is an empty bucket.
+pub fn decode_bucket(bytes: &[u8]) -> Bucket {
+    let ways = Ways::read(bytes);
+    std::array::from_fn(|way| ways.record(way))
 }
 
 pub fn encode_bucket(bucket: &Bucket) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + WAYS * RECORD_LEN);
-    out.push(BUCKET_FORMAT);
-    for record in bucket {
-        record.encode(&mut out);
+    let mut ways = Ways::read(&[]);
+    for (way, record) in bucket.iter().enumerate() {
+        ways.set(way, record);
     }
-    out
+    ways.into_bytes()
 }
 
 /// A kept answer's bytes, tagged with the claim that kept it.
@@ -441,11 +514,17 @@ pub struct DedupTable {
 }
 
 fn index_key(bucket: u32) -> String {
-    format!("grpc_guard.dedup.{bucket}")
+    let mut key = String::with_capacity(32);
+    key.push_str("grpc_guard.dedup.");
+    crate::push_decimal(&mut key, u64::from(bucket));
+    key
 }
 
 fn answer_key(bucket: u32, way: usize) -> String {
-    format!("grpc_guard.dedup.{bucket}.{way}")
+    let mut key = index_key(bucket);
+    key.push('.');
+    crate::push_decimal(&mut key, way as u64);
+    key
 }
 
 /// What the compare-and-swap of a lookup decided.
@@ -497,8 +576,9 @@ impl DedupTable {
     ) -> Lookup {
         let bucket = self.bucket_of(key);
         let found = shared::update(store, &index_key(bucket), CAS_ATTEMPTS, |bytes| {
-            let mut ways = decode_bucket(bytes);
-            if let Some((way, r)) = ways.iter().enumerate().find(|(_, r)| r.live(now) && &r.key == key) {
+            let mut ways = Ways::read(bytes);
+            if let Some(way) = (0..WAYS).find(|&w| ways.live(w, now) && ways.key(w) == key) {
+                let r = ways.record(way);
                 return Decision::Keep(match r.state {
                     State::InFlight if now < r.claim_until => Found::InFlight,
                     State::InFlight | State::Free => Found::Abandoned,
@@ -507,32 +587,32 @@ impl DedupTable {
                     State::Unknown => Found::Done { fingerprint: r.fingerprint, outcome: Outcome::Unknown },
                 });
             }
-            if ways.iter().all(|r| r.live(now)) {
+            let Some(way) = (0..WAYS).find(|&w| !ways.live(w, now)) else {
                 return Decision::Keep(Found::Full);
-            }
-            if ways.iter().filter(|r| r.live(now) && r.caller == caller).count() >= self.caller_ways {
+            };
+            if (0..WAYS).filter(|&w| ways.live(w, now) && ways.caller(w) == caller).count() >= self.caller_ways {
                 return Decision::Keep(Found::CallerFull);
             }
-            let Some((way, old)) = ways.iter_mut().enumerate().find(|(_, r)| !r.live(now)) else {
-                return Decision::Keep(Found::Full);
-            };
             // An expired record of another key made room (the key's own
             // expired record is no loss).
-            let evicted = old.state != State::Free && &old.key != key;
-            *old = Record {
-                state: State::InFlight,
-                key: *key,
-                caller,
-                owner,
-                claim_until,
-                // A claim outlives its call: once `claim_until` has passed
-                // unsettled it still keeps the key, as "may have run", for
-                // `ttl`.
-                expires: claim_until.saturating_add(self.ttl_ns),
-                fingerprint: [0; 32],
-            };
+            let evicted = ways.state(way) != State::Free && ways.key(way) != key;
+            ways.set(
+                way,
+                &Record {
+                    state: State::InFlight,
+                    key: *key,
+                    caller,
+                    owner,
+                    claim_until,
+                    // A claim outlives its call: once `claim_until` has passed
+                    // unsettled it still keeps the key, as "may have run", for
+                    // `ttl`.
+                    expires: claim_until.saturating_add(self.ttl_ns),
+                    fingerprint: [0; 32],
+                },
+            );
             let claim = Claim { bucket, way, key: *key, owner };
-            Decision::Write(Cow::Owned(encode_bucket(&ways)), Found::Claimed(claim, evicted))
+            Decision::Write(Cow::Owned(ways.into_bytes()), Found::Claimed(claim, evicted))
         });
         match found {
             Ok(Found::Claimed(claim, evicted)) => Lookup::Claimed { claim, evicted },
@@ -576,18 +656,22 @@ impl DedupTable {
             Settlement::Unknown { fingerprint } => (State::Unknown, fingerprint),
         };
         let written = shared::update(store, &index_key(claim.bucket), SETTLE_ATTEMPTS, |bytes| {
-            let mut ways = decode_bucket(bytes);
-            let Some(record) = ways.get_mut(claim.way) else { return Decision::Keep(()) };
+            let mut ways = Ways::read(bytes);
+            if claim.way >= WAYS {
+                return Decision::Keep(());
+            }
+            let record = ways.record(claim.way);
             let ours = record.state == State::InFlight && record.owner == claim.owner && record.key == claim.key;
             // An expired record is not revived: another claim may hold the key.
             if !ours || !record.live(now) {
                 return Decision::Keep(());
             }
-            *record = match state {
+            let settled = match state {
                 State::Free => FREE,
-                _ => Record { state, expires: now.saturating_add(self.ttl_ns), fingerprint, ..*record },
+                _ => Record { state, expires: now.saturating_add(self.ttl_ns), fingerprint, ..record },
             };
-            Decision::Write(Cow::Owned(encode_bucket(&ways)), ())
+            ways.set(claim.way, &settled);
+            Decision::Write(Cow::Owned(ways.into_bytes()), ())
         });
         written.is_ok()
     }

@@ -55,6 +55,27 @@ pub fn printable(raw: &[u8]) -> String {
     raw.iter().take(64).map(|&b| if (0x20..0x7f).contains(&b) && b != b'%' { char::from(b) } else { '?' }).collect()
 }
 
+/// Appends `value` in decimal: `format!` costs far more in wasm.
+pub fn push_decimal(out: &mut String, value: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = value;
+    loop {
+        at -= 1;
+        // `n % 10` < 10, so the digit is ASCII.
+        if let Some(d) = digits.get_mut(at) {
+            *d = b'0' + (n % 10) as u8;
+        }
+        n /= 10;
+        if n == 0 || at == 0 {
+            break;
+        }
+    }
+    if let Some(text) = digits.get(at..).and_then(|d| std::str::from_utf8(d).ok()) {
+        out.push_str(text);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{is_grpc_content_type, printable};

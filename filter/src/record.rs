@@ -194,23 +194,7 @@ impl Json {
     }
 
     fn num(&mut self, value: u64) {
-        let mut digits = [0u8; 20];
-        let mut at = digits.len();
-        let mut n = value;
-        loop {
-            at -= 1;
-            // `n % 10` < 10, so the digit is ASCII.
-            if let Some(d) = digits.get_mut(at) {
-                *d = b'0' + (n % 10) as u8;
-            }
-            n /= 10;
-            if n == 0 || at == 0 {
-                break;
-            }
-        }
-        if let Some(text) = digits.get(at..).and_then(|d| std::str::from_utf8(d).ok()) {
-            self.0.push_str(text);
-        }
+        crate::push_decimal(&mut self.0, value);
     }
 
     /// A quoted, escaped string value.

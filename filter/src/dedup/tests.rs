@@ -328,6 +328,43 @@ fn digest_and_caller_tag_separate_their_parts() {
     assert_ne!(caller_tag(&[b"ab", b"c"]), caller_tag(&[b"a", b"bc"]));
 }
 
+proptest! {
+    /// The key material reads back as the parts it was made of, long parts
+    /// (two-byte lengths) included: no two lists of parts hash the same
+    /// bytes.
+    #[test]
+    fn key_material_is_the_parts_and_nothing_else(
+        parts in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..6)
+    ) {
+        let slices: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        let bytes = key_material(&slices);
+        let mut read = Vec::new();
+        let mut rest = bytes.as_slice();
+        while !rest.is_empty() {
+            let (mut len, mut shift) = (0usize, 0);
+            loop {
+                let (&b, tail) = rest.split_first().unwrap();
+                rest = tail;
+                len |= usize::from(b & 0x7f) << shift;
+                shift += 7;
+                if b & 0x80 == 0 {
+                    break;
+                }
+            }
+            let (part, tail) = rest.split_at(len);
+            read.push(part.to_vec());
+            rest = tail;
+        }
+        prop_assert_eq!(read, parts);
+    }
+}
+
+#[test]
+fn shared_data_keys_name_the_bucket_and_way() {
+    assert_eq!(index_key(0), "grpc_guard.dedup.0");
+    assert_eq!(answer_key(4_294_967_295, 7), "grpc_guard.dedup.4294967295.7");
+}
+
 #[test]
 fn metadata_counts_like_http2_does() {
     let pairs = vec![("x-order-id".to_owned(), b"o-17".to_vec())];
