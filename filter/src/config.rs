@@ -514,6 +514,21 @@ impl Config {
     pub fn method_allowed(&self, full_name: &str) -> bool {
         self.methods.iter().any(|p| p.matches(full_name))
     }
+
+    /// True if the operator named the method itself, without a `*`,
+    /// anywhere in the configuration (`metrics.methods`,
+    /// `metrics.method_types`, a `per_method` key, `dedup.methods`,
+    /// `dedup.key_fields`): it is real, and has its label without waiting
+    /// for an answer.
+    pub fn method_named(&self, full_name: &str) -> bool {
+        self.methods.iter().any(|p| p.names(full_name))
+            || self.method_types.contains_key(full_name)
+            || self.overrides.iter().any(|(p, _)| p.names(full_name))
+            || self
+                .dedup
+                .as_ref()
+                .is_some_and(|d| d.methods.iter().any(|p| p.names(full_name)) || d.key_fields.contains_key(full_name))
+    }
 }
 
 fn dedup_config(
@@ -985,6 +1000,23 @@ mod tests {
         assert_eq!(c.non_grpc, NonGrpc::Refuse);
         assert!(c.dedup_applies("pkg.Orders/CreateOrder"));
         assert!(!c.dedup_applies("pkg.Orders/Get"));
+    }
+
+    #[test]
+    fn a_method_named_without_a_star_anywhere_is_named() {
+        let c = Config::parse(
+            br#"{"metrics":{"methods":["a.S/M1","a.S/*"],"method_types":{"a.S/M2":"server_stream"}},
+                 "deadline":{"per_method":{"a.S/M3":{"max":"1s"},"b.*":{"max":"2s"}}},
+                 "limits":{"per_method":{"a.S/M4":{"max_request_message_bytes":1}}},
+                 "dedup":{"methods":["a.S/M5","c.*"],"key_fields":{"a.S/M5":1}}}"#,
+        )
+        .unwrap();
+        for named in ["a.S/M1", "a.S/M2", "a.S/M3", "a.S/M4", "a.S/M5"] {
+            assert!(c.method_named(named), "{named}");
+        }
+        for unnamed in ["a.S/M6", "b.S/M", "c.S/M"] {
+            assert!(!c.method_named(unnamed), "{unnamed}");
+        }
     }
 
     #[test]

@@ -104,6 +104,11 @@ impl MethodPattern {
         self.0.len()
     }
 
+    /// Names exactly `full_name`, with no `*`.
+    pub fn names(&self, full_name: &str) -> bool {
+        self.0 == full_name
+    }
+
     /// Matches a full name `pkg.Svc/Method`.
     pub fn matches(&self, full_name: &str) -> bool {
         glob_match(self.0.as_bytes(), full_name.as_bytes())

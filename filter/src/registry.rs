@@ -5,10 +5,13 @@
 //!
 //! Labels are bounded across all workers by the shared method table
 //! ([`AdmittedMethods`], updated with [`crate::shared::update`]): a method
-//! gets a slot of its own only when it is allowed and among the first
-//! `max_methods`; every other method shares slot 0, `other`, but still gets
-//! its own policy. A flood of random paths costs a bounded cache and no new
-//! stats.
+//! gets a slot of its own only when it is allowed, among the first
+//! `max_methods`, and has earned it: the upstream answered one of its calls
+//! with something other than UNIMPLEMENTED ([`Registry::admit`]). Until then
+//! its calls are [`PENDING_SLOT`] candidates, whose metrics wait for that
+//! answer. Every other method shares slot 0, `other`, but still gets its own
+//! policy. A flood of made-up paths costs a bounded cache, takes no label
+//! from a real method, and defines no new stats.
 
 use std::collections::HashMap;
 
@@ -29,6 +32,10 @@ const FOLDED_CACHE: usize = 256;
 /// The slot every folded method counts under.
 pub const OTHER_SLOT: usize = 0;
 
+/// The slot of a call whose method has not earned a label yet: its metrics
+/// wait until the upstream's answer tells a real method from a made-up one.
+pub const PENDING_SLOT: usize = usize::MAX;
+
 /// Shared-data key of the method table, one per direction.
 pub fn table_key(direction: Direction) -> &'static str {
     match direction {
@@ -40,7 +47,8 @@ pub fn table_key(direction: Direction) -> &'static str {
 /// Everything a call needs to know about its method.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Resolved {
-    /// Metric slot: the method's own, or [`OTHER_SLOT`].
+    /// Metric slot: the method's own, [`OTHER_SLOT`], or [`PENDING_SLOT`]
+    /// for a method that may yet earn a label.
     pub slot: usize,
     pub grpc_type: MethodType,
     pub policy: MethodPolicy,
@@ -64,8 +72,8 @@ enum Labelled {
     Yes,
     /// Not now and never on this worker: not allowed, or the table is full.
     No,
-    /// Other workers kept the table busy: folded for this call only.
-    NotNow,
+    /// Not admitted yet: a candidate, asked again at its next call.
+    NotYet,
 }
 
 /// The per-worker registry.
@@ -124,21 +132,25 @@ impl Registry {
             split: Some(1 + parsed.service.len()),
         };
         match self.labelled(config, &full_name, store) {
-            Labelled::Yes => {
-                self.labels.push(Labels {
-                    service: parsed.service.to_owned(),
-                    method: parsed.method.to_owned(),
-                    grpc_type: resolved.grpc_type,
-                });
-                resolved.slot = self.labels.len() - 1;
-            }
+            Labelled::Yes => resolved.slot = self.push_labels(&parsed, resolved.grpc_type),
             Labelled::No if self.folded < FOLDED_CACHE => self.folded += 1,
-            Labelled::No | Labelled::NotNow => return resolved,
+            Labelled::No => return resolved,
+            Labelled::NotYet => {
+                resolved.slot = PENDING_SLOT;
+                return resolved;
+            }
         }
         self.by_path.insert(path.to_owned(), resolved);
         resolved
     }
 
+    fn push_labels(&mut self, parsed: &MethodPath<'_>, grpc_type: MethodType) -> usize {
+        self.labels.push(Labels { service: parsed.service.to_owned(), method: parsed.method.to_owned(), grpc_type });
+        self.labels.len() - 1
+    }
+
+    /// Whether `full_name` has a label: read from the shared table, never
+    /// written here.
     fn labelled(&mut self, config: &Config, full_name: &str, store: &mut (impl SharedStore + ?Sized)) -> Labelled {
         if !config.method_allowed(full_name) {
             return Labelled::No;
@@ -146,20 +158,71 @@ impl Registry {
         if let Some(table) = &self.full {
             return if table.contains(full_name) { Labelled::Yes } else { Labelled::No };
         }
+        let (bytes, _) = store.get(table_key(config.direction));
+        let table = AdmittedMethods::from_bytes(bytes.as_deref().unwrap_or_default());
+        match table.admit(full_name, config.max_methods) {
+            Admission::Known => Labelled::Yes,
+            Admission::Full => {
+                self.full = Some(table);
+                Labelled::No
+            }
+            Admission::Store(_) if config.method_named(full_name) => match self.store_label(config, full_name, store) {
+                Some(true) => Labelled::Yes,
+                Some(false) => Labelled::No,
+                // Busy: its next call tries again.
+                None => Labelled::NotYet,
+            },
+            Admission::Store(_) => Labelled::NotYet,
+        }
+    }
+
+    /// Writes `full_name` into the shared table: `Some(true)` once it is
+    /// there, `Some(false)` if the table is full, `None` if other workers
+    /// kept it too busy.
+    fn store_label(
+        &mut self,
+        config: &Config,
+        full_name: &str,
+        store: &mut (impl SharedStore + ?Sized),
+    ) -> Option<bool> {
         let mut full = None;
         let admitted = shared::update(store, table_key(config.direction), CAS_ATTEMPTS, |bytes| {
             let table = AdmittedMethods::from_bytes(bytes);
             match table.admit(full_name, config.max_methods) {
-                Admission::Known => Decision::Keep(Labelled::Yes),
+                Admission::Known => Decision::Keep(true),
                 Admission::Full => {
                     full = Some(table);
-                    Decision::Keep(Labelled::No)
+                    Decision::Keep(false)
                 }
-                Admission::Store(new) => Decision::Write(new.into(), Labelled::Yes),
+                Admission::Store(new) => Decision::Write(new.into(), true),
             }
         });
-        self.full = full;
-        admitted.unwrap_or(Labelled::NotNow)
+        if full.is_some() {
+            self.full = full;
+        }
+        admitted.ok()
+    }
+
+    /// A call of the candidate `path` was answered by its upstream with
+    /// something other than UNIMPLEMENTED: the method is real and takes a
+    /// label if one is left. The slot its metrics go to ([`OTHER_SLOT`]
+    /// when the table is full or too busy).
+    pub fn admit(&mut self, config: &Config, path: &str, store: &mut (impl SharedStore + ?Sized)) -> usize {
+        let resolved = self.resolve(config, path, store);
+        if resolved.slot != PENDING_SLOT {
+            return resolved.slot;
+        }
+        let Some(parsed) = MethodPath::parse(path) else { return OTHER_SLOT };
+        match self.store_label(config, &parsed.full_name(), store) {
+            Some(true) => {
+                let slot = self.push_labels(&parsed, resolved.grpc_type);
+                self.by_path.insert(path.to_owned(), Resolved { slot, ..resolved });
+                slot
+            }
+            // Full: the next resolve folds it for good. Busy: this call's
+            // metrics count as `other`, and its next call is a candidate again.
+            Some(false) | None => OTHER_SLOT,
+        }
     }
 }
 
@@ -184,36 +247,60 @@ mod tests {
     }
 
     #[test]
-    fn a_method_resolves_to_its_own_slot_labels_and_policy() {
+    fn a_method_is_a_candidate_until_answered_unless_the_configuration_names_it() {
         let c = config(
             r#"{"metrics":{"method_types":{"pkg.Svc/Watch":"server_stream"}},
                 "deadline":{"per_method":{"pkg.Svc/Watch":{"max":"5s"}}},
-                "dedup":{"methods":["pkg.Svc/Create"]}}"#,
+                "dedup":{"methods":["pkg.Svc/Cr*"]}}"#,
         );
         let mut store = MapStore::default();
         let mut r = worker(&c, &mut store);
+        let create = r.resolve(&c, "/pkg.Svc/Create", &mut store);
+        assert_eq!(create.slot, PENDING_SLOT, "no label before the upstream has answered it");
+        assert!(create.dedup, "its policy applies from the first call");
+        assert_eq!(create.split, Some(8));
+        assert_eq!(r.admit(&c, "/pkg.Svc/Create", &mut store), 1);
+        assert_eq!(r.resolve(&c, "/pkg.Svc/Create", &mut store).slot, 1);
+        // A method the configuration names is real: labelled at once.
         let watch = r.resolve(&c, "/pkg.Svc/Watch", &mut store);
-        assert_eq!(watch.slot, 1);
+        assert_eq!(watch.slot, 2);
         assert_eq!(watch.grpc_type, MethodType::ServerStream);
         assert_eq!(watch.policy, c.policy_for("pkg.Svc/Watch"));
         assert!(!watch.dedup);
-        assert_eq!(watch.split, Some(8));
-        let labels = r.labels(1).unwrap();
+        let labels = r.labels(2).unwrap();
         assert_eq!((labels.service, labels.method, labels.grpc_type), ("pkg.Svc", "Watch", "server_stream"));
-        let create = r.resolve(&c, "/pkg.Svc/Create", &mut store);
-        assert_eq!((create.slot, create.dedup), (2, true));
     }
 
     #[test]
-    fn a_path_is_resolved_once_per_worker() {
+    fn a_method_named_without_a_star_in_metrics_methods_is_labelled_at_once() {
+        let c = config(r#"{"metrics":{"methods":["pkg.Svc/Exact","pkg.Svc/*"]}}"#);
+        let mut store = MapStore::default();
+        let mut r = worker(&c, &mut store);
+        assert_eq!(r.resolve(&c, "/pkg.Svc/Exact", &mut store).slot, 1);
+        assert_eq!(r.resolve(&c, "/pkg.Svc/Other", &mut store).slot, PENDING_SLOT);
+    }
+
+    #[test]
+    fn a_known_path_is_resolved_once_per_worker() {
         let c = config("{}");
         let mut store = MapStore::default();
         let mut r = worker(&c, &mut store);
-        r.resolve(&c, "/pkg.Svc/Get", &mut store);
+        r.admit(&c, "/pkg.Svc/Get", &mut store);
         let writes = store.writes;
         store.interfere_with(|_, _| panic!("a known path must not touch shared data"));
         assert_eq!(r.resolve(&c, "/pkg.Svc/Get", &mut store).slot, 1);
         assert_eq!(store.writes, writes);
+    }
+
+    #[test]
+    fn a_method_another_worker_admitted_has_its_label_at_once() {
+        let c = config("{}");
+        let mut store = MapStore::default();
+        let mut a = worker(&c, &mut store);
+        let mut b = Registry::new();
+        assert_eq!(b.resolve(&c, "/pkg.Svc/Get", &mut store).slot, PENDING_SLOT);
+        a.admit(&c, "/pkg.Svc/Get", &mut store);
+        assert_eq!(b.resolve(&c, "/pkg.Svc/Get", &mut store).slot, 1);
     }
 
     #[test]
@@ -224,12 +311,13 @@ mod tests {
         );
         let mut store = MapStore::default();
         let mut r = worker(&c, &mut store);
-        assert_eq!(r.resolve(&c, "/pkg.Svc/Get", &mut store).slot, 1);
+        assert_eq!(r.admit(&c, "/pkg.Svc/Get", &mut store), 1);
         let big = r.resolve(&c, "/pkg.Svc/Big", &mut store);
         assert_eq!(big.slot, OTHER_SLOT);
         assert_eq!(big.policy.max_request_message_bytes, Some(9));
         assert!(big.dedup);
         assert_eq!(big.split, Some(8));
+        assert_eq!(r.admit(&c, "/pkg.Svc/Big", &mut store), OTHER_SLOT, "the table is full");
         let labels = r.labels(OTHER_SLOT).unwrap();
         assert_eq!((labels.service, labels.method), ("other", "other"));
     }
@@ -262,7 +350,7 @@ mod tests {
                 *c = *cas;
             }
         });
-        assert_eq!(a.resolve(&c, "/pkg.Svc/A", &mut store).slot, 1);
+        assert_eq!(a.admit(&c, "/pkg.Svc/A", &mut store), 1);
         let table = AdmittedMethods::from_bytes(store.value(key).unwrap());
         assert!(table.contains("pkg.Svc/A") && table.contains("pkg.Svc/B"), "{table:?}");
         assert_eq!(a.resolve(&c, "/pkg.Svc/B", &mut store).slot, 2, "B keeps the label the other worker gave it");
@@ -280,19 +368,25 @@ mod tests {
             *cas += 1;
             *c = *cas;
         });
-        assert_eq!(r.resolve(&c, "/pkg.Svc/Get", &mut store).slot, OTHER_SLOT);
+        assert_eq!(r.admit(&c, "/pkg.Svc/Get", &mut store), OTHER_SLOT);
         store.interfere_with(|_, _| {});
-        assert_eq!(r.resolve(&c, "/pkg.Svc/Get", &mut store).slot, 1);
+        assert_eq!(r.resolve(&c, "/pkg.Svc/Get", &mut store).slot, PENDING_SLOT, "still a candidate");
+        assert_eq!(r.admit(&c, "/pkg.Svc/Get", &mut store), 1);
     }
 
     #[test]
-    fn a_flood_of_made_up_paths_keeps_the_cache_bounded() {
+    fn a_flood_of_made_up_paths_takes_no_label_and_no_memory() {
         let c = config(r#"{"metrics":{"max_methods":1}}"#);
         let mut store = MapStore::default();
         let mut r = worker(&c, &mut store);
         for n in 0..2 * FOLDED_CACHE {
-            r.resolve(&c, &format!("/pkg.Svc/M{n}"), &mut store);
+            assert_eq!(r.resolve(&c, &format!("/pkg.Svc/M{n}"), &mut store).slot, PENDING_SLOT);
         }
-        assert_eq!(r.by_path.len(), 1 + FOLDED_CACHE);
+        assert!(r.by_path.is_empty(), "candidates are not remembered");
+        assert_eq!(r.admit(&c, "/pkg.Svc/Real", &mut store), 1, "the one label is still there for a real method");
+        for n in 0..2 * FOLDED_CACHE {
+            r.resolve(&c, &format!("/pkg.Svc/N{n}"), &mut store);
+        }
+        assert_eq!(r.by_path.len(), 1 + FOLDED_CACHE, "once the table is full, folded paths are cached, boundedly");
     }
 }

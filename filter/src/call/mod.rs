@@ -26,6 +26,7 @@ use crate::frames::{Frame, FrameError, FrameReader};
 use crate::method::{MethodPath, MethodType};
 use crate::metrics::{guard, Family};
 use crate::record::{cap, CallRecord, DedupOutcome};
+use crate::registry::{OTHER_SLOT, PENDING_SLOT};
 use crate::shared::SharedStore;
 use crate::status::{GrpcStatus, ResetSide, ResponseSeen, StatusSource};
 use crate::worker::Worker;
@@ -183,7 +184,15 @@ pub struct Call {
     /// calls have none, and the call is moved whole between callbacks).
     dedup: Option<Box<dedup::Phase>>,
     dedup_outcome: DedupOutcome,
+    /// The metrics of a call whose method has not earned a label yet
+    /// ([`PENDING_SLOT`]), held until the upstream's answer says whether the
+    /// method is real ([`Call::place_metrics`]).
+    pending: Vec<Effect>,
 }
+
+/// Request message sizes a pending call holds; later ones count as `other`
+/// at once (the first call of a client stream to a method not yet admitted).
+const MAX_PENDING_RECORDS: usize = 64;
 
 impl Call {
     /// Request headers: starts the call in `slot`, or leaves it empty for a
@@ -241,6 +250,7 @@ impl Call {
             details: None,
             dedup: None,
             dedup_outcome: DedupOutcome::None,
+            pending: Vec::new(),
         });
         call.count(Family::Started, None, 1, fx);
         call.previous_attempts = host
@@ -389,6 +399,7 @@ impl Call {
     /// A chunk of the response body, `len` bytes.
     pub fn on_response_body<H: Host>(
         &mut self,
+        worker: &mut Worker,
         host: &mut H,
         len: usize,
         end_of_stream: bool,
@@ -400,6 +411,10 @@ impl Call {
             Chunk::Read(Some(chunk)) => self.read_frames(Side::Response, len, from_slice(&chunk), fx),
             Chunk::Read(None) => self.read_frames(Side::Response, len, |offset, n| host.response_body(offset, n), fx),
         };
+        if self.response.whole_messages() > 0 {
+            // A message from the upstream: the method is real.
+            self.place_metrics(worker, host, true, fx);
+        }
         self.seen.complete |= end_of_stream;
         Next::Continue
     }
@@ -417,7 +432,6 @@ impl Call {
     /// The stream is done, however it ended: the final status, the metrics,
     /// the key settled, the log line.
     pub fn finish<H: Host>(&mut self, worker: &mut Worker, host: &mut H, fx: &mut Effects) {
-        self.flush_message_counts(fx);
         if self.seen.trailer_status.is_none() {
             // No status in trailers: what headers came (Envoy keeps them for
             // the log callback) decide between a status in the headers, an
@@ -426,13 +440,22 @@ impl Call {
         }
         let seen = self.seen;
         let (status, source) = seen.final_status(|| ResetSide::from_code_details(self.details(host)));
+        if self.method.slot == PENDING_SLOT {
+            // A gRPC server answers a method it does not have UNIMPLEMENTED;
+            // any other gRPC status from it, or a message, means a handler ran.
+            let from_server = matches!(source, StatusSource::Trailers | StatusSource::Headers)
+                && self.details(host) == "via_upstream";
+            let real = (from_server && status != GrpcStatus::Unimplemented) || self.response.whole_messages() > 0;
+            self.place_metrics(worker, host, real, fx);
+        }
+        self.flush_message_counts(fx);
         self.dedup_settle(worker, host, status, source, fx);
         if self.tagged != Some(status) {
             fx.push(Effect::Tag(status));
         }
         let duration_ms = host.now_ns().saturating_sub(self.start_ns) / 1_000_000;
         self.count(Family::Handled, Some(status), 1, fx);
-        fx.push(Effect::Record { slot: self.method.slot, family: Family::HandlingMs, value: duration_ms });
+        self.emit(Effect::Record { slot: self.method.slot, family: Family::HandlingMs, value: duration_ms }, fx);
         // A DEADLINE_EXCEEDED that Envoy answered itself (its router ending
         // the call at grpc-timeout) is not the upstream's answer.
         let ended_by_proxy_timeout = !self.answered_by_guard
@@ -532,9 +555,57 @@ impl Call {
         Next::Pause
     }
 
-    fn count(&self, family: Family, code: Option<GrpcStatus>, by: u64, fx: &mut Effects) {
+    fn count(&mut self, family: Family, code: Option<GrpcStatus>, by: u64, fx: &mut Effects) {
         if by > 0 {
-            fx.push(Effect::Count { slot: self.method.slot, family, code, by });
+            self.emit(Effect::Count { slot: self.method.slot, family, code, by }, fx);
+        }
+    }
+
+    /// Sends a metric effect on, or holds it while the call's method is
+    /// pending: counts of one series added up, message sizes up to
+    /// [`MAX_PENDING_RECORDS`] (more count as `other` at once).
+    fn emit(&mut self, effect: Effect, fx: &mut Effects) {
+        if self.method.slot != PENDING_SLOT {
+            fx.push(effect);
+            return;
+        }
+        let pending = &mut self.pending;
+        match effect {
+            Effect::Count { family, code, by, .. } => {
+                for held in pending.iter_mut() {
+                    if let Effect::Count { family: f, code: c, by: b, .. } = held {
+                        if *f == family && *c == code {
+                            *b += by;
+                            return;
+                        }
+                    }
+                }
+                pending.push(effect);
+            }
+            // Request sizes, the only ones that can pile up before an answer.
+            Effect::Record { family: family @ Family::RequestBytes, value, .. }
+                if pending.iter().filter(|e| matches!(e, Effect::Record { .. })).count() >= MAX_PENDING_RECORDS =>
+            {
+                fx.push(Effect::Record { slot: OTHER_SLOT, family, value });
+            }
+            other => pending.push(other),
+        }
+    }
+
+    /// Settles a pending call's method: `real` when the upstream answered
+    /// it with something other than UNIMPLEMENTED, and then it takes a label
+    /// if one is left; its held metrics, and the rest, go to that slot.
+    fn place_metrics<H: Host>(&mut self, worker: &mut Worker, host: &mut H, real: bool, fx: &mut Effects) {
+        if self.method.slot != PENDING_SLOT {
+            return;
+        }
+        let slot = if real { worker.methods.admit(&worker.config, &self.path, host) } else { OTHER_SLOT };
+        self.method.slot = slot;
+        for mut effect in std::mem::take(&mut self.pending) {
+            if let Effect::Count { slot: s, .. } | Effect::Record { slot: s, .. } = &mut effect {
+                *s = slot;
+            }
+            fx.push(effect);
         }
     }
 
@@ -588,10 +659,16 @@ impl Call {
             Side::Response => (&mut self.response, Family::ResponseBytes, None),
         };
         let mut largest: Option<u32> = None;
+        let from = fx.len();
         let result = reader.advance(len, read, |frame: Frame| {
             largest = largest.max(Some(frame.len));
             fx.push(Effect::Record { slot, family, value: u64::from(frame.len) });
         });
+        if slot == PENDING_SLOT {
+            for record in fx.split_off(from) {
+                self.emit(record, fx);
+            }
+        }
         if self.method.grpc_type != MethodType::Unary {
             self.flush_message_counts(fx);
         }

@@ -129,9 +129,10 @@ impl Envoy {
 struct Seen {
     /// The proxy's own answer, if it gave one.
     reply: Option<Reply>,
-    /// (family, code) → total, for this call's method slot.
-    counts: HashMap<(Family, Option<GrpcStatus>), u64>,
+    /// (slot, family, code) → total.
+    counts: HashMap<(usize, Family, Option<GrpcStatus>), u64>,
     records: Vec<(Family, u64)>,
+    record_slots: Vec<usize>,
     guard_counts: Vec<&'static str>,
     tags: Vec<GrpcStatus>,
     /// The request was marked for the replay route.
@@ -140,8 +141,13 @@ struct Seen {
 }
 
 impl Seen {
+    /// The total over every slot.
     fn count(&self, family: Family, code: Option<GrpcStatus>) -> u64 {
-        self.counts.get(&(family, code)).copied().unwrap_or(0)
+        self.counts.iter().filter(|((_, f, c), _)| (*f, *c) == (family, code)).map(|(_, n)| n).sum()
+    }
+    /// The slots the call's metrics went to.
+    fn slots(&self) -> std::collections::BTreeSet<usize> {
+        self.counts.keys().map(|(slot, _, _)| *slot).chain(self.record_slots.iter().copied()).collect()
     }
     fn log(&self, field: &str) -> &serde_json::Value {
         &self.log.as_ref().expect("the call was logged")[field]
@@ -271,7 +277,7 @@ impl<'w> Stream<'w> {
     fn response_body(&mut self, chunk: &[u8], end: bool) -> Next {
         self.host.response_chunk = chunk.to_vec();
         let Some(call) = self.call.as_mut() else { return Next::Continue };
-        let next = call.on_response_body(&mut self.host, chunk.len(), end, &mut self.fx);
+        let next = call.on_response_body(self.worker, &mut self.host, chunk.len(), end, &mut self.fx);
         self.apply(next)
     }
 
@@ -327,8 +333,13 @@ impl<'w> Stream<'w> {
                 }
                 Effect::ReplaceResponseBody(body) => self.host.response_chunk = body,
                 Effect::AddResponseTrailer(n, v) => self.host.trailers.push((n, v)),
-                Effect::Count { family, code, by, .. } => *self.seen.counts.entry((family, code)).or_default() += by,
-                Effect::Record { family, value, .. } => self.seen.records.push((family, value)),
+                Effect::Count { slot, family, code, by } => {
+                    *self.seen.counts.entry((slot, family, code)).or_default() += by
+                }
+                Effect::Record { slot, family, value } => {
+                    self.seen.records.push((family, value));
+                    self.seen.record_slots.push(slot);
+                }
                 Effect::CountGuard(name) => self.seen.guard_counts.push(name),
                 Effect::Tag(status) => self.seen.tags.push(status),
                 Effect::MarkReplay => self.seen.marked = true,
@@ -525,17 +536,75 @@ fn an_ok_call_counts_started_handled_messages_sizes_and_logs_one_line() {
 fn a_streaming_call_counts_its_messages_as_they_pass() {
     let envoy = Envoy::default();
     let mut worker = envoy.worker(r#"{"metrics":{"method_types":{"pkg.Orders/Watch":"server_stream"}}}"#);
-    let mut s = Stream::open(&envoy, &mut worker, "/pkg.Orders/Watch", &[]);
+    let watch = |worker: &mut Worker| {
+        let mut s = Stream::open(&envoy, worker, "/pkg.Orders/Watch", &[]);
+        s.headers(false);
+        s.request_body(&frame(b"q"), true);
+        let before_answer = s.seen.count(Family::MsgFromClient, None);
+        s.response_headers(&[(":status", "200"), ("content-type", "application/grpc")], false);
+        let two: Vec<u8> = [frame(b"a"), frame(b"b")].concat();
+        s.response_body(&two, false);
+        assert_eq!(s.seen.count(Family::MsgFromClient, None), 1);
+        assert_eq!(s.seen.count(Family::MsgToClient, None), 2, "counted before the call ends");
+        s.trailers(&[("grpc-status", "0")]);
+        let seen = s.finish("via_upstream");
+        assert_eq!(seen.count(Family::MsgToClient, None), 2, "not counted twice at the end");
+        assert_eq!(seen.slots(), [1].into(), "{seen:?}");
+        before_answer
+    };
+    // Named in the configuration, the method has its label from its first
+    // call: its messages count as they pass.
+    assert_eq!(watch(&mut worker), 1);
+    assert_eq!(watch(&mut worker), 1);
+}
+
+/// A flood of made-up methods (answered UNIMPLEMENTED by the server) leaves
+/// every label to the real ones.
+#[test]
+fn made_up_methods_count_as_other_and_take_no_label_from_real_ones() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(r#"{"metrics":{"max_methods":1}}"#);
+    for n in 0..5 {
+        let mut s = Stream::open(&envoy, &mut worker, &format!("/pkg.Orders/Made{n}"), &[]);
+        s.headers(false);
+        s.request_body(&frame(b"x"), true);
+        s.response_headers(&[(":status", "200"), ("content-type", "application/grpc"), ("grpc-status", "12")], true);
+        let seen = s.finish("via_upstream");
+        assert_eq!(seen.slots(), [crate::registry::OTHER_SLOT].into());
+        assert_eq!(seen.count(Family::Started, None), 1);
+        assert_eq!(seen.count(Family::Handled, Some(GrpcStatus::Unimplemented)), 1);
+        assert_eq!(seen.records.len(), 2, "its sizes and duration, under other");
+    }
+    // Nor does a call nobody answered (Envoy reset it) prove a method.
+    let mut s = Stream::open(&envoy, &mut worker, "/pkg.Orders/Lost", &[]);
     s.headers(false);
-    s.request_body(&frame(b"q"), true);
-    assert_eq!(s.seen.count(Family::MsgFromClient, None), 1, "counted before the call ends");
-    s.response_headers(&[(":status", "200"), ("content-type", "application/grpc")], false);
-    let two: Vec<u8> = [frame(b"a"), frame(b"b")].concat();
-    s.response_body(&two, false);
-    assert_eq!(s.seen.count(Family::MsgToClient, None), 2);
-    s.trailers(&[("grpc-status", "0")]);
+    s.request_body(&frame(b"x"), true);
+    assert_eq!(s.finish("upstream_reset_before_response_started{connection_termination}").slots(), [0].into());
+    // The one label goes to the first method the server answers otherwise,
+    // even with an error.
+    let seen = unary(&envoy, &mut worker, &[], b"x", "5");
+    assert_eq!(seen.slots(), [1].into(), "{seen:?}");
+    assert_eq!(seen.count(Family::Started, None), 1, "its first call counted once, under its label");
+    assert_eq!(worker.methods.labels(1).map(|l| l.method), Some("Create"));
+}
+
+#[test]
+fn a_long_client_stream_of_a_new_method_holds_a_bounded_number_of_sizes() {
+    let envoy = Envoy::default();
+    // Not named in the configuration: the method must earn its label.
+    let mut worker = envoy.worker("{}");
+    let mut s = Stream::open(&envoy, &mut worker, "/pkg.Orders/Upload", &[]);
+    s.headers(false);
+    for _ in 0..100 {
+        s.request_body(&frame(b"chunk"), false);
+    }
+    assert!(s.call.as_ref().unwrap().pending.len() <= MAX_PENDING_RECORDS + 2, "sizes past the bound are not held");
+    s.request_body(b"", true);
+    s.upstream_answers(b"done", "0");
     let seen = s.finish("via_upstream");
-    assert_eq!(seen.count(Family::MsgToClient, None), 2, "not counted twice at the end");
+    assert_eq!(seen.count(Family::MsgFromClient, None), 100, "every message counted");
+    let held = seen.record_slots.iter().filter(|s| **s == 1).count();
+    assert_eq!(held, MAX_PENDING_RECORDS + 2, "the held sizes, the reply's and the duration under the label");
 }
 
 #[test]

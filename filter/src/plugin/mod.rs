@@ -113,11 +113,11 @@ struct Stream {
 impl Stream {
     /// Runs one step of the call, if the stream is a call, and carries out
     /// its effects; `body_len` is the size of the body chunk it was called for.
-    fn step(&mut self, body_len: usize, step: impl FnOnce(&mut Call, &Worker, &mut Effects) -> Next) -> Action {
+    fn step(&mut self, body_len: usize, step: impl FnOnce(&mut Call, &mut Worker, &mut Effects) -> Next) -> Action {
         let Some(call) = self.call.as_mut() else { return Action::Continue };
         let mut shell = self.worker.borrow_mut();
         let shell = &mut *shell;
-        let next = step(call, &shell.core, &mut shell.fx);
+        let next = step(call, &mut shell.core, &mut shell.fx);
         shell.apply(body_len);
         match next {
             Next::Continue => Action::Continue,
@@ -220,7 +220,9 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        self.step(body_size, |call, _, fx| call.on_response_body(&mut Envoy::default(), body_size, end_of_stream, fx))
+        self.step(body_size, |call, worker, fx| {
+            call.on_response_body(worker, &mut Envoy::default(), body_size, end_of_stream, fx)
+        })
     }
 
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {

@@ -188,10 +188,20 @@ impl Host {
 
     /// The value stored in shared data under `key` by any VM of this host,
     /// as `proxy_get_shared_data` returns it; `None` for a key never set.
-    /// Read-only: tests look at what the filter keeps (and how big it is),
-    /// they never write the filter's state.
+    /// Tests look at what the filter keeps (and how big it is); the one
+    /// state they set is [`Host::answered_before`].
     pub fn shared_data(&self, key: &str) -> Option<Vec<u8>> {
         lock(&self.process.shared_data).get(key.as_bytes()).ok().map(|(value, _)| value)
+    }
+
+    /// An Envoy whose upstreams have answered these methods (`pkg.Svc/Get`)
+    /// before, inbound: they have earned their labels (README "Metrics"),
+    /// as in the shared method table a filter of this Envoy left. Tests of
+    /// other guards start from there, so their calls' metrics carry the
+    /// method's labels from the first call.
+    pub fn answered_before(&self, methods: &[&str]) {
+        let table: String = methods.iter().map(|m| format!("{m}\n")).collect();
+        let _ = lock(&self.process.shared_data).set(b"grpc_guard.methods.inbound", table.as_bytes(), 0);
     }
 }
 
@@ -435,10 +445,17 @@ impl Vm {
         self.settle(s.id, action, true)
     }
 
+    /// Response headers from the upstream: Envoy's router notes
+    /// `response.code_details: via_upstream` as they arrive (unless a test
+    /// set the details itself).
     pub fn response_headers(&mut self, s: &Stream, headers: &[(&str, &str)], end_of_stream: bool) -> Action {
         if let Some(action) = self.skip(s) {
             return action;
         }
+        self.stream_state(s)
+            .host_properties
+            .entry(vec!["response".into(), "code_details".into()])
+            .or_insert_with(|| b"via_upstream".to_vec());
         let action = self.run_headers(s.id, MapType::ResponseHeaders, pairs(headers), end_of_stream);
         self.settle(s.id, action, false)
     }

@@ -12,6 +12,10 @@ use tonic::Code;
 
 use crate::support::*;
 
+/// Echo named in the configuration: labelled before the service has answered
+/// it (a method matched only by `*` earns its label from an answer).
+const ECHO_NAMED: &str = r#"{"metrics":{"methods":["grpcguard.demo.v1.Demo/Echo","*"]}}"#;
+
 /// Echo with an optional client deadline; the code the client got.
 async fn echo(envoy: &grpc_guard_demo::envoy::Envoy, request: EchoRequest, timeout: Option<Duration>) -> Code {
     let channel = grpc_guard_demo::lazy_channel(&envoy.grpc_uri()).unwrap();
@@ -105,7 +109,10 @@ async fn per_method_default_wins_over_the_global_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_zero_timeouts_are_answered_by_the_proxy_and_never_reach_the_upstream() {
     let upstream = Upstream::start().await;
-    let envoy = start_envoy("deadline-reject", upstream.addr, "{}").unwrap();
+    // Echo is named: none of these calls is answered by the service, and a
+    // method not named in the configuration earns its label only from an
+    // answer (README "Metrics").
+    let envoy = start_envoy("deadline-reject", upstream.addr, ECHO_NAMED).unwrap();
     let listen = envoy.params().listen_addr();
 
     let (status, message) = echo_with_raw_grpc_timeout(listen, "soon").await;
@@ -145,7 +152,8 @@ async fn slow_upstream_is_ended_deadline_exceeded_by_envoy_and_counts_a_late_res
     // sets no deadline (no client-side timer); grpc-guard injects 300 ms and
     // Envoy's router enforces it.
     let slow = start_plain_http_after(200, Duration::from_secs(10)).await;
-    let envoy = start_envoy("deadline-late", slow, r#"{"deadline":{"default":"300ms"}}"#).unwrap();
+    let config = r#"{"deadline":{"default":"300ms"},"metrics":{"methods":["grpcguard.demo.v1.Demo/Echo","*"]}}"#;
+    let envoy = start_envoy("deadline-late", slow, config).unwrap();
     assert_eq!(echo(&envoy, hello(), None).await, Code::DeadlineExceeded);
 
     let samples =
@@ -166,11 +174,13 @@ async fn slow_tonic_handler_is_cut_at_the_deadline_while_it_keeps_running() {
     // completed for the client, and grpc-guard counts the late response.
     let upstream = Upstream::start().await;
     let envoy = start_envoy("deadline-tonic", upstream.addr, r#"{"deadline":{"default":"300ms"}}"#).unwrap();
+    // The service has answered Echo before: the method has its label.
+    assert_eq!(echo(&envoy, hello(), None).await, Code::Ok);
     let slow = EchoRequest { message: "slow".into(), delay_ms: 10_000, ..Default::default() };
     let code = echo(&envoy, slow, None).await;
     assert!(matches!(code, Code::DeadlineExceeded | Code::Cancelled), "{code:?}");
-    assert_eq!(upstream.observed.executions("Echo"), 1);
-    assert_eq!(upstream.observed.completions("Echo"), 0);
+    assert_eq!(upstream.observed.executions("Echo"), 2);
+    assert_eq!(upstream.observed.completions("Echo"), 1, "only the fast call completed");
     let samples =
         scrape_until(&envoy, |s| value(s, "grpc_server_late_responses_total", &[("grpc_method", "Echo")]).is_some())
             .await;
@@ -183,8 +193,8 @@ async fn oversized_request_message_is_refused_and_never_executed() {
     let config = r#"{"limits":{"max_request_message_bytes":1024}}"#;
     let envoy = start_envoy("size-limit", upstream.addr, config).unwrap();
     let big = EchoRequest { message: "x".repeat(4096), ..Default::default() };
+    assert_eq!(echo(&envoy, hello(), None).await, Code::Ok, "small messages pass");
     assert_eq!(echo(&envoy, big, None).await, Code::ResourceExhausted);
-    assert_eq!(echo(&envoy, hello(), None).await, Code::Ok, "small messages still pass");
     assert_eq!(upstream.observed.executions("Echo"), 1, "only the small call ran");
 
     let samples =

@@ -42,7 +42,7 @@ fn method_labels(host: &Host) -> BTreeSet<String> {
 
 #[test]
 fn method_labels_are_bounded_across_workers_and_the_rest_fold_into_other() {
-    let host = host();
+    let host = fresh_host();
     let config = r#"{"metrics":{"max_methods":3}}"#;
     let mut workers = [start(&host, config), start(&host, config)];
     let mut calls = 0u64;
@@ -90,7 +90,7 @@ fn method_labels_are_bounded_across_workers_and_the_rest_fold_into_other() {
 
 #[test]
 fn method_admitted_by_one_worker_keeps_its_label_on_every_worker_after_the_table_fills() {
-    let host = host();
+    let host = fresh_host();
     let config = r#"{"metrics":{"max_methods":2}}"#;
     let (mut a, mut b) = (start(&host, config), start(&host, config));
     unary(&mut a, "/pkg.Svc/A", &[], 1, 1, 0);
@@ -108,6 +108,45 @@ fn method_admitted_by_one_worker_keeps_its_label_on_every_worker_after_the_table
         "a method's count must not depend on which worker served the call"
     );
     assert_eq!(metrics.counter(&handled(OTHER, "OK")), Some(1), "only C folds into other");
+}
+
+/// A flood of made-up paths, each answered UNIMPLEMENTED by the server (or
+/// never answered), takes no label: the real method that comes after still
+/// gets its own, and no stat is defined for a made-up one.
+#[test]
+fn made_up_methods_the_server_does_not_have_take_no_label_from_real_ones() {
+    let host = fresh_host();
+    let config = r#"{"metrics":{"max_methods":2}}"#;
+    let mut workers = [start(&host, config), start(&host, config)];
+    for i in 0..200 {
+        // What a gRPC server answers for a method it does not have: trailers-only.
+        let vm = &mut workers[i % 2];
+        let s = open(vm, &format!("/pkg.Svc/Made{i}"), &[]);
+        send(vm, &s, &frames(&[1]));
+        let action = vm.response_headers(
+            &s,
+            &[(":status", "200"), ("content-type", "application/grpc"), ("grpc-status", "12")],
+            true,
+        );
+        cont(vm, action);
+        vm.finish(s);
+    }
+    // An upstream that resets: no answer, no label either.
+    let s = open(&mut workers[0], "/pkg.Svc/Reset", &[]);
+    send(&mut workers[0], &s, &frames(&[1]));
+    workers[0].set_property(&s, &["response", "code_details"], b"upstream_reset_before_response_started{remote_reset}");
+    workers[0].finish(s);
+    assert_eq!(method_labels(&host), ["other"].iter().map(|s| s.to_string()).collect());
+    // The first real method answered (even with an error) takes a label, on
+    // either worker.
+    unary(&mut workers[1], "/pkg.Svc/Real", &[], 1, 1, 5);
+    unary(&mut workers[0], "/pkg.Svc/Real", &[], 1, 1, 0);
+    let real = Labels { service: SERVICE, method: "Real", grpc_type: "unary" };
+    let metrics = host.metrics();
+    assert_eq!(metrics.counter(&handled(real, "NotFound")), Some(1), "its first call counted under its label");
+    assert_eq!(metrics.counter(&handled(real, "OK")), Some(1));
+    assert_eq!(metrics.counter(&handled(OTHER, "Unimplemented")), Some(200), "made-up calls are still counted");
+    assert!(!metrics.names().iter().any(|n| n.contains("Made")), "no stat named after a made-up method");
 }
 
 #[test]

@@ -14,7 +14,17 @@ pub const STATUS_PROPERTY: &[&str] = &["grpc_guard.grpc_code"];
 
 /// A fresh host (its own metrics and shared data, like a fresh Envoy). The
 /// module is compiled once per test process and reused.
+/// A host whose upstream has answered `pkg.Svc/Get` before: the method the
+/// tests call has its labels from the first call. (How a method earns them
+/// is tested in `metrics.rs`, from a host that has answered nothing.)
 pub fn host() -> Host {
+    let host = fresh_host();
+    host.answered_before(&["pkg.Svc/Get", "pkg.Orders/Create", "pkg.Svc/Watch"]);
+    host
+}
+
+/// A host whose upstreams have answered nothing yet.
+pub fn fresh_host() -> Host {
     let wasm = grpc_guard_tests::e2e::wasm_path();
     Host::load(&wasm).unwrap_or_else(|e| panic!("{e}"))
 }
