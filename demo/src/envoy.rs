@@ -95,6 +95,8 @@ pub struct EnvoyParams {
     /// reaches it (`allow_on_headers_stop_iteration`); off, the filter is
     /// loaded as Istio's WasmPlugin loads it.
     pub hold_headers: bool,
+    /// The plugin's `failure_policy`, as in the template unless changed.
+    pub failure_policy: String,
 }
 
 impl EnvoyParams {
@@ -112,6 +114,7 @@ impl EnvoyParams {
             set_request_headers: Vec::new(),
             access_log: true,
             hold_headers: true,
+            failure_policy: FAILURE_POLICY.to_owned(),
         })
     }
 
@@ -147,6 +150,11 @@ impl EnvoyParams {
             let (from, to) = cut.ok_or_else(|| EnvoyError::Unfilled("the gRPC listener's access log".to_owned()))?;
             out.replace_range(from..to, "");
         }
+        if self.failure_policy != FAILURE_POLICY {
+            let from = format!("failure_policy: {FAILURE_POLICY}\n");
+            let at = out.find(&from).ok_or_else(|| EnvoyError::Unfilled(from.trim().to_owned()))?;
+            out.replace_range(at..at + from.len(), &format!("failure_policy: {}\n", self.failure_policy));
+        }
         if !self.hold_headers {
             let at = out.find(HOLD_HEADERS).ok_or_else(|| EnvoyError::Unfilled(HOLD_HEADERS.trim().to_owned()))?;
             out.replace_range(at..at + HOLD_HEADERS.len(), "");
@@ -170,6 +178,9 @@ impl EnvoyParams {
         }
     }
 }
+
+/// The plugin's failure policy in the template.
+pub const FAILURE_POLICY: &str = "FAIL_RELOAD";
 
 /// The setting that lets the filter hold headers while reading the body.
 const HOLD_HEADERS: &str = "                allow_on_headers_stop_iteration: true\n";
@@ -424,6 +435,7 @@ mod tests {
             set_request_headers: Vec::new(),
             access_log: true,
             hold_headers: true,
+            failure_policy: FAILURE_POLICY.to_owned(),
         }
     }
 

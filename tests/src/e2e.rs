@@ -34,6 +34,15 @@ pub fn wasm_path() -> PathBuf {
     path
 }
 
+/// The floor filter (`bench/floor`), which `make wasm` builds beside grpc-guard.
+pub fn floor_wasm_path() -> PathBuf {
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    let path = target.join("wasm32-wasip1/release/grpc_guard_floor.wasm");
+    assert!(path.exists(), "{} is missing: run `make wasm` (or `make test`) first", path.display());
+    path
+}
+
 /// The Envoy that `make setup` installs into `.venv/`.
 pub fn envoy_binary() -> PathBuf {
     let path = std::env::var_os("GRPC_GUARD_ENVOY")

@@ -9,6 +9,10 @@
 //! probe for `make bench BENCH_ARGS=--prices`: each request's headers
 //! callback makes `n` host calls of one kind, so their price in Envoy CPU can
 //! be read against the floor (see [`Probe`]).
+//!
+//! With `{"probe": "trap", "n": 1}` its VM traps on any request that carries
+//! the header `x-trap`: the end-to-end tests see what Envoy does with a
+//! plugin whose VM failed, under the failure policy grpc-guard ships.
 
 /// The kinds of host call the probe makes, by the name its configuration
 /// gives them.
@@ -29,9 +33,12 @@ pub enum Probe {
     SetProperty,
     /// `proxy_get_current_time_nanoseconds`.
     Clock,
+    /// No host call: the VM traps when the request carries `x-trap`.
+    Trap,
 }
 
 impl Probe {
+    /// The probes `make bench BENCH_ARGS=--prices` prices.
     pub const ALL: [(&'static str, Probe); 7] = [
         ("header", Probe::Header),
         ("absent", Probe::Absent),
@@ -51,7 +58,8 @@ impl Probe {
             let end = rest.find([',', '}']).unwrap_or(rest.len());
             Some(rest[..end].trim().trim_matches('"'))
         };
-        let probe = Probe::ALL.iter().find(|(name, _)| Some(*name) == value("probe"))?.1;
+        let probe =
+            Probe::ALL.iter().chain(&[("trap", Probe::Trap)]).find(|(name, _)| Some(*name) == value("probe"))?.1;
         Some((probe, value("n")?.parse().ok()?))
     }
 }
@@ -116,6 +124,12 @@ mod filter {
     impl HttpContext for Stream {
         fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
             let Some(w) = self.probe else { return Action::Continue };
+            if w.probe == Probe::Trap {
+                if let Ok(Some(_)) = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "x-trap") {
+                    panic!("forced trap: the request carries x-trap");
+                }
+                return Action::Continue;
+            }
             for _ in 0..w.n {
                 let _ = match w.probe {
                     Probe::Header => hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, ":path").map(drop),
@@ -124,7 +138,7 @@ mod filter {
                     Probe::Counter => hostcalls::increment_metric(w.counter, 1),
                     Probe::Histogram => hostcalls::record_metric(w.histogram, 7),
                     Probe::SetProperty => hostcalls::set_property(vec!["probe.tag"], Some(b"OK")),
-                    Probe::Clock => hostcalls::get_current_time().map(drop),
+                    Probe::Clock | Probe::Trap => hostcalls::get_current_time().map(drop),
                 };
             }
             Action::Continue
@@ -142,5 +156,6 @@ mod tests {
         assert_eq!(Probe::from_config(r#"{ "n": 5, "probe": "set_property" }"#), Some((Probe::SetProperty, 5)));
         assert_eq!(Probe::from_config("{}"), None);
         assert_eq!(Probe::from_config(r#"{"probe":"nope","n":1}"#), None);
+        assert_eq!(Probe::from_config(r#"{"probe":"trap","n":1}"#), Some((Probe::Trap, 1)));
     }
 }

@@ -68,6 +68,7 @@ impl Args {
             set_request_headers: Vec::new(),
             access_log: true,
             hold_headers: true,
+            failure_policy: grpc_guard_demo::envoy::FAILURE_POLICY.to_owned(),
         }
     }
 }

@@ -59,6 +59,7 @@ pub fn envoy_config() -> serde_yaml::Value {
         set_request_headers: Vec::new(),
         access_log: true,
         hold_headers: true,
+        failure_policy: grpc_guard_demo::envoy::FAILURE_POLICY.to_owned(),
     };
     serde_yaml::from_str(&params.render(TEMPLATE).unwrap()).expect("rendered envoy.yaml is YAML")
 }

@@ -42,6 +42,7 @@ fn rendered_config_for_docker_run_passes_envoy_validate() {
         set_request_headers: Vec::new(),
         access_log: true,
         hold_headers: true,
+        failure_policy: grpc_guard_demo::envoy::FAILURE_POLICY.to_owned(),
     };
     let dir = scratch_dir("validate");
     std::fs::create_dir_all(&dir).unwrap();

@@ -13,3 +13,4 @@ mod hostile;
 mod metrics;
 mod status;
 mod tour;
+mod trap;
