@@ -21,7 +21,7 @@ PLUGIN_CONFIG ?= $(shell cat envoy/demo-plugin-config.json)
 export GRPC_GUARD_WASM := $(WASM)
 export GRPC_GUARD_ENVOY := $(ENVOY)
 
-.PHONY: help setup wasm run demo render bench test lint unit e2e clean
+.PHONY: help setup wasm run demo render bench soak test lint unit e2e clean
 
 help:
 	@echo "make run     build the filter, start the demo service behind Envoy, send demo traffic, show metrics and logs"
@@ -29,6 +29,7 @@ help:
 	@echo "make test    install what is missing, then lint and run every test"
 	@echo "make wasm    build the release filter: $(WASM)"
 	@echo "make bench   grpc-guard against bare Envoy, grpc_stats and a do-nothing wasm filter (bench/results.md)"
+	@echo "make soak    10 minutes of mixed traffic through Envoy: memory, counts and at-most-once checked (SOAK_SECONDS=...)"
 	@echo "make render  write the Envoy config for running Envoy yourself: .run/envoy.rendered.yaml"
 	@echo "make clean   remove build outputs and .venv"
 
@@ -87,6 +88,15 @@ bench: wasm
 	$(CARGO) build --release -p grpc-guard-demo --bins
 	taskset -c 1 $(CARGO_TARGET_DIR)/release/grpc-guard-bench --envoy $(ENVOY) --wasm $(WASM) \
 		--floor-wasm $(FLOOR_WASM) --envoy-cpus 0 $(BENCH_ARGS)
+
+# Mixed traffic through Envoy for SOAK_SECONDS (10 minutes by default; `make
+# test` runs a 40 s one): memory flat, every call counted once, each key run at
+# most once (README "Soak").
+SOAK_SECONDS ?= 600
+SOAK_RATE ?= 100
+soak: wasm
+	$(CARGO) build --release -p grpc-guard-tests --bin grpc-guard-soak
+	$(CARGO_TARGET_DIR)/release/grpc-guard-soak --seconds $(SOAK_SECONDS) --rate $(SOAK_RATE)
 
 # Ends with one "N passed, N failed" line summed over every test binary.
 test: lint wasm

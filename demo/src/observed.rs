@@ -15,6 +15,8 @@ struct Record {
     executions: HashMap<&'static str, u64>,
     completions: HashMap<&'static str, u64>,
     last_metadata: HashMap<String, String>,
+    /// Handler entries per `idempotency-key` request header value.
+    by_key: HashMap<String, u64>,
 }
 
 impl Observed {
@@ -37,6 +39,12 @@ impl Observed {
         self.last_metadata("grpc-timeout")
     }
 
+    /// How many times a handler was entered for each `idempotency-key`
+    /// the calls carried: what "at most once" is checked against.
+    pub fn executions_by_key(&self) -> HashMap<String, u64> {
+        self.record().by_key.clone()
+    }
+
     /// An ASCII request metadata value of the last call.
     pub fn last_metadata(&self, key: &str) -> Option<String> {
         self.record().last_metadata.get(&key.to_ascii_lowercase()).cloned()
@@ -47,6 +55,9 @@ impl Observed {
     pub(crate) fn entered(&self, method: &'static str, metadata: &MetadataMap) -> u64 {
         let mut record = self.record();
         record.last_metadata = ascii_metadata(metadata);
+        if let Some(key) = record.last_metadata.get("idempotency-key").cloned() {
+            *record.by_key.entry(key).or_insert(0) += 1;
+        }
         let count = record.executions.entry(method).or_insert(0);
         *count += 1;
         *count

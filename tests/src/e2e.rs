@@ -3,6 +3,7 @@
 //! Shared by the end-to-end tests (`tests/tests/e2e`) and the deployment
 //! tests (`tests/tests/deploy`), so both run exactly what a user deploys.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -134,4 +135,47 @@ pub fn keyed<T>(message: T, key: &str, credentials: &str) -> tonic::Request<T> {
     metadata.insert("idempotency-key", key.parse().expect("a test key is printable ASCII"));
     metadata.insert("authorization", credentials.parse().expect("test credentials are printable ASCII"));
     request
+}
+
+/// One sample of the exposition: name, labels, value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Parses the Prometheus text format (the subset Envoy writes).
+pub fn parse_exposition(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let value: f64 = value.parse().ok()?;
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, parse_labels(rest.strip_suffix('}')?)),
+                None => (series, BTreeMap::new()),
+            };
+            Some(Sample { name: name.to_owned(), labels, value })
+        })
+        .collect()
+}
+
+fn parse_labels(text: &str) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    let mut rest = text;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let end = after.find('"').unwrap_or(after.len());
+        labels.insert(key.trim_start_matches(',').to_owned(), after[..end].to_owned());
+        rest = &after[(end + 1).min(after.len())..];
+    }
+    labels
+}
+
+/// The value of the series `name` whose labels include all of `labels`.
+pub fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v)))
+        .map(|s| s.value)
 }

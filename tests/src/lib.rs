@@ -7,3 +7,4 @@
 
 pub mod e2e;
 pub mod host;
+pub mod soak;

@@ -11,6 +11,7 @@ mod deadline;
 mod dedup;
 mod hostile;
 mod metrics;
+mod soak;
 mod status;
 mod tour;
 mod trap;
