@@ -5,12 +5,9 @@
 //! a real Envoy they make a retry of a kept OK call get the kept message.
 //! Without them (a WasmPlugin alone) the retry is still never run twice.
 
-use std::process::Command;
-use std::time::Duration;
-
-use grpc_guard_demo::envoy::{EnvoyParams, TEMPLATE};
+use grpc_guard_demo::envoy::EnvoyParams;
 use grpc_guard_demo::pb::{EchoReply, EchoRequest};
-use grpc_guard_tests::e2e::{envoy_binary, wasm_path, Upstream};
+use grpc_guard_tests::e2e::Upstream;
 use serde_yaml::Value;
 
 use crate::support::*;
@@ -143,28 +140,10 @@ fn with_envoy_filter(envoy: &mut Value) {
     ingress_routes(envoy).insert(0, value("HTTP_ROUTE"));
 }
 
-/// A real Envoy (two workers) running the filter, deduplicating Echo, in
-/// front of the demo service, with envoy/envoy.yaml changed by `edit`;
-/// killed on drop.
+/// A real Envoy running the filter, deduplicating Echo, in front of the demo
+/// service, with envoy/envoy.yaml changed by `edit`; killed on drop.
 fn start_envoy(name: &str, upstream: &Upstream, edit: fn(&mut Value)) -> (Server, EnvoyParams) {
-    let dir = scratch_dir(name);
-    let mut attempt = 0;
-    loop {
-        let params = EnvoyParams::on_free_ports(upstream.addr, wasm_path(), ECHO_DEDUP).unwrap();
-        let mut config: Value = serde_yaml::from_str(&params.render(TEMPLATE).unwrap()).unwrap();
-        edit(&mut config);
-        let path = dir.join("envoy.yaml");
-        std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
-        let mut command = Command::new(envoy_binary());
-        command.arg("-c").arg(&path).args(["--concurrency", "2", "--disable-hot-restart", "--log-level", "info"]);
-        let ready = format!("http://{}/ready", params.admin_addr());
-        match Server::try_start("envoy", &mut command, &dir, &ready, Duration::from_secs(60)) {
-            Ok(envoy) => return (envoy, params),
-            // A port picked free can be taken before Envoy binds it.
-            Err(e) if attempt < 3 && e.contains("Address already in use") => attempt += 1,
-            Err(e) => panic!("{e}"),
-        }
-    }
+    start_edited_envoy(name, upstream.addr, ECHO_DEDUP, edit)
 }
 
 /// One keyed Echo: the reply or the status, and whether it was marked replayed.

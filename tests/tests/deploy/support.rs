@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use grpc_guard_demo::envoy::{EnvoyParams, HttpFilter, TEMPLATE};
 pub use grpc_guard_tests::e2e::workspace_root;
+use grpc_guard_tests::e2e::{envoy_binary, wasm_path};
 
 /// A file of the workspace, e.g. `istio/wasmplugin.yaml`.
 pub fn repo_file(relative: &str) -> PathBuf {
@@ -60,6 +61,35 @@ pub fn envoy_config() -> serde_yaml::Value {
         access_log: true,
     };
     serde_yaml::from_str(&params.render(TEMPLATE).unwrap()).expect("rendered envoy.yaml is YAML")
+}
+
+/// A real Envoy (two workers) running the filter configured by
+/// `plugin_config`, in front of `upstream`, with envoy/envoy.yaml changed by
+/// `edit`; killed on drop.
+pub fn start_edited_envoy(
+    name: &str,
+    upstream: std::net::SocketAddr,
+    plugin_config: &str,
+    edit: impl Fn(&mut serde_yaml::Value),
+) -> (Server, EnvoyParams) {
+    let dir = scratch_dir(name);
+    let mut attempt = 0;
+    loop {
+        let params = EnvoyParams::on_free_ports(upstream, wasm_path(), plugin_config).unwrap();
+        let mut config: serde_yaml::Value = serde_yaml::from_str(&params.render(TEMPLATE).unwrap()).unwrap();
+        edit(&mut config);
+        let path = dir.join("envoy.yaml");
+        std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+        let mut command = Command::new(envoy_binary());
+        command.arg("-c").arg(&path).args(["--concurrency", "2", "--disable-hot-restart", "--log-level", "info"]);
+        let ready = format!("http://{}/ready", params.admin_addr());
+        match Server::try_start("envoy", &mut command, &dir, &ready, Duration::from_secs(60)) {
+            Ok(envoy) => return (envoy, params),
+            // A port picked free can be taken before Envoy binds it.
+            Err(e) if attempt < 3 && e.contains("Address already in use") => attempt += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
 }
 
 /// The Debian package that brings each tool (scripts/setup.d/deploy.sh).
