@@ -1,7 +1,8 @@
 //! Deployment: what `istio/` and `make oci` ship, checked the way a cluster
 //! and an on-call engineer would meet them. The Istio and Prometheus Operator
 //! manifests are parsed and validated against the published CRD schemas; the
-//! stats settings and the replay hop Istio needs are envoy/envoy.yaml's, and
+//! stats settings Istio derives from the workload annotations and the replay
+//! hop Istio needs are envoy/envoy.yaml's, and
 //! a retry in a real Envoy runs once with and without the replay hop; the
 //! alert rules pass promtool's checks and unit tests; the OCI image goes
 //! through a real local registry and comes back as the same `.wasm`; and a
@@ -15,6 +16,7 @@ mod support;
 
 mod alerts;
 mod dashboard;
+mod istio_stats;
 mod manifests;
 mod oci;
 mod prometheus;

@@ -10,22 +10,11 @@ use serde_yaml::Value;
 use crate::support::*;
 
 const WASM_PLUGIN: &str = "istio/wasmplugin.yaml";
-const STATS_BOOTSTRAP: &str = "istio/stats-bootstrap.yaml";
-const WORKLOAD_PATCH: &str = "istio/workload-patch.yaml";
 const DESTINATION_RULE: &str = "istio/destinationrule.yaml";
 const ENVOY_FILTER: &str = "istio/envoyfilter-replay.yaml";
 const PROMETHEUS_RULE: &str = "istio/prometheusrule.yaml";
 const SECONDS_RULES: &str = "istio/seconds.rules.yml";
 const RULE_FILE: &str = "istio/alerts.rules.yml";
-
-/// The `stats_config` the ConfigMap hands to Istio's Envoy.
-fn istio_stats_config() -> serde_json::Value {
-    let map = yaml(STATS_BOOTSTRAP);
-    let file = str_at(&map, STATS_BOOTSTRAP, "data.custom_bootstrap\\.json");
-    let bootstrap: serde_json::Value =
-        serde_json::from_str(file).unwrap_or_else(|e| panic!("{STATS_BOOTSTRAP}: custom_bootstrap.json: {e}"));
-    bootstrap["stats_config"].clone()
-}
 
 fn assert_kind(doc: &Value, file: &str, api_version: &str, kind: &str) {
     assert_eq!(str_at(doc, file, "apiVersion"), api_version, "{file}");
@@ -89,51 +78,8 @@ fn plugin_config_has_every_documented_section_and_the_filter_accepts_it() {
 }
 
 #[test]
-fn istio_stats_tags_and_buckets_are_the_ones_in_envoy_yaml() {
-    let map = yaml(STATS_BOOTSTRAP);
-    assert_kind(&map, STATS_BOOTSTRAP, "v1", "ConfigMap");
-    let envoy = to_json(&envoy_config()["stats_config"]);
-    let istio = istio_stats_config();
-    assert!(envoy["stats_tags"].as_array().is_some_and(|t| t.len() == 4), "envoy.yaml stats_tags: {envoy}");
-    assert_eq!(
-        istio["stats_tags"], envoy["stats_tags"],
-        "{STATS_BOOTSTRAP} must carry envoy/envoy.yaml's stats_tags verbatim"
-    );
-    assert_eq!(
-        istio["histogram_bucket_settings"], envoy["histogram_bucket_settings"],
-        "{STATS_BOOTSTRAP} must carry envoy/envoy.yaml's histogram_bucket_settings verbatim"
-    );
-}
-
-#[test]
-fn workload_patch_keeps_the_filter_s_stats_and_mounts_the_tags() {
-    let patch = yaml(WORKLOAD_PATCH);
-    let f = WORKLOAD_PATCH;
-    let proxy_config: Value =
-        serde_yaml::from_str(str_at(&patch, f, "spec.template.metadata.annotations.proxy\\.istio\\.io/config"))
-            .expect("proxy.istio.io/config is YAML");
-    let prefixes: Vec<&str> = at(&proxy_config, f, "proxyStatsMatcher.inclusionPrefixes")
-        .as_sequence()
-        .expect("inclusionPrefixes is a list")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    // Every tagged stat must be one Istio keeps.
-    for tag in istio_stats_config()["stats_tags"].as_array().unwrap() {
-        let regex = tag["regex"].as_str().unwrap();
-        let literal = regex.trim_start_matches('^').split(".*").next().unwrap().replace("\\.", ".");
-        assert!(
-            prefixes.iter().any(|p| literal.starts_with(p)),
-            "{f}: no inclusion prefix keeps the stats that `{regex}` tags (prefixes {prefixes:?})"
-        );
-    }
-    let map = yaml(STATS_BOOTSTRAP);
-    assert_eq!(
-        str_at(&patch, f, "spec.template.metadata.annotations.sidecar\\.istio\\.io/bootstrapOverride"),
-        str_at(&map, STATS_BOOTSTRAP, "metadata.name"),
-        "{f}: the bootstrap override names the ConfigMap"
-    );
-    let namespaces: BTreeSet<String> = [WASM_PLUGIN, STATS_BOOTSTRAP, DESTINATION_RULE, ENVOY_FILTER, PROMETHEUS_RULE]
+fn the_manifests_share_the_workload_s_namespace() {
+    let namespaces: BTreeSet<String> = [WASM_PLUGIN, DESTINATION_RULE, ENVOY_FILTER, PROMETHEUS_RULE]
         .iter()
         .map(|file| str_at(&yaml(file), file, "metadata.namespace").to_owned())
         .collect();
