@@ -13,8 +13,8 @@
 //! drops the dot the cuts leave at the end (seen on Envoy 1.40), so what is
 //! left is the go-grpc-prometheus metric name:
 //!
-//! `grpc_server_handled_total.grpc_service=.=pkg.Svc;.;grpc_method=.=Get;.;grpc_type=.=unary;.;grpc_code=.=OK;.;`
-//! → `grpc_server_handled_total{grpc_service="pkg.Svc",grpc_method="Get",grpc_type="unary",grpc_code="OK"}`
+//! `grpc_server_handled_total.grpc_service=.=pkg.Svc;.;grpc_method=.=Get;.;grpc_type=.=unary;.;grpc_code=.=OK;.;exporter=.=grpc-guard;.;`
+//! → `grpc_server_handled_total{grpc_service="pkg.Svc",grpc_method="Get",grpc_type="unary",grpc_code="OK",exporter="grpc-guard"}`
 //!
 //! The metric name comes first because Istio's `statsHistogramBuckets`
 //! annotation picks a histogram's buckets by a prefix of the stat name
@@ -26,8 +26,18 @@
 use crate::method::Direction;
 use crate::status::GrpcStatus;
 
-/// Labels every per-method metric carries.
-pub const LABELS: [&str; 4] = ["grpc_service", "grpc_method", "grpc_type", "grpc_code"];
+/// Labels every per-method metric carries, `grpc_code` only where there is a
+/// status, in the order of the stats tags (and so of the exposition).
+pub const LABELS: [&str; 5] = ["grpc_service", "grpc_method", "grpc_type", "grpc_code", "exporter"];
+
+/// The value of the `exporter` label on every per-method series. Under
+/// Istio's metrics merging, one scrape carries the sidecar's Envoy stats and
+/// then the application's own: an application instrumented with
+/// go-grpc-prometheus writes the same names and labels, and Prometheus would
+/// drop one side's samples as duplicates. The label keeps them apart
+/// (`{exporter="grpc-guard"}` against `{exporter=""}`), and a
+/// `sum by (grpc_service, grpc_method)` aggregates it away.
+pub const EXPORTER: &str = "grpc-guard";
 
 /// Between a label and its value, and after the value: Istio's separators
 /// (the `=\.=` and `;\.;` of its extraStatTags regex).
@@ -215,7 +225,13 @@ pub fn stat_name(direction: Direction, family: Family, labels: MethodLabels<'_>,
     let mut name = String::with_capacity(128);
     name.push_str(family.name(direction));
     name.push('.');
-    let values = [Some(labels.service), Some(labels.method), Some(labels.grpc_type), code.map(GrpcStatus::go_name)];
+    let values = [
+        Some(labels.service),
+        Some(labels.method),
+        Some(labels.grpc_type),
+        code.map(GrpcStatus::go_name),
+        Some(EXPORTER),
+    ];
     for (label, value) in LABELS.iter().zip(values) {
         if let Some(value) = value {
             name.push_str(label);
@@ -253,7 +269,7 @@ mod tests {
     fn handled_stat_name_carries_every_label_in_istio_s_encoding() {
         assert_eq!(
             stat_name(Direction::Inbound, Family::Handled, LABELS_ECHO, Some(GrpcStatus::Unavailable)),
-            "grpc_server_handled_total.grpc_service=.=grpcguard.demo.v1.Demo;.;grpc_method=.=Echo;.;grpc_type=.=unary;.;grpc_code=.=Unavailable;.;"
+            "grpc_server_handled_total.grpc_service=.=grpcguard.demo.v1.Demo;.;grpc_method=.=Echo;.;grpc_type=.=unary;.;grpc_code=.=Unavailable;.;exporter=.=grpc-guard;.;"
         );
     }
 
@@ -277,7 +293,13 @@ mod tests {
         let values: Vec<Option<String>> = LABELS.iter().map(|label| extract(&mut name, label)).collect();
         assert_eq!(
             values,
-            [Some("grpcguard.demo.v1.Demo".to_owned()), Some("Echo".to_owned()), Some("unary".to_owned()), None]
+            [
+                Some("grpcguard.demo.v1.Demo".to_owned()),
+                Some("Echo".to_owned()),
+                Some("unary".to_owned()),
+                None,
+                Some("grpc-guard".to_owned())
+            ]
         );
         assert_eq!(name, format!("{histogram}."), "Envoy drops the trailing dot");
     }
@@ -288,7 +310,7 @@ mod tests {
         assert_eq!(Family::MsgToClient.name(Direction::Outbound), "grpc_client_msg_received_total");
         assert_eq!(
             stat_name(Direction::Outbound, Family::Started, LABELS_ECHO, None),
-            "grpc_client_started_total.grpc_service=.=grpcguard.demo.v1.Demo;.;grpc_method=.=Echo;.;grpc_type=.=unary;.;"
+            "grpc_client_started_total.grpc_service=.=grpcguard.demo.v1.Demo;.;grpc_method=.=Echo;.;grpc_type=.=unary;.;exporter=.=grpc-guard;.;"
         );
     }
 

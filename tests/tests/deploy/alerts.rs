@@ -54,6 +54,28 @@ fn error_ratio_excludes_exactly_the_client_caused_codes_by_their_metric_names() 
     assert_eq!(excluded, expected);
 }
 
+/// An alert that summed an application's own go-grpc-prometheus series in
+/// (Istio's merged scrape) would dilute its ratios: late responses over both
+/// sides' started calls.
+#[test]
+fn every_alert_reads_grpc_guard_s_own_series() {
+    let rules = yaml("istio/alerts.rules.yml");
+    let mut alerts = 0;
+    for group in rules["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            let expr = rule["expr"].as_str().unwrap();
+            assert_eq!(
+                selectors_without_exporter(expr),
+                Vec::<String>::new(),
+                "{}: {expr}",
+                rule["alert"].as_str().unwrap()
+            );
+            alerts += 1;
+        }
+    }
+    assert_eq!(alerts, 4);
+}
+
 #[test]
 fn seconds_rules_pass_promtool_check_and_their_unit_tests() {
     let out =

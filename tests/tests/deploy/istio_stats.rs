@@ -198,10 +198,10 @@ async fn a_sidecar_with_the_workload_annotations_prints_grpc_guard_s_metrics_as_
 
     let url = format!("http://{}/stats/prometheus", params.admin_addr());
     let labels = r#"grpc_service="grpcguard.demo.v1.Demo",grpc_method="Echo",grpc_type="unary""#;
-    let handled = format!(r#"grpc_server_handled_total{{{labels},grpc_code="OK"}} 1"#);
+    let handled = format!(r#"grpc_server_handled_total{{{labels},grpc_code="OK",exporter="grpc-guard"}} 1"#);
     // The annotation's buckets (2 ms is not among Envoy's defaults), at the
     // first stats flush.
-    let bucket = format!(r#"grpc_server_handling_milliseconds_bucket{{{labels},le="2"}}"#);
+    let bucket = format!(r#"grpc_server_handling_milliseconds_bucket{{{labels},exporter="grpc-guard",le="2"}}"#);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let text = loop {
         let (_, body) = http_get(&url, &[]).unwrap();

@@ -7,7 +7,8 @@
 //! alert rules pass promtool's checks and unit tests; the OCI image goes
 //! through a real local registry and comes back as the same `.wasm`; and a
 //! real Prometheus, scraping a real Envoy running the filter, sees the alerts
-//! fire.
+//! fire, and keeps grpc-guard's series apart from an application's own in
+//! Istio's merged scrape.
 //!
 //! Every tool comes from `make setup` (scripts/setup.d/deploy.sh); a missing
 //! one fails its test with the command to run, never skips it.
@@ -18,6 +19,7 @@ mod alerts;
 mod dashboard;
 mod istio_stats;
 mod manifests;
+mod merged;
 mod oci;
 mod prometheus;
 mod replay;

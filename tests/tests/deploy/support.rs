@@ -92,6 +92,27 @@ pub fn start_edited_envoy(
     }
 }
 
+/// The grpc-guard metric selectors in a PromQL expression that do not pick
+/// grpc-guard's own series with `exporter="grpc-guard"` (README "Metrics":
+/// an application's go-grpc-prometheus series share the names).
+pub fn selectors_without_exporter(expr: &str) -> Vec<String> {
+    let mut missing = Vec::new();
+    let mut rest = expr;
+    while let Some(start) = ["grpc_server_", "grpc_client_"].iter().filter_map(|p| rest.find(p)).min() {
+        let after = &rest[start..];
+        let name_len = after.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(after.len());
+        let selector = match after[name_len..].strip_prefix('{') {
+            Some(labels) => &after[..name_len + 1 + labels.find('}').map_or(labels.len(), |end| end + 1)],
+            None => &after[..name_len],
+        };
+        if !selector.contains(r#"exporter="grpc-guard""#) {
+            missing.push(selector.to_owned());
+        }
+        rest = &after[selector.len()..];
+    }
+    missing
+}
+
 /// The Debian package that brings each tool (scripts/setup.d/deploy.sh).
 const TOOLS: &[(&str, &str)] = &[
     ("promtool", "prometheus"),

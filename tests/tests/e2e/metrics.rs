@@ -52,7 +52,8 @@ async fn a_call_s_exposition_lines_read_exactly_as_go_grpc_prometheus_writes_the
     let mut client = grpc_guard_demo::client(grpc_guard_demo::lazy_channel(&envoy.grpc_uri()).unwrap());
     client.echo(EchoRequest { message: "hi".into(), ..Default::default() }).await.unwrap();
     let labels = format!(r#"grpc_service="{DEMO_SERVICE}",grpc_method="Echo",grpc_type="unary""#);
-    let bucket = format!(r#"grpc_server_handling_milliseconds_bucket{{{labels},le="1000"}} 1"#);
+    let exporter = r#"exporter="grpc-guard""#;
+    let bucket = format!(r#"grpc_server_handling_milliseconds_bucket{{{labels},{exporter},le="1000"}} 1"#);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let text = loop {
         let text = envoy.prometheus().unwrap();
@@ -63,10 +64,10 @@ async fn a_call_s_exposition_lines_read_exactly_as_go_grpc_prometheus_writes_the
     };
     let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("grpc_server_")).collect();
     for want in [
-        format!(r#"grpc_server_started_total{{{labels}}} 1"#),
-        format!(r#"grpc_server_handled_total{{{labels},grpc_code="OK"}} 1"#),
-        format!(r#"grpc_server_msg_received_total{{{labels}}} 1"#),
-        format!(r#"grpc_server_msg_sent_total{{{labels}}} 1"#),
+        format!(r#"grpc_server_started_total{{{labels},{exporter}}} 1"#),
+        format!(r#"grpc_server_handled_total{{{labels},grpc_code="OK",{exporter}}} 1"#),
+        format!(r#"grpc_server_msg_received_total{{{labels},{exporter}}} 1"#),
+        format!(r#"grpc_server_msg_sent_total{{{labels},{exporter}}} 1"#),
         bucket.clone(),
     ] {
         assert!(lines.contains(&want.as_str()), "missing `{want}` in:\n{}", lines.join("\n"));

@@ -87,7 +87,10 @@ fn method_labels_are_bounded_across_workers_and_the_rest_fold_into_other() {
             })
             .collect();
         let plain = ["grpc_service", "grpc_method", "grpc_type"];
-        assert!(keys == plain || keys == [&plain[..], &["grpc_code"]].concat(), "unexpected labels in {name}");
+        assert!(
+            keys == [&plain[..], &["exporter"]].concat() || keys == [&plain[..], &["grpc_code", "exporter"]].concat(),
+            "unexpected labels in {name}"
+        );
     }
 }
 

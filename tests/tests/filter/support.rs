@@ -172,9 +172,10 @@ pub struct Labels<'a> {
 pub const GET: Labels<'static> = Labels { service: SERVICE, method: METHOD, grpc_type: "unary" };
 pub const OTHER: Labels<'static> = Labels { service: "other", method: "other", grpc_type: "unary" };
 
-/// `family.grpc_service=.=…;.;grpc_method=.=…;.;grpc_type=.=…;.;` and
-/// `grpc_code=.=…;.;` when `code` is given: the stat name, in Istio's
-/// encoding, that Envoy's `stats_tags` split into labels.
+/// `family.grpc_service=.=…;.;grpc_method=.=…;.;grpc_type=.=…;.;`, then
+/// `grpc_code=.=…;.;` when `code` is given, then `exporter=.=grpc-guard;.;`:
+/// the stat name, in Istio's encoding, that Envoy's `stats_tags` split into
+/// labels.
 pub fn stat(family: &str, labels: Labels<'_>, code: Option<&str>) -> String {
     let mut name = format!(
         "{family}.grpc_service=.={};.;grpc_method=.={};.;grpc_type=.={};.;",
@@ -183,6 +184,7 @@ pub fn stat(family: &str, labels: Labels<'_>, code: Option<&str>) -> String {
     if let Some(code) = code {
         name.push_str(&format!("grpc_code=.={code};.;"));
     }
+    name.push_str("exporter=.=grpc-guard;.;");
     name
 }
 
