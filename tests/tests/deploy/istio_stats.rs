@@ -16,7 +16,8 @@ use grpc_guard_tests::e2e::Upstream;
 
 use crate::support::*;
 
-const WORKLOAD_PATCH: &str = "istio/workload-patch.yaml";
+/// Where the annotations come from: a rendered overlay's Deployment.
+const WORKLOAD_PATCH: &str = "istio/components/workload on an overlay's Deployment";
 const PROXY_CONFIG: &str = "proxy.istio.io/config";
 /// Deprecated since Istio 1.21, still read: its tags come after ProxyConfig's.
 const EXTRA_STAT_TAGS: &str = "sidecar.istio.io/extraStatTags";
@@ -79,9 +80,11 @@ pub fn from_annotations(annotations: &Value, file: &str) -> IstioStats {
     IstioStats { tags: tags.iter().map(|t| istio_stats_tag(t)).collect(), buckets }
 }
 
-/// The pod annotations istio/workload-patch.yaml gives the workload.
+/// The pod annotations a Deployment has once an overlay with the workload
+/// component has rendered it (kustomize.rs's second overlay).
 fn workload_annotations() -> Value {
-    at(&yaml(WORKLOAD_PATCH), WORKLOAD_PATCH, "spec.template.metadata.annotations").clone()
+    let deployment = object(crate::kustomize::other_install(), "Deployment");
+    at(deployment, WORKLOAD_PATCH, "spec.template.metadata.annotations").clone()
 }
 
 /// envoy/envoy.yaml's `histogram_bucket_settings`, each a prefix match.

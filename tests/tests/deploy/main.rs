@@ -1,6 +1,8 @@
 //! Deployment: what `istio/` and `make oci` ship, checked the way a cluster
-//! and an on-call engineer would meet them. The Istio and Prometheus Operator
-//! manifests are parsed and validated against the published CRD schemas; the
+//! and an on-call engineer would meet them. The kustomize install is
+//! rendered with the real `kubectl kustomize`, for the example's values and
+//! for others; the Istio and Prometheus Operator manifests it renders are
+//! parsed and validated against the published CRD schemas; the
 //! stats settings Istio derives from the workload annotations and the replay
 //! hop Istio needs are envoy/envoy.yaml's, and
 //! a retry in a real Envoy runs once with and without the replay hop; the
@@ -18,6 +20,7 @@ mod support;
 mod alerts;
 mod dashboard;
 mod istio_stats;
+mod kustomize;
 mod manifests;
 mod merged;
 mod oci;

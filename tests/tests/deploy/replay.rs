@@ -1,5 +1,6 @@
-//! istio/envoyfilter-replay.yaml, the replay hop of idempotency-key
-//! deduplication under Istio. Its patches carry envoy/envoy.yaml's internal
+//! The replay hop of idempotency-key deduplication under Istio: the
+//! EnvoyFilter of istio/base/envoyfilter-replay.yaml, as the example install
+//! renders it. Its patches carry envoy/envoy.yaml's internal
 //! listener, cluster and route verbatim (one source of truth); they target
 //! what Istio's patcher matches in a sidecar's inbound configuration; and in
 //! a real Envoy they make a retry of a kept OK call get the kept message.
@@ -12,8 +13,8 @@ use serde_yaml::Value;
 
 use crate::support::*;
 
-const ENVOY_FILTER: &str = "istio/envoyfilter-replay.yaml";
-const WASM_PLUGIN: &str = "istio/wasmplugin.yaml";
+const ENVOY_FILTER: &str = "istio/overlays/example: EnvoyFilter";
+const WASM_PLUGIN: &str = "istio/overlays/example: WasmPlugin";
 const ENVOY_YAML: &str = "envoy/envoy.yaml";
 /// The listener and the cluster of the replay hop share this name.
 const REPLAY: &str = "grpc_guard_replay";
@@ -51,18 +52,18 @@ fn is_replay_route(route: &Value) -> bool {
 
 #[test]
 fn envoy_filter_carries_envoy_yaml_s_replay_listener_cluster_and_route_verbatim() {
-    let filter = yaml(ENVOY_FILTER);
+    let filter = object(example_install(), "EnvoyFilter");
     let mut envoy = envoy_config();
     let listener = named(&envoy["static_resources"]["listeners"], "listener", REPLAY);
     assert_eq!(
-        at(patch(&filter, "LISTENER"), ENVOY_FILTER, "patch.value"),
+        at(patch(filter, "LISTENER"), ENVOY_FILTER, "patch.value"),
         listener,
         "{ENVOY_FILTER}: the internal listener must be {ENVOY_YAML}'s, verbatim"
     );
     assert!(listener.get("internal_listener").is_some(), "{ENVOY_YAML}: {REPLAY} is an internal listener");
     let cluster = named(&envoy["static_resources"]["clusters"], "cluster", REPLAY);
     assert_eq!(
-        at(patch(&filter, "CLUSTER"), ENVOY_FILTER, "patch.value"),
+        at(patch(filter, "CLUSTER"), ENVOY_FILTER, "patch.value"),
         cluster,
         "{ENVOY_FILTER}: the cluster must be {ENVOY_YAML}'s, verbatim"
     );
@@ -78,7 +79,7 @@ fn envoy_filter_carries_envoy_yaml_s_replay_listener_cluster_and_route_verbatim(
     let routes = ingress_routes(&mut envoy);
     assert!(is_replay_route(&routes[0]), "{ENVOY_YAML}: the replay route comes first");
     assert_eq!(
-        at(patch(&filter, "HTTP_ROUTE"), ENVOY_FILTER, "patch.value"),
+        at(patch(filter, "HTTP_ROUTE"), ENVOY_FILTER, "patch.value"),
         &routes[0],
         "{ENVOY_FILTER}: the route must be {ENVOY_YAML}'s first route, verbatim"
     );
@@ -91,25 +92,25 @@ fn envoy_filter_carries_envoy_yaml_s_replay_listener_cluster_and_route_verbatim(
 /// virtual host of it.
 #[test]
 fn envoy_filter_patches_the_wasm_plugin_s_pods_inbound_with_the_route_first() {
-    let filter = yaml(ENVOY_FILTER);
+    let filter = object(example_install(), "EnvoyFilter");
     let f = ENVOY_FILTER;
-    assert_eq!(str_at(&filter, f, "apiVersion"), "networking.istio.io/v1alpha3", "{f}");
-    assert_eq!(str_at(&filter, f, "kind"), "EnvoyFilter", "{f}");
-    let plugin = yaml(WASM_PLUGIN);
+    assert_eq!(str_at(filter, f, "apiVersion"), "networking.istio.io/v1alpha3", "{f}");
+    assert_eq!(str_at(filter, f, "kind"), "EnvoyFilter", "{f}");
+    let plugin = object(example_install(), "WasmPlugin");
     assert_eq!(
-        at(&filter, f, "spec.workloadSelector.labels"),
-        at(&plugin, WASM_PLUGIN, "spec.selector.matchLabels"),
+        at(filter, f, "spec.workloadSelector.labels"),
+        at(plugin, WASM_PLUGIN, "spec.selector.matchLabels"),
         "{f}: the pods the WasmPlugin runs in"
     );
-    assert_eq!(str_at(&filter, f, "metadata.namespace"), str_at(&plugin, WASM_PLUGIN, "metadata.namespace"), "{f}");
-    let patches = at(&filter, f, "spec.configPatches").as_sequence().unwrap();
+    assert_eq!(str_at(filter, f, "metadata.namespace"), str_at(plugin, WASM_PLUGIN, "metadata.namespace"), "{f}");
+    let patches = at(filter, f, "spec.configPatches").as_sequence().unwrap();
     assert_eq!(patches.len(), 3, "{f}: the listener, the cluster and the route");
     for p in patches {
         assert_eq!(str_at(p, f, "match.context"), "SIDECAR_INBOUND", "{f}: {p:?}");
     }
-    assert_eq!(str_at(patch(&filter, "LISTENER"), f, "patch.operation"), "ADD", "{f}");
-    assert_eq!(str_at(patch(&filter, "CLUSTER"), f, "patch.operation"), "ADD", "{f}");
-    let route = patch(&filter, "HTTP_ROUTE");
+    assert_eq!(str_at(patch(filter, "LISTENER"), f, "patch.operation"), "ADD", "{f}");
+    assert_eq!(str_at(patch(filter, "CLUSTER"), f, "patch.operation"), "ADD", "{f}");
+    let route = patch(filter, "HTTP_ROUTE");
     assert_eq!(str_at(route, f, "patch.operation"), "INSERT_FIRST", "{f}");
     let port = at(route, f, "match.routeConfiguration.portNumber").as_u64().expect("portNumber is a number");
     assert!((1..=65535).contains(&port), "{f}: portNumber {port}");
@@ -133,8 +134,8 @@ fn without_replay_hop(envoy: &mut Value) {
 
 /// The EnvoyFilter's patches applied the way Istio applies them.
 fn with_envoy_filter(envoy: &mut Value) {
-    let filter = yaml(ENVOY_FILTER);
-    let value = |apply_to| at(patch(&filter, apply_to), ENVOY_FILTER, "patch.value").clone();
+    let filter = object(example_install(), "EnvoyFilter");
+    let value = |apply_to| at(patch(filter, apply_to), ENVOY_FILTER, "patch.value").clone();
     envoy["static_resources"]["listeners"].as_sequence_mut().unwrap().push(value("LISTENER"));
     envoy["static_resources"]["clusters"].as_sequence_mut().unwrap().push(value("CLUSTER"));
     ingress_routes(envoy).insert(0, value("HTTP_ROUTE"));

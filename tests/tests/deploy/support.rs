@@ -8,7 +8,7 @@ use grpc_guard_demo::envoy::{EnvoyParams, HttpFilter, TEMPLATE};
 pub use grpc_guard_tests::e2e::workspace_root;
 use grpc_guard_tests::e2e::{envoy_binary, wasm_path};
 
-/// A file of the workspace, e.g. `istio/wasmplugin.yaml`.
+/// A file of the workspace, e.g. `istio/base/wasmplugin.yaml`.
 pub fn repo_file(relative: &str) -> PathBuf {
     workspace_root().join(relative)
 }
@@ -113,6 +113,63 @@ pub fn selectors_without_exporter(expr: &str) -> Vec<String> {
     missing
 }
 
+/// The example install, istio/overlays/example.
+pub const EXAMPLE: &str = "istio/overlays/example";
+
+/// What `kubectl kustomize DIR` renders, one value per object; why not, with
+/// kustomize's own message.
+pub fn kustomize(dir: &Path) -> Result<Vec<serde_yaml::Value>, String> {
+    let out = Command::new(tool("kubectl")).arg("kustomize").arg(dir).output().expect("running kubectl kustomize");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let text = String::from_utf8(out.stdout).unwrap();
+    // kustomize separates the objects with `---` lines.
+    Ok(text
+        .split("\n---\n")
+        .map(|doc| {
+            serde_yaml::from_str(doc).unwrap_or_else(|e| panic!("kubectl kustomize wrote no YAML ({e}):\n{doc}"))
+        })
+        .collect())
+}
+
+/// istio/overlays/example as `kubectl apply -k` would apply it (rendered
+/// once per test run).
+pub fn example_install() -> &'static [serde_yaml::Value] {
+    static RENDERED: std::sync::OnceLock<Vec<serde_yaml::Value>> = std::sync::OnceLock::new();
+    RENDERED
+        .get_or_init(|| kustomize(&repo_file(EXAMPLE)).unwrap_or_else(|e| panic!("kubectl kustomize {EXAMPLE}:\n{e}")))
+}
+
+/// The one object of `kind` among `objects`.
+pub fn object<'a>(objects: &'a [serde_yaml::Value], kind: &str) -> &'a serde_yaml::Value {
+    let found: Vec<&serde_yaml::Value> = objects.iter().filter(|o| o["kind"] == kind).collect();
+    assert_eq!(found.len(), 1, "one {kind} among the rendered objects");
+    found[0]
+}
+
+/// Runs istio/schema-check/validate.mjs on `docs`; its exit status and output.
+pub fn schema_check(docs: &[serde_json::Value]) -> (bool, String) {
+    let node_modules = repo_file(".venv/schema-check/node_modules");
+    assert!(
+        node_modules.join("@kubernetes-models/istio").is_dir(),
+        "{} is missing: run `make setup` (scripts/setup.d/deploy.sh installs the published CRD schemas from npm)",
+        node_modules.display()
+    );
+    let mut child = Command::new(tool("node"))
+        .arg(repo_file("istio/schema-check/validate.mjs"))
+        .arg(&node_modules)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting node");
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(serde_json::to_string(docs).unwrap().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
 /// The Debian package that brings each tool (scripts/setup.d/deploy.sh).
 const TOOLS: &[(&str, &str)] = &[
     ("promtool", "prometheus"),
@@ -122,6 +179,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("docker-registry", "docker-registry"),
     ("jq", "jq"),
     ("node", "nodejs"),
+    ("kubectl", "kubectl"),
 ];
 
 /// A tool on PATH, or a failure that says how to install it.
