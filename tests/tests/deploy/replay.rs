@@ -6,6 +6,8 @@
 //! a real Envoy they make a retry of a kept OK call get the kept message.
 //! Without them (a WasmPlugin alone) the retry is still never run twice.
 
+use std::process::Command;
+
 use grpc_guard_demo::envoy::EnvoyParams;
 use grpc_guard_demo::pb::{EchoReply, EchoRequest};
 use grpc_guard_tests::e2e::Upstream;
@@ -117,6 +119,29 @@ fn envoy_filter_patches_the_wasm_plugin_s_pods_inbound_with_the_route_first() {
     let matched: Vec<&str> =
         at(route, f, "match.routeConfiguration").as_mapping().unwrap().keys().filter_map(Value::as_str).collect();
     assert_eq!(matched, ["portNumber"], "{f}: match the service port's route configuration only by its port");
+}
+
+/// The route's `filter_state` match needs Envoy 1.34 (Istio 1.26); an
+/// older one would lose it and route every call to the replay hop. Istio
+/// matches `proxyVersion` with Go's regexp against the proxy's Istio version;
+/// JavaScript's RegExp reads this expression the same way.
+#[test]
+fn the_replay_hop_applies_only_to_sidecars_of_istio_1_26_or_later() {
+    let filter = object(example_install(), "EnvoyFilter");
+    let patches = at(filter, ENVOY_FILTER, "spec.configPatches").as_sequence().unwrap();
+    let versions: std::collections::BTreeSet<&str> =
+        patches.iter().map(|p| str_at(p, ENVOY_FILTER, "match.proxy.proxyVersion")).collect();
+    assert_eq!(versions.len(), 1, "{ENVOY_FILTER}: every patch has the same proxyVersion: {versions:?}");
+    let regex = versions.first().unwrap();
+    let matching = [("1.26.0", true), ("1.26.4", true), ("1.28.1", true), ("1.30.0-beta.0", true), ("1.99.0", true)];
+    let older = [("1.25.5", false), ("1.24.0", false), ("1.2.0", false), ("1.9.9", false), ("1.260.0", false)];
+    let cases: Vec<(&str, bool)> = matching.into_iter().chain(older).collect();
+    let script =
+        "const r = new RegExp(process.argv[1]); console.log(process.argv.slice(2).map(v => r.test(v)).join(' '))";
+    let out = run_ok(Command::new(tool("node")).args(["-e", script, regex]).args(cases.iter().map(|(v, _)| v)));
+    let answers: Vec<bool> = String::from_utf8(out.stdout).unwrap().split_whitespace().map(|a| a == "true").collect();
+    let expected: Vec<bool> = cases.iter().map(|(_, m)| *m).collect();
+    assert_eq!(answers, expected, "{regex} against {cases:?}");
 }
 
 /// envoy.yaml as a sidecar with the WasmPlugin alone would have it: no
