@@ -16,19 +16,20 @@ OCI_PUSH_FLAGS ?=
 oci: wasm
 	@digest=$$(istio/oci-image.sh $(WASM) $(OCI_LAYOUT) $(OCI_TAG)) && \
 	  echo "oci: oci:$(OCI_LAYOUT):$(OCI_TAG) ($$digest)" && \
-	  echo "push: make oci-push OCI_DEST=docker://REGISTRY/grpc-guard:$(OCI_TAG); pin the WasmPlugin url to oci://REGISTRY/grpc-guard@$$digest"
+	  echo "push: make oci-push OCI_DEST=docker://REGISTRY/grpc-guard:$(OCI_TAG); then set image: oci://REGISTRY/grpc-guard@$$digest in your overlay's values.yaml"
 
 oci-push: oci
 	@test -n "$(OCI_DEST)" || { echo "set OCI_DEST, e.g. make oci-push OCI_DEST=docker://registry.example.com/grpc-guard:$(OCI_TAG)"; exit 2; }
 	skopeo copy $(OCI_PUSH_FLAGS) oci:$(OCI_LAYOUT):$(OCI_TAG) $(OCI_DEST)
 
-# istio/prometheusrule.yaml = its own header + the groups of
+# istio/base/prometheusrule.yaml = its own header + the groups of
 # istio/alerts.rules.yml and istio/seconds.rules.yml.
+PROMETHEUS_RULE := istio/base/prometheusrule.yaml
 prometheusrule:
-	@{ sed '/^spec:$$/q' istio/prometheusrule.yaml; sed -n '/^groups:/,$$p' istio/alerts.rules.yml | sed 's/^/  /'; \
+	@{ sed '/^spec:$$/q' $(PROMETHEUS_RULE); sed -n '/^groups:/,$$p' istio/alerts.rules.yml | sed 's/^/  /'; \
 	   sed -n '/^groups:/,$$p' istio/seconds.rules.yml | sed '1d; s/^/  /'; } \
-	  > istio/prometheusrule.yaml.new && mv istio/prometheusrule.yaml.new istio/prometheusrule.yaml
-	@echo "wrote istio/prometheusrule.yaml"
+	  > $(PROMETHEUS_RULE).new && mv $(PROMETHEUS_RULE).new $(PROMETHEUS_RULE)
+	@echo "wrote $(PROMETHEUS_RULE)"
 
 # The deployment tests alone: manifests, rules, OCI image through a local
 # registry, alerts on a real Prometheus.

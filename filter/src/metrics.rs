@@ -3,22 +3,46 @@
 //!
 //! Envoy stores a wasm metric `NAME` as the stat `wasmcustom.NAME` and prints it
 //! in `/stats/prometheus` without the namespace. Labels are carried inside the
-//! name as `.label=value;` segments; the `stats_tags` in `envoy/envoy.yaml` (and
-//! `extraStatTags` under Istio) match each segment with a regex whose first
-//! capture group (the whole segment) is cut from the name and whose second is
-//! the label value. What is left is the go-grpc-prometheus metric name:
+//! name in the encoding of Istio's own stats (`istio_requests_total.reporter=.=destination;.;`):
+//! after the metric name and a dot, one `label=.=value;.;` segment per label.
+//! Istio turns each `extraStatTags` entry `label` into the stats tag regex
+//! `(label=\.=(.*?);\.;)` (its sidecar bootstrap template,
+//! `tools/packaging/common/envoy_bootstrap.json`), and `envoy/envoy.yaml`
+//! carries exactly those regexes. Envoy cuts the first capture group (the
+//! whole segment) out of the name, keeps the second as the label value, and
+//! drops the dot the cuts leave at the end (seen on Envoy 1.40), so what is
+//! left is the go-grpc-prometheus metric name:
 //!
-//! `grpc_server_handled_total.grpc_service=pkg.Svc;.grpc_method=Get;.grpc_type=unary;.grpc_code=OK;`
-//! → `grpc_server_handled_total{grpc_service="pkg.Svc",grpc_method="Get",grpc_type="unary",grpc_code="OK"}`
+//! `grpc_server_handled_total.grpc_service=.=pkg.Svc;.;grpc_method=.=Get;.;grpc_type=.=unary;.;grpc_code=.=OK;.;exporter=.=grpc-guard;.;`
+//! → `grpc_server_handled_total{grpc_service="pkg.Svc",grpc_method="Get",grpc_type="unary",grpc_code="OK",exporter="grpc-guard"}`
 //!
-//! Label values never contain `;` or `=`: method names are validated
-//! ([`crate::method::MethodPath`]) and the rest are fixed words.
+//! The metric name comes first because Istio's `statsHistogramBuckets`
+//! annotation picks a histogram's buckets by a prefix of the stat name
+//! (`wasmcustom.grpc_server_handling_milliseconds`); with the labels first the
+//! prefix would never match. Label values never contain `;` or `=`: method
+//! names are validated ([`crate::method::MethodPath`]) and the rest are fixed
+//! words.
 
 use crate::method::Direction;
 use crate::status::GrpcStatus;
 
-/// Labels every per-method metric carries.
-pub const LABELS: [&str; 4] = ["grpc_service", "grpc_method", "grpc_type", "grpc_code"];
+/// Labels every per-method metric carries, `grpc_code` only where there is a
+/// status, in the order of the stats tags (and so of the exposition).
+pub const LABELS: [&str; 5] = ["grpc_service", "grpc_method", "grpc_type", "grpc_code", "exporter"];
+
+/// The value of the `exporter` label on every per-method series. Under
+/// Istio's metrics merging, one scrape carries the sidecar's Envoy stats and
+/// then the application's own: an application instrumented with
+/// go-grpc-prometheus writes the same names and labels, and Prometheus would
+/// drop one side's samples as duplicates. The label keeps them apart
+/// (`{exporter="grpc-guard"}` against `{exporter=""}`), and a
+/// `sum by (grpc_service, grpc_method)` aggregates it away.
+pub const EXPORTER: &str = "grpc-guard";
+
+/// Between a label and its value, and after the value: Istio's separators
+/// (the `=\.=` and `;\.;` of its extraStatTags regex).
+const VALUE_SEPARATOR: &str = "=.=";
+const LABEL_END: &str = ";.;";
 
 /// The per-method metrics, one family each; `family as usize` indexes `ALL`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -198,16 +222,22 @@ pub struct MethodLabels<'a> {
 
 /// The stat name for `family` of a method; `code` only for [`Family::Handled`].
 pub fn stat_name(direction: Direction, family: Family, labels: MethodLabels<'_>, code: Option<GrpcStatus>) -> String {
-    let mut name = String::with_capacity(96);
+    let mut name = String::with_capacity(128);
     name.push_str(family.name(direction));
-    let values = [Some(labels.service), Some(labels.method), Some(labels.grpc_type), code.map(GrpcStatus::go_name)];
+    name.push('.');
+    let values = [
+        Some(labels.service),
+        Some(labels.method),
+        Some(labels.grpc_type),
+        code.map(GrpcStatus::go_name),
+        Some(EXPORTER),
+    ];
     for (label, value) in LABELS.iter().zip(values) {
         if let Some(value) = value {
-            name.push('.');
             name.push_str(label);
-            name.push('=');
+            name.push_str(VALUE_SEPARATOR);
             name.push_str(value);
-            name.push(';');
+            name.push_str(LABEL_END);
         }
     }
     name
@@ -236,11 +266,42 @@ mod tests {
         MethodLabels { service: "grpcguard.demo.v1.Demo", method: "Echo", grpc_type: "unary" };
 
     #[test]
-    fn handled_stat_name_carries_every_label_as_a_segment() {
+    fn handled_stat_name_carries_every_label_in_istio_s_encoding() {
         assert_eq!(
             stat_name(Direction::Inbound, Family::Handled, LABELS_ECHO, Some(GrpcStatus::Unavailable)),
-            "grpc_server_handled_total.grpc_service=grpcguard.demo.v1.Demo;.grpc_method=Echo;.grpc_type=unary;.grpc_code=Unavailable;"
+            "grpc_server_handled_total.grpc_service=.=grpcguard.demo.v1.Demo;.;grpc_method=.=Echo;.;grpc_type=.=unary;.;grpc_code=.=Unavailable;.;exporter=.=grpc-guard;.;"
         );
+    }
+
+    /// What Envoy does with Istio's regex `(label=\.=(.*?);\.;)`: the first
+    /// `label=.=`, the value up to the next `;.;`, the segment cut out.
+    fn extract(name: &mut String, label: &str) -> Option<String> {
+        let start = name.find(&format!("{label}{VALUE_SEPARATOR}"))?;
+        let value_start = start + label.len() + VALUE_SEPARATOR.len();
+        let value_len = name[value_start..].find(LABEL_END)?;
+        let value = name[value_start..value_start + value_len].to_owned();
+        name.replace_range(start..value_start + value_len + LABEL_END.len(), "");
+        Some(value)
+    }
+
+    #[test]
+    fn istio_s_extra_stat_tag_regexes_leave_the_metric_name_and_the_label_values() {
+        let histogram = Family::HandlingMs.name(Direction::Inbound);
+        let mut name = stat_name(Direction::Inbound, Family::HandlingMs, LABELS_ECHO, None);
+        // statsHistogramBuckets matches a prefix of the stat name.
+        assert!(name.starts_with(histogram), "{name}");
+        let values: Vec<Option<String>> = LABELS.iter().map(|label| extract(&mut name, label)).collect();
+        assert_eq!(
+            values,
+            [
+                Some("grpcguard.demo.v1.Demo".to_owned()),
+                Some("Echo".to_owned()),
+                Some("unary".to_owned()),
+                None,
+                Some("grpc-guard".to_owned())
+            ]
+        );
+        assert_eq!(name, format!("{histogram}."), "Envoy drops the trailing dot");
     }
 
     #[test]
@@ -249,7 +310,7 @@ mod tests {
         assert_eq!(Family::MsgToClient.name(Direction::Outbound), "grpc_client_msg_received_total");
         assert_eq!(
             stat_name(Direction::Outbound, Family::Started, LABELS_ECHO, None),
-            "grpc_client_started_total.grpc_service=grpcguard.demo.v1.Demo;.grpc_method=Echo;.grpc_type=unary;"
+            "grpc_client_started_total.grpc_service=.=grpcguard.demo.v1.Demo;.;grpc_method=.=Echo;.;grpc_type=.=unary;.;exporter=.=grpc-guard;.;"
         );
     }
 

@@ -19,15 +19,16 @@ use crate::support::*;
 /// guard has something to count.
 const CONFIG: &str = r#"{"deadline":{"default":"10s","max":"30s"},"limits":{"max_request_message_bytes":4096},"dedup":{"methods":["grpcguard.demo.v1.Demo/Echo"]}}"#;
 
+fn panels_json(dashboard: &serde_json::Value) -> impl Iterator<Item = &serde_json::Value> {
+    dashboard["panels"].as_array().expect("panels").iter()
+}
+
 /// A panel's title and its queries as Prometheus gets them: Grafana's
 /// variables replaced as "All" and a one-minute rate window.
 fn panels() -> Vec<(String, Vec<String>)> {
     let text = read("grafana/grpc-guard.json");
     let dashboard: serde_json::Value = serde_json::from_str(&text).expect("grafana/grpc-guard.json is JSON");
-    dashboard["panels"]
-        .as_array()
-        .expect("panels")
-        .iter()
+    panels_json(&dashboard)
         .map(|p| {
             let queries = p["targets"]
                 .as_array()
@@ -56,6 +57,22 @@ fn the_dashboard_is_grafana_json_with_a_prometheus_query_in_every_panel() {
         for q in queries {
             assert!(!q.contains('$'), "{title}: a variable the test does not set is left in {q}");
         }
+    }
+}
+
+/// A panel that summed an application's own go-grpc-prometheus series in
+/// would count every call twice, and mix its seconds buckets with grpc-guard's.
+#[test]
+fn every_query_and_variable_reads_grpc_guard_s_own_series() {
+    let dashboard: serde_json::Value = serde_json::from_str(&read("grafana/grpc-guard.json")).unwrap();
+    let mut exprs: Vec<&str> =
+        dashboard["templating"]["list"].as_array().unwrap().iter().filter_map(|v| v["definition"].as_str()).collect();
+    assert!(exprs.len() >= 2, "the service and method variables");
+    exprs.extend(
+        panels_json(&dashboard).flat_map(|p| p["targets"].as_array().unwrap()).map(|t| t["expr"].as_str().unwrap()),
+    );
+    for expr in exprs {
+        assert_eq!(selectors_without_exporter(expr), Vec::<String>::new(), "in {expr}");
     }
 }
 

@@ -1,31 +1,19 @@
-//! The Istio and Prometheus Operator manifests in `istio/`: what the APIs
+//! The Istio and Prometheus Operator manifests, as the example install
+//! (`kubectl apply -k istio/overlays/example`) renders them: what the APIs
 //! require, the published CRD schemas, and one source of truth for what
 //! they share with envoy/envoy.yaml, the filter and the rule file.
 
 use std::collections::BTreeSet;
-use std::process::{Command, Stdio};
 
 use serde_yaml::Value;
 
 use crate::support::*;
 
-const WASM_PLUGIN: &str = "istio/wasmplugin.yaml";
-const STATS_BOOTSTRAP: &str = "istio/stats-bootstrap.yaml";
-const WORKLOAD_PATCH: &str = "istio/workload-patch.yaml";
-const DESTINATION_RULE: &str = "istio/destinationrule.yaml";
-const ENVOY_FILTER: &str = "istio/envoyfilter-replay.yaml";
-const PROMETHEUS_RULE: &str = "istio/prometheusrule.yaml";
+const WASM_PLUGIN: &str = "istio/overlays/example: WasmPlugin";
+const DESTINATION_RULE: &str = "istio/overlays/example: DestinationRule";
+const PROMETHEUS_RULE: &str = "istio/overlays/example: PrometheusRule";
 const SECONDS_RULES: &str = "istio/seconds.rules.yml";
 const RULE_FILE: &str = "istio/alerts.rules.yml";
-
-/// The `stats_config` the ConfigMap hands to Istio's Envoy.
-fn istio_stats_config() -> serde_json::Value {
-    let map = yaml(STATS_BOOTSTRAP);
-    let file = str_at(&map, STATS_BOOTSTRAP, "data.custom_bootstrap\\.json");
-    let bootstrap: serde_json::Value =
-        serde_json::from_str(file).unwrap_or_else(|e| panic!("{STATS_BOOTSTRAP}: custom_bootstrap.json: {e}"));
-    bootstrap["stats_config"].clone()
-}
 
 fn assert_kind(doc: &Value, file: &str, api_version: &str, kind: &str) {
     assert_eq!(str_at(doc, file, "apiVersion"), api_version, "{file}");
@@ -35,18 +23,18 @@ fn assert_kind(doc: &Value, file: &str, api_version: &str, kind: &str) {
 
 #[test]
 fn wasm_plugin_pulls_the_oci_image_after_authorization_and_fails_closed() {
-    let doc = yaml(WASM_PLUGIN);
+    let doc = object(example_install(), "WasmPlugin");
     let f = WASM_PLUGIN;
-    assert_kind(&doc, f, "extensions.istio.io/v1alpha1", "WasmPlugin");
-    let url = str_at(&doc, f, "spec.url");
+    assert_kind(doc, f, "extensions.istio.io/v1alpha1", "WasmPlugin");
+    let url = str_at(doc, f, "spec.url");
     assert!(url.starts_with("oci://"), "{f}: spec.url must pull the OCI image from `make oci`, got {url}");
     assert!(!url.ends_with(":latest"), "{f}: pin a tag or digest, not :latest ({url})");
-    assert_eq!(str_at(&doc, f, "spec.imagePullPolicy"), "IfNotPresent", "{f}");
-    assert_eq!(str_at(&doc, f, "spec.phase"), "STATS", "{f}: after Istio's authn/authz (see the comment there)");
-    assert_eq!(str_at(&doc, f, "spec.failStrategy"), "FAIL_CLOSE", "{f}");
-    assert_eq!(str_at(&doc, f, "spec.type"), "HTTP", "{f}");
-    assert_eq!(str_at(&doc, f, "spec.match.0.mode"), "SERVER", "{f}: direction inbound runs on the server side");
-    let labels = at(&doc, f, "spec.selector.matchLabels").as_mapping().expect("matchLabels is a map");
+    assert_eq!(str_at(doc, f, "spec.imagePullPolicy"), "IfNotPresent", "{f}");
+    assert_eq!(str_at(doc, f, "spec.phase"), "STATS", "{f}: after Istio's authn/authz (see the comment there)");
+    assert_eq!(str_at(doc, f, "spec.failStrategy"), "FAIL_CLOSE", "{f}");
+    assert_eq!(str_at(doc, f, "spec.type"), "HTTP", "{f}");
+    assert_eq!(str_at(doc, f, "spec.match.0.mode"), "SERVER", "{f}: direction inbound runs on the server side");
+    let labels = at(doc, f, "spec.selector.matchLabels").as_mapping().expect("matchLabels is a map");
     assert!(!labels.is_empty(), "{f}: spec.selector.matchLabels must pick the gRPC server's pods");
 
     // The same plugin name (root id) as the Envoy config the tests run.
@@ -55,7 +43,7 @@ fn wasm_plugin_pulls_the_oci_image_after_authorization_and_fails_closed() {
         ["http_filters"][0]["typed_config"]["config"]["root_id"]
         .as_str()
         .expect("envoy.yaml names the plugin's root_id");
-    assert_eq!(str_at(&doc, f, "spec.pluginName"), root_id, "{f}: spec.pluginName");
+    assert_eq!(str_at(doc, f, "spec.pluginName"), root_id, "{f}: spec.pluginName");
 }
 
 /// The configuration sections the README documents (`direction`, `metrics`,
@@ -75,8 +63,8 @@ fn documented_sections() -> BTreeSet<String> {
 
 #[test]
 fn plugin_config_has_every_documented_section_and_the_filter_accepts_it() {
-    let doc = yaml(WASM_PLUGIN);
-    let config = to_json(at(&doc, WASM_PLUGIN, "spec.pluginConfig"));
+    let doc = object(example_install(), "WasmPlugin");
+    let config = to_json(at(doc, WASM_PLUGIN, "spec.pluginConfig"));
     let sections: BTreeSet<String> = config.as_object().expect("pluginConfig is a map").keys().cloned().collect();
     let documented = documented_sections();
     assert!(documented.contains("metrics") && documented.contains("log"), "README sections: {documented:?}");
@@ -88,81 +76,41 @@ fn plugin_config_has_every_documented_section_and_the_filter_accepts_it() {
     assert_eq!(parsed.direction, grpc_guard::method::Direction::Inbound);
 }
 
+/// Every object in the one namespace the values name, the DestinationRule's
+/// host in it too.
 #[test]
-fn istio_stats_tags_and_buckets_are_the_ones_in_envoy_yaml() {
-    let map = yaml(STATS_BOOTSTRAP);
-    assert_kind(&map, STATS_BOOTSTRAP, "v1", "ConfigMap");
-    let envoy = to_json(&envoy_config()["stats_config"]);
-    let istio = istio_stats_config();
-    assert!(envoy["stats_tags"].as_array().is_some_and(|t| t.len() == 4), "envoy.yaml stats_tags: {envoy}");
-    assert_eq!(
-        istio["stats_tags"], envoy["stats_tags"],
-        "{STATS_BOOTSTRAP} must carry envoy/envoy.yaml's stats_tags verbatim"
-    );
-    assert_eq!(
-        istio["histogram_bucket_settings"], envoy["histogram_bucket_settings"],
-        "{STATS_BOOTSTRAP} must carry envoy/envoy.yaml's histogram_bucket_settings verbatim"
-    );
-}
-
-#[test]
-fn workload_patch_keeps_the_filter_s_stats_and_mounts_the_tags() {
-    let patch = yaml(WORKLOAD_PATCH);
-    let f = WORKLOAD_PATCH;
-    let proxy_config: Value =
-        serde_yaml::from_str(str_at(&patch, f, "spec.template.metadata.annotations.proxy\\.istio\\.io/config"))
-            .expect("proxy.istio.io/config is YAML");
-    let prefixes: Vec<&str> = at(&proxy_config, f, "proxyStatsMatcher.inclusionPrefixes")
-        .as_sequence()
-        .expect("inclusionPrefixes is a list")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    // Every tagged stat must be one Istio keeps.
-    for tag in istio_stats_config()["stats_tags"].as_array().unwrap() {
-        let regex = tag["regex"].as_str().unwrap();
-        let literal = regex.trim_start_matches('^').split(".*").next().unwrap().replace("\\.", ".");
-        assert!(
-            prefixes.iter().any(|p| literal.starts_with(p)),
-            "{f}: no inclusion prefix keeps the stats that `{regex}` tags (prefixes {prefixes:?})"
-        );
-    }
-    let map = yaml(STATS_BOOTSTRAP);
-    assert_eq!(
-        str_at(&patch, f, "spec.template.metadata.annotations.sidecar\\.istio\\.io/bootstrapOverride"),
-        str_at(&map, STATS_BOOTSTRAP, "metadata.name"),
-        "{f}: the bootstrap override names the ConfigMap"
-    );
-    let namespaces: BTreeSet<String> = [WASM_PLUGIN, STATS_BOOTSTRAP, DESTINATION_RULE, ENVOY_FILTER, PROMETHEUS_RULE]
-        .iter()
-        .map(|file| str_at(&yaml(file), file, "metadata.namespace").to_owned())
-        .collect();
-    assert_eq!(namespaces.len(), 1, "the manifests must share the workload's namespace: {namespaces:?}");
+fn the_example_s_objects_share_the_workload_s_namespace() {
+    let objects = example_install();
+    let namespaces: BTreeSet<&str> = objects.iter().map(|o| str_at(o, EXAMPLE, "metadata.namespace")).collect();
+    assert_eq!(namespaces.len(), 1, "{EXAMPLE}: one namespace: {namespaces:?}");
+    let host = str_at(object(objects, "DestinationRule"), DESTINATION_RULE, "spec.host");
+    let namespace = namespaces.first().unwrap();
+    assert!(host.ends_with(&format!(".{namespace}.svc.cluster.local")), "{DESTINATION_RULE}: {host}");
 }
 
 #[test]
 fn destination_rule_hashes_calls_on_the_idempotency_key() {
-    let doc = yaml(DESTINATION_RULE);
+    let doc = object(example_install(), "DestinationRule");
     let f = DESTINATION_RULE;
-    assert_kind(&doc, f, "networking.istio.io/v1", "DestinationRule");
-    assert!(str_at(&doc, f, "spec.host").ends_with(".svc.cluster.local"), "{f}: spec.host is the ClusterIP service");
+    assert_kind(doc, f, "networking.istio.io/v1", "DestinationRule");
+    assert!(str_at(doc, f, "spec.host").ends_with(".svc.cluster.local"), "{f}: spec.host is the ClusterIP service");
     assert_eq!(
-        str_at(&doc, f, "spec.trafficPolicy.loadBalancer.consistentHash.httpHeaderName"),
+        str_at(doc, f, "spec.trafficPolicy.loadBalancer.consistentHash.httpHeaderName"),
         "idempotency-key",
         "{f}"
     );
-    assert!(read(f).contains("headless"), "{f}: keep the note on headless services");
+    assert!(read("istio/base/destinationrule.yaml").contains("headless"), "keep the note on headless services");
 }
 
 /// Retries reach the pod whose table holds their key only if the balancer
 /// hashes on the header the filter reads the key from.
 #[test]
 fn destination_rule_and_envoy_yaml_hash_on_the_plugin_s_idempotency_key_header() {
-    let plugin = yaml(WASM_PLUGIN);
-    let header = str_at(&plugin, WASM_PLUGIN, "spec.pluginConfig.dedup.header");
-    let rule = yaml(DESTINATION_RULE);
+    let plugin = object(example_install(), "WasmPlugin");
+    let header = str_at(plugin, WASM_PLUGIN, "spec.pluginConfig.dedup.header");
+    let rule = object(example_install(), "DestinationRule");
     assert_eq!(
-        str_at(&rule, DESTINATION_RULE, "spec.trafficPolicy.loadBalancer.consistentHash.httpHeaderName"),
+        str_at(rule, DESTINATION_RULE, "spec.trafficPolicy.loadBalancer.consistentHash.httpHeaderName"),
         header,
         "{DESTINATION_RULE} vs {WASM_PLUGIN} dedup.header"
     );
@@ -184,46 +132,32 @@ fn destination_rule_and_envoy_yaml_hash_on_the_plugin_s_idempotency_key_header()
 
 #[test]
 fn prometheus_rule_carries_the_rule_file_s_groups() {
-    let rule = yaml(PROMETHEUS_RULE);
-    assert_kind(&rule, PROMETHEUS_RULE, "monitoring.coreos.com/v1", "PrometheusRule");
+    let rule = object(example_install(), "PrometheusRule");
+    assert_kind(rule, PROMETHEUS_RULE, "monitoring.coreos.com/v1", "PrometheusRule");
     let mut groups = at(&yaml(RULE_FILE), RULE_FILE, "groups").as_sequence().unwrap().clone();
     groups.extend(at(&yaml(SECONDS_RULES), SECONDS_RULES, "groups").as_sequence().unwrap().iter().cloned());
     assert_eq!(
-        at(&rule, PROMETHEUS_RULE, "spec.groups"),
+        at(rule, PROMETHEUS_RULE, "spec.groups"),
         &serde_yaml::Value::Sequence(groups),
-        "{PROMETHEUS_RULE} differs from {RULE_FILE} and {SECONDS_RULES} (the sources): run `make prometheusrule`"
+        "istio/base/prometheusrule.yaml differs from {RULE_FILE} and {SECONDS_RULES} (the sources): run `make prometheusrule`"
     );
 }
 
-/// Runs istio/schema-check/validate.mjs on `docs`; its exit status and output.
-fn schema_check(docs: &[serde_json::Value]) -> (bool, String) {
-    let node_modules = repo_file(".venv/schema-check/node_modules");
-    assert!(
-        node_modules.join("@kubernetes-models/istio").is_dir(),
-        "{} is missing: run `make setup` (scripts/setup.d/deploy.sh installs the published CRD schemas from npm)",
-        node_modules.display()
-    );
-    let mut child = Command::new(tool("node"))
-        .arg(repo_file("istio/schema-check/validate.mjs"))
-        .arg(&node_modules)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting node");
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(serde_json::to_string(docs).unwrap().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-}
-
+/// The example install's objects, in the order kustomize writes them, as JSON.
 fn crd_manifests() -> Vec<serde_json::Value> {
-    [WASM_PLUGIN, DESTINATION_RULE, PROMETHEUS_RULE, ENVOY_FILTER].iter().map(|f| to_json(&yaml(f))).collect()
+    example_install().iter().map(to_json).collect()
+}
+
+/// Where the object of `kind` is among `docs`.
+fn kind_index(docs: &[serde_json::Value], kind: &str) -> usize {
+    docs.iter().position(|d| d["kind"] == kind).unwrap_or_else(|| panic!("no {kind}"))
 }
 
 #[test]
-fn manifests_pass_istio_s_and_the_prometheus_operator_s_published_schemas() {
-    let (ok, output) = schema_check(&crd_manifests());
+fn the_example_install_passes_istio_s_and_the_prometheus_operator_s_published_schemas() {
+    let docs = crd_manifests();
+    assert_eq!(docs.len(), 4, "{EXAMPLE} renders the four objects, not its values: {docs:?}");
+    let (ok, output) = schema_check(&docs);
     assert!(ok, "schema check failed:\n{output}");
     for kind in ["WasmPlugin", "DestinationRule", "PrometheusRule", "EnvoyFilter"] {
         assert!(output.lines().any(|l| l.starts_with(&format!("ok {kind} "))), "{output}");
@@ -233,9 +167,11 @@ fn manifests_pass_istio_s_and_the_prometheus_operator_s_published_schemas() {
 #[test]
 fn schema_check_refuses_a_misspelled_field_and_an_unknown_enum_value() {
     let mut docs = crd_manifests();
-    docs[0]["spec"]["phase"] = "STAT".into();
-    docs[1]["spec"]["trafficPolicy"]["loadBalancer"]["consistentHash"]["httpHeader"] = "idempotency-key".into();
-    let route_patch = &mut docs[3]["spec"]["configPatches"][2];
+    let (plugin, rule, filter) =
+        (kind_index(&docs, "WasmPlugin"), kind_index(&docs, "DestinationRule"), kind_index(&docs, "EnvoyFilter"));
+    docs[plugin]["spec"]["phase"] = "STAT".into();
+    docs[rule]["spec"]["trafficPolicy"]["loadBalancer"]["consistentHash"]["httpHeader"] = "idempotency-key".into();
+    let route_patch = &mut docs[filter]["spec"]["configPatches"][2];
     route_patch["patch"]["operation"] = "INSERT_FIRTS".into();
     route_patch["match"]["routeConfiguration"]["port"] = 50051.into();
     let (ok, output) = schema_check(&docs);
@@ -245,4 +181,52 @@ fn schema_check_refuses_a_misspelled_field_and_an_unknown_enum_value() {
     assert!(output.contains("/spec/configPatches/2/patch/operation enum"), "{output}");
     assert!(output.contains("routeConfiguration/port: unknown field"), "{output}");
     assert!(output.contains("ok PrometheusRule"), "{output}");
+}
+
+/// The repository paths a file names (`istio/base/wasmplugin.yaml`,
+/// `tests/tests/deploy/replay.rs`, …), as words of path characters.
+fn repository_paths(text: &str) -> BTreeSet<String> {
+    const ROOTS: [&str; 10] =
+        ["istio/", "envoy/", "tests/", "grafana/", "filter/", "demo/", "scripts/", "mk/", "bench/", "cost-model/"];
+    let is_path_char = |c: char| c.is_ascii_alphanumeric() || "_./-".contains(c);
+    let mut paths = BTreeSet::new();
+    for (i, _) in text.char_indices() {
+        let before = text[..i].chars().next_back();
+        if before.is_some_and(is_path_char) || !ROOTS.iter().any(|r| text[i..].starts_with(r)) {
+            continue;
+        }
+        let word: String = text[i..].chars().take_while(|c| is_path_char(*c)).collect();
+        paths.insert(word.trim_end_matches(['.', '-']).to_owned());
+    }
+    paths
+}
+
+/// Comments and the README send readers to files: each must be there.
+#[test]
+fn every_repository_path_named_in_istio_s_files_and_the_readme_exists() {
+    let mut files: Vec<String> = vec!["README.md".to_owned(), "envoy/envoy.yaml".to_owned(), "mk/deploy.mk".to_owned()];
+    let mut dirs = vec![repo_file("istio")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                files.push(path.strip_prefix(workspace_root()).unwrap().display().to_string());
+            }
+        }
+    }
+    // Not this repository's: Istio's own repository, and the README's copy
+    // of the example overlay that a user makes.
+    let elsewhere = ["istio/istio", "istio/overlays/shop"];
+    let mut missing = Vec::new();
+    for file in &files {
+        for path in repository_paths(&read(file)) {
+            if !elsewhere.iter().any(|e| path.starts_with(e)) && !repo_file(&path).exists() {
+                missing.push(format!("{file}: {path}"));
+            }
+        }
+    }
+    assert!(files.len() > 10, "{files:?}");
+    assert_eq!(missing, Vec::<String>::new(), "named but not in the repository");
 }

@@ -59,11 +59,23 @@ pub(crate) fn start_prometheus(
     rule_files: &[std::path::PathBuf],
     target: &str,
 ) -> (Server, String) {
+    let job =
+        format!("- job_name: envoy\n  metrics_path: /stats/prometheus\n  static_configs:\n  - targets: ['{target}']\n");
+    start_prometheus_with_jobs(dir, rule_files, &job)
+}
+
+/// A real Prometheus with the scrape jobs `jobs` (YAML list items of
+/// `scrape_configs`), scraping and evaluating `rule_files` every second.
+pub(crate) fn start_prometheus_with_jobs(
+    dir: &std::path::Path,
+    rule_files: &[std::path::PathBuf],
+    jobs: &str,
+) -> (Server, String) {
     let rules: String = rule_files.iter().map(|f| format!("- {}\n", f.display())).collect();
     std::fs::write(
         dir.join("prometheus.yml"),
         format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n{rules}scrape_configs:\n- job_name: envoy\n  metrics_path: /stats/prometheus\n  static_configs:\n  - targets: ['{target}']\n"
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n{rules}scrape_configs:\n{jobs}"
         ),
     )
     .unwrap();

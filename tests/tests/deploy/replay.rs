@@ -1,22 +1,22 @@
-//! istio/envoyfilter-replay.yaml, the replay hop of idempotency-key
-//! deduplication under Istio. Its patches carry envoy/envoy.yaml's internal
+//! The replay hop of idempotency-key deduplication under Istio: the
+//! EnvoyFilter of istio/base/envoyfilter-replay.yaml, as the example install
+//! renders it. Its patches carry envoy/envoy.yaml's internal
 //! listener, cluster and route verbatim (one source of truth); they target
 //! what Istio's patcher matches in a sidecar's inbound configuration; and in
 //! a real Envoy they make a retry of a kept OK call get the kept message.
 //! Without them (a WasmPlugin alone) the retry is still never run twice.
 
 use std::process::Command;
-use std::time::Duration;
 
-use grpc_guard_demo::envoy::{EnvoyParams, TEMPLATE};
+use grpc_guard_demo::envoy::EnvoyParams;
 use grpc_guard_demo::pb::{EchoReply, EchoRequest};
-use grpc_guard_tests::e2e::{envoy_binary, wasm_path, Upstream};
+use grpc_guard_tests::e2e::Upstream;
 use serde_yaml::Value;
 
 use crate::support::*;
 
-const ENVOY_FILTER: &str = "istio/envoyfilter-replay.yaml";
-const WASM_PLUGIN: &str = "istio/wasmplugin.yaml";
+const ENVOY_FILTER: &str = "istio/overlays/example: EnvoyFilter";
+const WASM_PLUGIN: &str = "istio/overlays/example: WasmPlugin";
 const ENVOY_YAML: &str = "envoy/envoy.yaml";
 /// The listener and the cluster of the replay hop share this name.
 const REPLAY: &str = "grpc_guard_replay";
@@ -54,18 +54,18 @@ fn is_replay_route(route: &Value) -> bool {
 
 #[test]
 fn envoy_filter_carries_envoy_yaml_s_replay_listener_cluster_and_route_verbatim() {
-    let filter = yaml(ENVOY_FILTER);
+    let filter = object(example_install(), "EnvoyFilter");
     let mut envoy = envoy_config();
     let listener = named(&envoy["static_resources"]["listeners"], "listener", REPLAY);
     assert_eq!(
-        at(patch(&filter, "LISTENER"), ENVOY_FILTER, "patch.value"),
+        at(patch(filter, "LISTENER"), ENVOY_FILTER, "patch.value"),
         listener,
         "{ENVOY_FILTER}: the internal listener must be {ENVOY_YAML}'s, verbatim"
     );
     assert!(listener.get("internal_listener").is_some(), "{ENVOY_YAML}: {REPLAY} is an internal listener");
     let cluster = named(&envoy["static_resources"]["clusters"], "cluster", REPLAY);
     assert_eq!(
-        at(patch(&filter, "CLUSTER"), ENVOY_FILTER, "patch.value"),
+        at(patch(filter, "CLUSTER"), ENVOY_FILTER, "patch.value"),
         cluster,
         "{ENVOY_FILTER}: the cluster must be {ENVOY_YAML}'s, verbatim"
     );
@@ -81,7 +81,7 @@ fn envoy_filter_carries_envoy_yaml_s_replay_listener_cluster_and_route_verbatim(
     let routes = ingress_routes(&mut envoy);
     assert!(is_replay_route(&routes[0]), "{ENVOY_YAML}: the replay route comes first");
     assert_eq!(
-        at(patch(&filter, "HTTP_ROUTE"), ENVOY_FILTER, "patch.value"),
+        at(patch(filter, "HTTP_ROUTE"), ENVOY_FILTER, "patch.value"),
         &routes[0],
         "{ENVOY_FILTER}: the route must be {ENVOY_YAML}'s first route, verbatim"
     );
@@ -94,31 +94,54 @@ fn envoy_filter_carries_envoy_yaml_s_replay_listener_cluster_and_route_verbatim(
 /// virtual host of it.
 #[test]
 fn envoy_filter_patches_the_wasm_plugin_s_pods_inbound_with_the_route_first() {
-    let filter = yaml(ENVOY_FILTER);
+    let filter = object(example_install(), "EnvoyFilter");
     let f = ENVOY_FILTER;
-    assert_eq!(str_at(&filter, f, "apiVersion"), "networking.istio.io/v1alpha3", "{f}");
-    assert_eq!(str_at(&filter, f, "kind"), "EnvoyFilter", "{f}");
-    let plugin = yaml(WASM_PLUGIN);
+    assert_eq!(str_at(filter, f, "apiVersion"), "networking.istio.io/v1alpha3", "{f}");
+    assert_eq!(str_at(filter, f, "kind"), "EnvoyFilter", "{f}");
+    let plugin = object(example_install(), "WasmPlugin");
     assert_eq!(
-        at(&filter, f, "spec.workloadSelector.labels"),
-        at(&plugin, WASM_PLUGIN, "spec.selector.matchLabels"),
+        at(filter, f, "spec.workloadSelector.labels"),
+        at(plugin, WASM_PLUGIN, "spec.selector.matchLabels"),
         "{f}: the pods the WasmPlugin runs in"
     );
-    assert_eq!(str_at(&filter, f, "metadata.namespace"), str_at(&plugin, WASM_PLUGIN, "metadata.namespace"), "{f}");
-    let patches = at(&filter, f, "spec.configPatches").as_sequence().unwrap();
+    assert_eq!(str_at(filter, f, "metadata.namespace"), str_at(plugin, WASM_PLUGIN, "metadata.namespace"), "{f}");
+    let patches = at(filter, f, "spec.configPatches").as_sequence().unwrap();
     assert_eq!(patches.len(), 3, "{f}: the listener, the cluster and the route");
     for p in patches {
         assert_eq!(str_at(p, f, "match.context"), "SIDECAR_INBOUND", "{f}: {p:?}");
     }
-    assert_eq!(str_at(patch(&filter, "LISTENER"), f, "patch.operation"), "ADD", "{f}");
-    assert_eq!(str_at(patch(&filter, "CLUSTER"), f, "patch.operation"), "ADD", "{f}");
-    let route = patch(&filter, "HTTP_ROUTE");
+    assert_eq!(str_at(patch(filter, "LISTENER"), f, "patch.operation"), "ADD", "{f}");
+    assert_eq!(str_at(patch(filter, "CLUSTER"), f, "patch.operation"), "ADD", "{f}");
+    let route = patch(filter, "HTTP_ROUTE");
     assert_eq!(str_at(route, f, "patch.operation"), "INSERT_FIRST", "{f}");
     let port = at(route, f, "match.routeConfiguration.portNumber").as_u64().expect("portNumber is a number");
     assert!((1..=65535).contains(&port), "{f}: portNumber {port}");
     let matched: Vec<&str> =
         at(route, f, "match.routeConfiguration").as_mapping().unwrap().keys().filter_map(Value::as_str).collect();
     assert_eq!(matched, ["portNumber"], "{f}: match the service port's route configuration only by its port");
+}
+
+/// The route's `filter_state` match needs Envoy 1.34 (Istio 1.26); an
+/// older one would lose it and route every call to the replay hop. Istio
+/// matches `proxyVersion` with Go's regexp against the proxy's Istio version;
+/// JavaScript's RegExp reads this expression the same way.
+#[test]
+fn the_replay_hop_applies_only_to_sidecars_of_istio_1_26_or_later() {
+    let filter = object(example_install(), "EnvoyFilter");
+    let patches = at(filter, ENVOY_FILTER, "spec.configPatches").as_sequence().unwrap();
+    let versions: std::collections::BTreeSet<&str> =
+        patches.iter().map(|p| str_at(p, ENVOY_FILTER, "match.proxy.proxyVersion")).collect();
+    assert_eq!(versions.len(), 1, "{ENVOY_FILTER}: every patch has the same proxyVersion: {versions:?}");
+    let regex = versions.first().unwrap();
+    let matching = [("1.26.0", true), ("1.26.4", true), ("1.28.1", true), ("1.30.0-beta.0", true), ("1.99.0", true)];
+    let older = [("1.25.5", false), ("1.24.0", false), ("1.2.0", false), ("1.9.9", false), ("1.260.0", false)];
+    let cases: Vec<(&str, bool)> = matching.into_iter().chain(older).collect();
+    let script =
+        "const r = new RegExp(process.argv[1]); console.log(process.argv.slice(2).map(v => r.test(v)).join(' '))";
+    let out = run_ok(Command::new(tool("node")).args(["-e", script, regex]).args(cases.iter().map(|(v, _)| v)));
+    let answers: Vec<bool> = String::from_utf8(out.stdout).unwrap().split_whitespace().map(|a| a == "true").collect();
+    let expected: Vec<bool> = cases.iter().map(|(_, m)| *m).collect();
+    assert_eq!(answers, expected, "{regex} against {cases:?}");
 }
 
 /// envoy.yaml as a sidecar with the WasmPlugin alone would have it: no
@@ -136,35 +159,17 @@ fn without_replay_hop(envoy: &mut Value) {
 
 /// The EnvoyFilter's patches applied the way Istio applies them.
 fn with_envoy_filter(envoy: &mut Value) {
-    let filter = yaml(ENVOY_FILTER);
-    let value = |apply_to| at(patch(&filter, apply_to), ENVOY_FILTER, "patch.value").clone();
+    let filter = object(example_install(), "EnvoyFilter");
+    let value = |apply_to| at(patch(filter, apply_to), ENVOY_FILTER, "patch.value").clone();
     envoy["static_resources"]["listeners"].as_sequence_mut().unwrap().push(value("LISTENER"));
     envoy["static_resources"]["clusters"].as_sequence_mut().unwrap().push(value("CLUSTER"));
     ingress_routes(envoy).insert(0, value("HTTP_ROUTE"));
 }
 
-/// A real Envoy (two workers) running the filter, deduplicating Echo, in
-/// front of the demo service, with envoy/envoy.yaml changed by `edit`;
-/// killed on drop.
+/// A real Envoy running the filter, deduplicating Echo, in front of the demo
+/// service, with envoy/envoy.yaml changed by `edit`; killed on drop.
 fn start_envoy(name: &str, upstream: &Upstream, edit: fn(&mut Value)) -> (Server, EnvoyParams) {
-    let dir = scratch_dir(name);
-    let mut attempt = 0;
-    loop {
-        let params = EnvoyParams::on_free_ports(upstream.addr, wasm_path(), ECHO_DEDUP).unwrap();
-        let mut config: Value = serde_yaml::from_str(&params.render(TEMPLATE).unwrap()).unwrap();
-        edit(&mut config);
-        let path = dir.join("envoy.yaml");
-        std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
-        let mut command = Command::new(envoy_binary());
-        command.arg("-c").arg(&path).args(["--concurrency", "2", "--disable-hot-restart", "--log-level", "info"]);
-        let ready = format!("http://{}/ready", params.admin_addr());
-        match Server::try_start("envoy", &mut command, &dir, &ready, Duration::from_secs(60)) {
-            Ok(envoy) => return (envoy, params),
-            // A port picked free can be taken before Envoy binds it.
-            Err(e) if attempt < 3 && e.contains("Address already in use") => attempt += 1,
-            Err(e) => panic!("{e}"),
-        }
-    }
+    start_edited_envoy(name, upstream.addr, ECHO_DEDUP, edit)
 }
 
 /// One keyed Echo: the reply or the status, and whether it was marked replayed.

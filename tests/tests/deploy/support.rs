@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use grpc_guard_demo::envoy::{EnvoyParams, HttpFilter, TEMPLATE};
 pub use grpc_guard_tests::e2e::workspace_root;
+use grpc_guard_tests::e2e::{envoy_binary, wasm_path};
 
-/// A file of the workspace, e.g. `istio/wasmplugin.yaml`.
+/// A file of the workspace, e.g. `istio/base/wasmplugin.yaml`.
 pub fn repo_file(relative: &str) -> PathBuf {
     workspace_root().join(relative)
 }
@@ -64,6 +65,113 @@ pub fn envoy_config() -> serde_yaml::Value {
     serde_yaml::from_str(&params.render(TEMPLATE).unwrap()).expect("rendered envoy.yaml is YAML")
 }
 
+/// A real Envoy (two workers) running the filter configured by
+/// `plugin_config`, in front of `upstream`, with envoy/envoy.yaml changed by
+/// `edit`; killed on drop.
+pub fn start_edited_envoy(
+    name: &str,
+    upstream: std::net::SocketAddr,
+    plugin_config: &str,
+    edit: impl Fn(&mut serde_yaml::Value),
+) -> (Server, EnvoyParams) {
+    let dir = scratch_dir(name);
+    let mut attempt = 0;
+    loop {
+        let params = EnvoyParams::on_free_ports(upstream, wasm_path(), plugin_config).unwrap();
+        let mut config: serde_yaml::Value = serde_yaml::from_str(&params.render(TEMPLATE).unwrap()).unwrap();
+        edit(&mut config);
+        let path = dir.join("envoy.yaml");
+        std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+        let mut command = Command::new(envoy_binary());
+        command.arg("-c").arg(&path).args(["--concurrency", "2", "--disable-hot-restart", "--log-level", "info"]);
+        let ready = format!("http://{}/ready", params.admin_addr());
+        match Server::try_start("envoy", &mut command, &dir, &ready, Duration::from_secs(60)) {
+            Ok(envoy) => return (envoy, params),
+            // A port picked free can be taken before Envoy binds it.
+            Err(e) if attempt < 3 && e.contains("Address already in use") => attempt += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// The grpc-guard metric selectors in a PromQL expression that do not pick
+/// grpc-guard's own series with `exporter="grpc-guard"` (README "Metrics":
+/// an application's go-grpc-prometheus series share the names).
+pub fn selectors_without_exporter(expr: &str) -> Vec<String> {
+    let mut missing = Vec::new();
+    let mut rest = expr;
+    while let Some(start) = ["grpc_server_", "grpc_client_"].iter().filter_map(|p| rest.find(p)).min() {
+        let after = &rest[start..];
+        let name_len = after.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(after.len());
+        let selector = match after[name_len..].strip_prefix('{') {
+            Some(labels) => &after[..name_len + 1 + labels.find('}').map_or(labels.len(), |end| end + 1)],
+            None => &after[..name_len],
+        };
+        if !selector.contains(r#"exporter="grpc-guard""#) {
+            missing.push(selector.to_owned());
+        }
+        rest = &after[selector.len()..];
+    }
+    missing
+}
+
+/// The example install, istio/overlays/example.
+pub const EXAMPLE: &str = "istio/overlays/example";
+
+/// What `kubectl kustomize DIR` renders, one value per object; why not, with
+/// kustomize's own message.
+pub fn kustomize(dir: &Path) -> Result<Vec<serde_yaml::Value>, String> {
+    let out = Command::new(tool("kubectl")).arg("kustomize").arg(dir).output().expect("running kubectl kustomize");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let text = String::from_utf8(out.stdout).unwrap();
+    // kustomize separates the objects with `---` lines.
+    Ok(text
+        .split("\n---\n")
+        .map(|doc| {
+            serde_yaml::from_str(doc).unwrap_or_else(|e| panic!("kubectl kustomize wrote no YAML ({e}):\n{doc}"))
+        })
+        .collect())
+}
+
+/// istio/overlays/example as `kubectl apply -k` would apply it (rendered
+/// once per test run).
+pub fn example_install() -> &'static [serde_yaml::Value] {
+    static RENDERED: std::sync::OnceLock<Vec<serde_yaml::Value>> = std::sync::OnceLock::new();
+    RENDERED
+        .get_or_init(|| kustomize(&repo_file(EXAMPLE)).unwrap_or_else(|e| panic!("kubectl kustomize {EXAMPLE}:\n{e}")))
+}
+
+/// The one object of `kind` among `objects`.
+pub fn object<'a>(objects: &'a [serde_yaml::Value], kind: &str) -> &'a serde_yaml::Value {
+    let found: Vec<&serde_yaml::Value> = objects.iter().filter(|o| o["kind"] == kind).collect();
+    assert_eq!(found.len(), 1, "one {kind} among the rendered objects");
+    found[0]
+}
+
+/// Runs istio/schema-check/validate.mjs on `docs`; its exit status and output.
+pub fn schema_check(docs: &[serde_json::Value]) -> (bool, String) {
+    let node_modules = repo_file(".venv/schema-check/node_modules");
+    assert!(
+        node_modules.join("@kubernetes-models/istio").is_dir(),
+        "{} is missing: run `make setup` (scripts/setup.d/deploy.sh installs the published CRD schemas from npm)",
+        node_modules.display()
+    );
+    let mut child = Command::new(tool("node"))
+        .arg(repo_file("istio/schema-check/validate.mjs"))
+        .arg(&node_modules)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting node");
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(serde_json::to_string(docs).unwrap().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
 /// The Debian package that brings each tool (scripts/setup.d/deploy.sh).
 const TOOLS: &[(&str, &str)] = &[
     ("promtool", "prometheus"),
@@ -73,6 +181,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("docker-registry", "docker-registry"),
     ("jq", "jq"),
     ("node", "nodejs"),
+    ("kubectl", "kubectl"),
 ];
 
 /// A tool on PATH, or a failure that says how to install it.

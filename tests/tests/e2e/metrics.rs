@@ -43,6 +43,41 @@ async fn server_streaming_call_counts_every_message_under_its_configured_type() 
     assert_eq!(line["status_source"], "trailers");
 }
 
+/// The whole line, as a scraper reads it: the go-grpc-prometheus name, every
+/// label and no other, nothing of the stat name's encoding left over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_s_exposition_lines_read_exactly_as_go_grpc_prometheus_writes_them() {
+    let upstream = Upstream::start().await;
+    let envoy = start_envoy("exposition", upstream.addr, "{}").unwrap();
+    let mut client = grpc_guard_demo::client(grpc_guard_demo::lazy_channel(&envoy.grpc_uri()).unwrap());
+    client.echo(EchoRequest { message: "hi".into(), ..Default::default() }).await.unwrap();
+    let labels = format!(r#"grpc_service="{DEMO_SERVICE}",grpc_method="Echo",grpc_type="unary""#);
+    let exporter = r#"exporter="grpc-guard""#;
+    let bucket = format!(r#"grpc_server_handling_milliseconds_bucket{{{labels},{exporter},le="1000"}} 1"#);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let text = envoy.prometheus().unwrap();
+        if text.contains(&bucket) || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("grpc_server_")).collect();
+    for want in [
+        format!(r#"grpc_server_started_total{{{labels},{exporter}}} 1"#),
+        format!(r#"grpc_server_handled_total{{{labels},grpc_code="OK",{exporter}}} 1"#),
+        format!(r#"grpc_server_msg_received_total{{{labels},{exporter}}} 1"#),
+        format!(r#"grpc_server_msg_sent_total{{{labels},{exporter}}} 1"#),
+        bucket.clone(),
+    ] {
+        assert!(lines.contains(&want.as_str()), "missing `{want}` in:\n{}", lines.join("\n"));
+    }
+    assert!(
+        text.lines().filter(|l| l.starts_with("# TYPE grpc_")).all(|l| !l.contains('=') && !l.contains("__")),
+        "a metric name carries part of a label:\n{text}"
+    );
+}
+
 /// A flood of made-up paths (`methods: ["*"]`, the default) takes no label:
 /// a method earns its own only once the service answers it with something
 /// other than UNIMPLEMENTED, so the real methods after the flood still get

@@ -74,17 +74,23 @@ fn method_labels_are_bounded_across_workers_and_the_rest_fold_into_other() {
         .sum();
     assert_eq!(total, calls, "no call is lost");
     for name in metrics.names() {
-        let keys: Vec<&str> = name
-            .split(';')
-            .filter(|segment| !segment.is_empty())
+        // `NAME.key=.=value;.;key=.=value;.;`: Istio's encoding.
+        let (_, segments) = name.split_once('.').unwrap_or_else(|| panic!("no labels in {name}"));
+        let keys: Vec<&str> = segments
+            .strip_suffix(";.;")
+            .unwrap_or_else(|| panic!("labels not ended by `;.;` in {name}"))
+            .split(";.;")
             .map(|segment| {
-                let (key, value) = segment.split_once('=').unwrap_or_else(|| panic!("segment without value: {name}"));
-                assert!(!value.contains('='), "a path injected a label into {name}");
-                key.rsplit('.').next().unwrap_or_default()
+                let (key, value) = segment.split_once("=.=").unwrap_or_else(|| panic!("segment without value: {name}"));
+                assert!(!value.contains('=') && !value.contains(';'), "a path injected a label into {name}");
+                key
             })
             .collect();
         let plain = ["grpc_service", "grpc_method", "grpc_type"];
-        assert!(keys == plain || keys == [&plain[..], &["grpc_code"]].concat(), "unexpected labels in {name}");
+        assert!(
+            keys == [&plain[..], &["exporter"]].concat() || keys == [&plain[..], &["grpc_code", "exporter"]].concat(),
+            "unexpected labels in {name}"
+        );
     }
 }
 

@@ -182,16 +182,19 @@ pub struct Labels<'a> {
 pub const GET: Labels<'static> = Labels { service: SERVICE, method: METHOD, grpc_type: "unary" };
 pub const OTHER: Labels<'static> = Labels { service: "other", method: "other", grpc_type: "unary" };
 
-/// `family.grpc_service=…;.grpc_method=…;.grpc_type=…;` and `.grpc_code=…;`
-/// when `code` is given: the stat name Envoy's `stats_tags` split into labels.
+/// `family.grpc_service=.=…;.;grpc_method=.=…;.;grpc_type=.=…;.;`, then
+/// `grpc_code=.=…;.;` when `code` is given, then `exporter=.=grpc-guard;.;`:
+/// the stat name, in Istio's encoding, that Envoy's `stats_tags` split into
+/// labels.
 pub fn stat(family: &str, labels: Labels<'_>, code: Option<&str>) -> String {
     let mut name = format!(
-        "{family}.grpc_service={};.grpc_method={};.grpc_type={};",
+        "{family}.grpc_service=.={};.;grpc_method=.={};.;grpc_type=.={};.;",
         labels.service, labels.method, labels.grpc_type
     );
     if let Some(code) = code {
-        name.push_str(&format!(".grpc_code={code};"));
+        name.push_str(&format!("grpc_code=.={code};.;"));
     }
+    name.push_str("exporter=.=grpc-guard;.;");
     name
 }
 
@@ -199,9 +202,10 @@ pub fn handled(labels: Labels<'_>, code: &str) -> String {
     stat("grpc_server_handled_total", labels, Some(code))
 }
 
-/// The value of the label `label` in a stat name, if it carries it.
+/// The value of the label `label` in a stat name, if it carries it: what
+/// Istio's regex `(label=\.=(.*?);\.;)` finds.
 pub fn label<'a>(stat_name: &'a str, label: &str) -> Option<&'a str> {
-    let start = stat_name.find(&format!(".{label}="))? + label.len() + 2;
+    let start = stat_name.find(&format!("{label}=.="))? + label.len() + 3;
     let rest = stat_name.get(start..)?;
-    rest.get(..rest.find(';')?)
+    rest.get(..rest.find(";.;")?)
 }
