@@ -31,7 +31,7 @@ fn wasm_plugin_pulls_the_oci_image_after_authorization_and_fails_closed() {
     assert!(!url.ends_with(":latest"), "{f}: pin a tag or digest, not :latest ({url})");
     assert_eq!(str_at(doc, f, "spec.imagePullPolicy"), "IfNotPresent", "{f}");
     assert_eq!(str_at(doc, f, "spec.phase"), "STATS", "{f}: after Istio's authn/authz (see the comment there)");
-    assert_eq!(str_at(doc, f, "spec.failStrategy"), "FAIL_CLOSE", "{f}");
+    assert_eq!(str_at(doc, f, "spec.failStrategy"), "FAIL_RELOAD", "{f}");
     assert_eq!(str_at(doc, f, "spec.type"), "HTTP", "{f}");
     assert_eq!(str_at(doc, f, "spec.match.0.mode"), "SERVER", "{f}: direction inbound runs on the server side");
     let labels = at(doc, f, "spec.selector.matchLabels").as_mapping().expect("matchLabels is a map");
