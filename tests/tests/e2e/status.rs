@@ -137,10 +137,10 @@ async fn client_that_gives_up_is_counted_as_canceled_while_the_server_keeps_work
     let gave_up = tokio::time::timeout(Duration::from_millis(300), scenario::run(&channel, slow, None)).await;
     assert!(gave_up.is_err(), "the call should still be running when the client leaves");
 
-    let samples =
-        scrape_until(&envoy, |s| value(s, "grpc_server_handled_total", &[("grpc_method", "Echo")]).is_some()).await;
+    let canceled = [("grpc_method", "Echo"), ("grpc_code", "Canceled")];
+    let samples = scrape_until(&envoy, |s| value(s, "grpc_server_handled_total", &canceled).is_some()).await;
     assert_eq!(
-        value(&samples, "grpc_server_handled_total", &[("grpc_method", "Echo"), ("grpc_code", "Canceled")]),
+        value(&samples, "grpc_server_handled_total", &canceled),
         Some(1.0),
         "{:?}",
         samples.iter().filter(|s| s.name == "grpc_server_handled_total").collect::<Vec<_>>()
