@@ -1,7 +1,7 @@
 //! The bad-input matrix (issue 17): what no well-behaved gRPC peer sends,
 //! through a real Envoy with two workers. Malformed frames, odd headers,
 //! answers a gRPC server never gives, resets and disconnects at every phase
-//! of a call.
+//! of a call, load, and bad configuration values.
 //!
 //! Every case states, in its row: what the client gets, every grpc-guard
 //! counter that changes (and by how much), the fields of the call's log line,
@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use grpc_guard_demo::envoy::Envoy;
+use grpc_guard_demo::envoy::{Envoy, EnvoyError};
 use grpc_guard_demo::pb::{EchoReply, EchoRequest};
 use hyper::body::Bytes;
 use prost::Message as _;
@@ -931,4 +931,211 @@ async fn matrix_answers_no_grpc_server_gives() {
     .await;
     let envoy = start_envoy("matrix-raw", addr, CONFIG).unwrap();
     run_matrix(&envoy, &cases, &move || requests.load(Ordering::SeqCst)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn matrix_a_thousand_concurrent_streams_on_one_connection_are_answered_and_counted() {
+    const CALLS: usize = 1000;
+    let upstream = Upstream::start().await;
+    let envoy = start_envoy("matrix-load", upstream.addr, CONFIG).unwrap();
+    let addr = envoy.params().listen_addr();
+    // What Envoy's listener allows on one connection: its SETTINGS frame.
+    let ordinary: Vec<(&[u8], &[u8])> = vec![
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", ECHO.as_bytes()),
+        (b":authority", b"matrix"),
+        (b"content-type", b"application/grpc"),
+    ];
+    let (outcome, max_streams) = h2_handwritten(addr, &ordinary, &echo_frame("settings?")).await;
+    assert_eq!(outcome, RawOutcome::Answered);
+    let max_streams = max_streams.expect("Envoy announces SETTINGS_MAX_CONCURRENT_STREAMS");
+    assert!(max_streams as usize >= CALLS, "Envoy allows {max_streams} streams per connection");
+
+    let counters_before = guard_counters(&parse_exposition(&envoy.prometheus().unwrap()));
+    let logs_before = call_logs(&envoy, 1).await.len();
+    let connections = |s: &[Sample]| {
+        value(s, "envoy_http_downstream_cx_total", &[("envoy_http_conn_manager_prefix", "grpc_ingress")]).unwrap()
+    };
+    let connections_before = connections(&parse_exposition(&envoy.prometheus().unwrap()));
+    // One tonic channel is one HTTP/2 connection; every call waits 300 ms
+    // in the service, so the calls overlap.
+    let channel = grpc_guard_demo::lazy_channel(&envoy.grpc_uri()).unwrap();
+    let mut calls = tokio::task::JoinSet::new();
+    for n in 0..CALLS {
+        let mut client = grpc_guard_demo::client(channel.clone());
+        calls.spawn(async move {
+            client.echo(EchoRequest { message: format!("call {n}"), delay_ms: 300, ..Default::default() }).await
+        });
+    }
+    let mut failed = Vec::new();
+    while let Some(result) = calls.join_next().await {
+        if let Err(status) = result.unwrap() {
+            failed.push(status);
+        }
+    }
+    assert!(failed.is_empty(), "{} of {CALLS} calls failed, e.g. {:?}", failed.len(), failed.first());
+    assert_eq!(upstream.observed.executions("Echo"), CALLS as u64 + 1);
+
+    let samples = scrape_until(&envoy, |s| {
+        counter_changes(&counters_before, &guard_counters(s)).contains(&format!("handled{{Echo,OK}} +{CALLS}"))
+    })
+    .await;
+    assert_eq!(connections(&samples) - connections_before, 1.0, "one connection carried every call");
+    let n = CALLS;
+    assert_eq!(
+        counter_changes(&counters_before, &guard_counters(&samples)),
+        [
+            format!("handled{{Echo,OK}} +{n}"),
+            format!("msg_received{{Echo}} +{n}"),
+            format!("msg_sent{{Echo}} +{n}"),
+            format!("started{{Echo}} +{n}"),
+        ]
+    );
+    let logs = call_logs(&envoy, logs_before + CALLS).await;
+    assert_eq!(logs.len(), logs_before + CALLS);
+    assert!(logs[logs_before..].iter().all(|l| l["grpc_code"] == "OK"));
+    assert_no_vm_trap(&envoy);
+    assert_workers_serve(&envoy, "1,000 streams").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matrix_calls_that_never_send_their_body_are_held_until_the_client_leaves() {
+    // Without a deadline nothing but the client (or Envoy's 5-minute
+    // stream_idle_timeout) ends a call that sends headers and no END_STREAM;
+    // with one, Envoy does (the raw-upstream row "headers only, no
+    // END_STREAM, grpc-timeout 300m").
+    const HELD: usize = 20;
+    let upstream = Upstream::start().await;
+    let envoy = start_envoy("matrix-held", upstream.addr, CONFIG).unwrap();
+    let addr = envoy.params().listen_addr();
+    let counters_before = guard_counters(&parse_exposition(&envoy.prometheus().unwrap()));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut streams = Vec::new();
+    for _ in 0..HELD {
+        let mut sender = sender.clone().ready().await.unwrap();
+        let request = hyper::Request::builder()
+            .method("POST")
+            .uri(format!("http://{addr}{ECHO}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        streams.push(sender.send_request(request, false).unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let held = guard_counters(&parse_exposition(&envoy.prometheus().unwrap()));
+    assert_eq!(counter_changes(&counters_before, &held), [format!("started{{Echo}} +{HELD}")], "held, none ended");
+
+    // The client goes away: its TCP connection closes.
+    connection.abort();
+    drop(streams);
+    let samples = scrape_until(&envoy, |s| {
+        counter_changes(&held, &guard_counters(s)).contains(&format!("handled{{Echo,Canceled}} +{HELD}"))
+    })
+    .await;
+    let logs = call_logs(&envoy, HELD).await;
+    assert_no_vm_trap(&envoy);
+    assert_workers_serve(&envoy, "held calls").await;
+
+    assert_eq!(
+        counter_changes(&held, &guard_counters(&samples)),
+        [format!("handled{{Echo,Canceled}} +{HELD}")],
+        "each call ended once, Canceled; no upstream work outlived the client (no message reached it)"
+    );
+    assert_eq!(logs.len(), HELD);
+    for line in &logs {
+        assert_eq!(
+            (&line["grpc_code"], &line["status_source"], &line["late"]),
+            (&json!("Canceled"), &json!("reset"), &json!(false)),
+            "{line}"
+        );
+    }
+    assert_eq!(upstream.observed.executions("Echo"), 0);
+}
+
+#[test]
+fn matrix_bad_config_values_stop_the_plugin_with_one_line_naming_the_field() {
+    const ECHO_DEDUP: &str = r#""methods":["grpcguard.demo.v1.Demo/Echo"]"#;
+    const FIELD_NUMBER: &str = "expected a protobuf field number, or an array of them for a nested field";
+    let key_fields = |value: &str| format!(r#"{{"dedup":{{{ECHO_DEDUP},"key_fields":{value}}}}}"#);
+    let cases: Vec<(String, String)> = vec![
+        (
+            key_fields(r#"{"grpcguard.demo.v1.Demo/Count":5}"#),
+            "dedup.key_fields.grpcguard.demo.v1.Demo/Count: grpcguard.demo.v1.Demo/Count is not among dedup.methods"
+                .to_owned(),
+        ),
+        (
+            key_fields(r#"{"grpcguard.demo.v1.Demo/Echo":"5"}"#),
+            format!(r#"dedup.key_fields.grpcguard.demo.v1.Demo/Echo: invalid type: string "5", {FIELD_NUMBER}"#),
+        ),
+        (
+            key_fields(r#"{"grpcguard.demo.v1.Demo/Echo":null}"#),
+            format!("dedup.key_fields.grpcguard.demo.v1.Demo/Echo: invalid type: null, {FIELD_NUMBER}"),
+        ),
+        (
+            key_fields(r#"{"grpcguard.demo.v1.Demo/Echo":19500}"#),
+            "dedup.key_fields.grpcguard.demo.v1.Demo/Echo: 19500 is not a protobuf field number (1 to 536870911, \
+             not 19000-19999)"
+                .to_owned(),
+        ),
+        (
+            key_fields(r#"{"grpcguard.demo.v1.Demo/Echo":[]}"#),
+            "dedup.key_fields.grpcguard.demo.v1.Demo/Echo: a path of 0 field numbers; expected 1 to 8".to_owned(),
+        ),
+        (key_fields("[5]"), "dedup.key_fields: invalid type: an array, expected an object".to_owned()),
+        (
+            r#"{"dedup":{"methods":"grpcguard.demo.v1.Demo/Echo"}}"#.to_owned(),
+            r#"dedup.methods: invalid type: string "grpcguard.demo.v1.Demo/Echo", expected an array of strings"#
+                .to_owned(),
+        ),
+        (r#"{"log":{"ok_sample":null}}"#.to_owned(), "log.ok_sample: invalid type: null, expected a number".to_owned()),
+        (
+            r#"{"metrics":{"max_methods":"200"}}"#.to_owned(),
+            r#"metrics.max_methods: invalid type: string "200", expected a whole number"#.to_owned(),
+        ),
+        (
+            r#"{"deadline":{"default":5}}"#.to_owned(),
+            "deadline.default: invalid type: number 5, expected a string".to_owned(),
+        ),
+        (
+            // README: whole-number fields take whole numbers as written. The
+            // line must show what was written: "invalid value: 4096,
+            // expected a whole number" reads as a contradiction.
+            r#"{"limits":{"max_request_message_bytes":4096.0}}"#.to_owned(),
+            "limits.max_request_message_bytes: invalid value: 4096.0".to_owned(),
+        ),
+        (
+            r#"{"non_grpc":true}"#.to_owned(),
+            "non_grpc: invalid type: boolean `true`, expected one of `refuse`, `pass`".to_owned(),
+        ),
+        (r#"[]"#.to_owned(), "configuration: must be a JSON object, e.g. {}".to_owned()),
+    ];
+    let nowhere: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let results: Vec<Result<Envoy, EnvoyError>> = std::thread::scope(|scope| {
+        let started: Vec<_> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, (config, _))| scope.spawn(move || start_envoy(&format!("matrix-config-{i}"), nowhere, config)))
+            .collect();
+        started.into_iter().map(|s| s.join().unwrap()).collect()
+    });
+    let mut failures = Vec::new();
+    for ((config, want), result) in cases.iter().zip(results) {
+        match result {
+            Err(EnvoyError::Exited { log_tail, .. }) => {
+                let lines: Vec<&str> =
+                    log_tail.lines().filter(|l| l.contains("invalid grpc-guard configuration")).collect();
+                let wanted = format!("invalid grpc-guard configuration: {want}");
+                if lines.len() != 1 || !lines[0].contains(&wanted) {
+                    failures.push(format!("{config}: wanted one line with {wanted:?}, got {lines:?}"));
+                }
+            }
+            Err(other) => failures.push(format!("{config}: Envoy failed otherwise: {other}")),
+            Ok(_) => failures.push(format!("{config}: Envoy started with it")),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
