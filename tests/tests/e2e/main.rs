@@ -10,6 +10,7 @@ mod config;
 mod deadline;
 mod dedup;
 mod hostile;
+mod matrix;
 mod metrics;
 mod soak;
 mod status;

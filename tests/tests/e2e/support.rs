@@ -376,3 +376,389 @@ where
     });
     (addr, requests)
 }
+
+/// Asserts that grpc-guard's VM never trapped in `envoy`. What Envoy 1.40
+/// writes when it does (seen with a probe module whose
+/// `proxy_on_request_headers` panics):
+///
+/// ```text
+/// [critical][wasm] ... wasm log grpc_guard grpc_guard grpc_guard: panicked at ...
+/// [error][wasm] [source/extensions/common/wasm/wasm_vm.cc:38] Function: proxy_on_request_headers failed: Uncaught RuntimeError: unreachable
+/// ```
+///
+/// (the first from the Rust SDK's panic hook, the second from the VM), and
+/// from then on that worker answers every call `grpc-status: 14` with
+/// response details `wasm_fail_stream` in the access log. The filter itself
+/// logs at error level only for a configuration it refuses, which a running
+/// Envoy has not.
+pub fn assert_no_vm_trap(envoy: &Envoy) {
+    let traps = vm_traps(envoy);
+    assert!(traps.is_empty(), "the filter's VM trapped:\n{}", traps.join("\n"));
+}
+
+/// The lines of Envoy's logs that show a VM trap ([`assert_no_vm_trap`]).
+pub fn vm_traps(envoy: &Envoy) -> Vec<String> {
+    let vm = envoy.log_lines().filter(|l| {
+        l.contains("[critical][wasm]")
+            || l.contains("[error][wasm]")
+            || (l.contains("Function: ") && l.contains(" failed"))
+            || l.contains("Uncaught RuntimeError")
+    });
+    let failed_streams = envoy.access_log_lines().into_iter().filter(|l| l.contains("wasm_fail"));
+    vm.chain(failed_streams).collect()
+}
+
+/// grpc-guard's JSON log lines with the Envoy thread that wrote each: the
+/// worker that served the call.
+pub fn call_logs_by_worker(envoy: &Envoy) -> Vec<(String, serde_json::Value)> {
+    const MARKER: &str = "wasm log grpc_guard grpc_guard grpc_guard: {";
+    envoy
+        .log_lines()
+        .filter_map(|line| {
+            let json = &line[line.find(MARKER)? + MARKER.len() - 1..];
+            // `[date][thread][level][logger] ...`
+            let thread = line.split("][").nth(1)?.to_owned();
+            Some((thread, serde_json::from_str(json).unwrap_or_else(|e| panic!("log line is not JSON ({e}): {json}"))))
+        })
+        .collect()
+}
+
+/// Ordinary tonic Echo calls, each on a new connection (so the kernel
+/// spreads them over Envoy's workers), until every worker has answered at
+/// least one OK and at least four calls were made. A worker whose VM
+/// trapped answers every later call UNAVAILABLE. Needs `log.ok_sample: 1`:
+/// the log line tells which worker answered. `after` names what came before,
+/// for the failure message.
+pub async fn assert_workers_serve(envoy: &Envoy, after: &str) {
+    if let Err(e) = workers_serve(envoy, after).await {
+        panic!("{e}");
+    }
+}
+
+/// [`assert_workers_serve`], telling what went wrong instead of panicking.
+pub async fn workers_serve(envoy: &Envoy, after: &str) -> Result<(), String> {
+    use grpc_guard_demo::pb::EchoRequest;
+    let mut workers = std::collections::BTreeSet::new();
+    for i in 0..32 {
+        let id = format!("alive-{}-{i}", after.replace(|c: char| !c.is_ascii_alphanumeric(), "-"));
+        let mut client =
+            grpc_guard_demo::connect(&envoy.grpc_uri()).await.map_err(|e| format!("after {after}: {e}"))?;
+        let mut request = tonic::Request::new(EchoRequest { message: "alive?".into(), ..Default::default() });
+        request.metadata_mut().insert("x-request-id", id.parse().expect("ASCII"));
+        if let Err(status) = client.echo(request).await {
+            return Err(format!("after {after}: ordinary call {i} failed: {status:?}"));
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let worker = loop {
+            let line = call_logs_by_worker(envoy).into_iter().find(|(_, l)| l["request_id"] == id.as_str());
+            if let Some((worker, line)) = line {
+                if line["grpc_code"] != "OK" {
+                    return Err(format!("after {after}: ordinary call {i} was logged {line}"));
+                }
+                break worker;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("after {after}: ordinary call {i} was never logged"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        workers.insert(worker);
+        if workers.len() == CONCURRENCY as usize && i >= 3 {
+            return Ok(());
+        }
+    }
+    Err(format!("after {after}: 32 new connections reached only the workers {workers:?}"))
+}
+
+/// grpc-guard's counters in one scrape, each under a short readable name:
+/// `handled{Echo,InvalidArgument}` for
+/// `grpc_server_handled_total{grpc_method="Echo",grpc_code="InvalidArgument",…}`,
+/// `bad_frames` for `grpc_guard_bad_frames_total`.
+pub fn guard_counters(samples: &[Sample]) -> BTreeMap<String, f64> {
+    samples
+        .iter()
+        .filter_map(|s| {
+            let family = s.name.strip_suffix("_total")?;
+            let family = family.strip_prefix("grpc_server_").or_else(|| family.strip_prefix("grpc_guard_"))?;
+            let labels: Vec<&str> =
+                ["grpc_method", "grpc_code"].iter().filter_map(|l| s.labels.get(*l).map(String::as_str)).collect();
+            let name = if labels.is_empty() { family.to_owned() } else { format!("{family}{{{}}}", labels.join(",")) };
+            Some((name, s.value))
+        })
+        .collect()
+}
+
+/// What changed between two [`guard_counters`]: `"handled{Echo,OK} +1"`, sorted.
+pub fn counter_changes(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> Vec<String> {
+    after
+        .iter()
+        .filter_map(|(name, value)| {
+            let change = value - before.get(name).copied().unwrap_or(0.0);
+            (change != 0.0).then(|| format!("{name} {change:+}"))
+        })
+        .collect()
+}
+
+/// What a raw HTTP/2 call ([`h2_call`]) got back: the response head if one
+/// came, the body, the trailers, and the reset that ended it, if any.
+#[derive(Debug, Default)]
+pub struct RawAnswer {
+    pub status: Option<u16>,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub trailers: Vec<(String, String)>,
+    /// The HTTP/2 error code of a reset (`CANCEL`, `INTERNAL_ERROR`, …), or
+    /// what else ended the stream early.
+    pub reset: Option<String>,
+}
+
+impl RawAnswer {
+    /// Every value of `name`, trailers first, joined by `,`.
+    pub fn values(&self, name: &str) -> Option<String> {
+        let values: Vec<&str> =
+            self.trailers.iter().chain(&self.headers).filter(|(n, _)| n == name).map(|(_, v)| v.as_str()).collect();
+        (!values.is_empty()).then(|| values.join(","))
+    }
+
+    /// What the client got, in a few words: `HTTP 200, grpc-status 3`,
+    /// `HTTP 431`, `HTTP 200, then reset (INTERNAL_ERROR)`, `reset (CANCEL)`.
+    pub fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(status) = self.status {
+            parts.push(format!("HTTP {status}"));
+        }
+        if let Some(grpc) = self.values("grpc-status") {
+            parts.push(format!("grpc-status {grpc}"));
+        }
+        match (&self.reset, parts.is_empty()) {
+            (Some(reset), true) => format!("reset ({reset})"),
+            (Some(reset), false) => format!("{}, then reset ({reset})", parts.join(", ")),
+            (None, _) => parts.join(", "),
+        }
+    }
+}
+
+fn header_pairs(map: &hyper::HeaderMap) -> Vec<(String, String)> {
+    map.iter().map(|(n, v)| (n.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect()
+}
+
+fn h2_reason(e: &h2::Error) -> String {
+    match e.reason() {
+        Some(reason) => format!("{reason:?}"),
+        None => e.to_string(),
+    }
+}
+
+/// One HTTP/2 stream opened at the h2 level: what the test sends on it
+/// (`body`: DATA frames, END_STREAM, RST_STREAM) and what comes back.
+pub struct RawCall {
+    pub body: h2::SendStream<hyper::body::Bytes>,
+    pub answer: tokio::task::JoinHandle<RawAnswer>,
+}
+
+/// Opens a POST stream to `path` on a new connection with exactly these
+/// headers (values as bytes: obs-text is allowed, control bytes are not
+/// encodable), END_STREAM not sent.
+pub async fn h2_call(addr: SocketAddr, path: &str, headers: &[(&str, Vec<u8>)]) -> RawCall {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut sender = sender.ready().await.unwrap();
+    let mut request = hyper::Request::builder().method("POST").uri(format!("http://{addr}{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, hyper::header::HeaderValue::from_bytes(value).unwrap());
+    }
+    let (response, body) = sender.send_request(request.body(()).unwrap(), false).unwrap();
+    let answer = tokio::spawn(async move {
+        let mut answer = RawAnswer::default();
+        let response = match response.await {
+            Ok(response) => response,
+            Err(e) => {
+                answer.reset = Some(h2_reason(&e));
+                return answer;
+            }
+        };
+        answer.status = Some(response.status().as_u16());
+        answer.headers = header_pairs(response.headers());
+        let mut stream = response.into_body();
+        while let Some(chunk) = stream.data().await {
+            match chunk {
+                Ok(bytes) => {
+                    let _ = stream.flow_control().release_capacity(bytes.len());
+                    answer.body.extend_from_slice(&bytes);
+                }
+                Err(e) => {
+                    answer.reset = Some(h2_reason(&e));
+                    return answer;
+                }
+            }
+        }
+        match stream.trailers().await {
+            Ok(trailers) => answer.trailers = trailers.as_ref().map(header_pairs).unwrap_or_default(),
+            Err(e) => answer.reset = Some(h2_reason(&e)),
+        }
+        answer
+    });
+    RawCall { body, answer }
+}
+
+/// Reads a request body whole (as far as its END_STREAM), giving flow
+/// control back as it goes.
+pub async fn read_h2_body(body: &mut h2::RecvStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(Ok(chunk)) = body.data().await {
+        let _ = body.flow_control().release_capacity(chunk.len());
+        out.extend_from_slice(&chunk);
+    }
+    out
+}
+
+/// Closes the TCP connection of the request it was handed with: an
+/// upstream that goes away mid-call.
+#[derive(Clone)]
+pub struct Hangup(std::sync::Arc<tokio::sync::Notify>);
+
+impl Hangup {
+    pub fn now(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// An HTTP/2 upstream at the h2 level, for answers hyper will not give: a
+/// 1xx before the answer, a reset or a dropped connection at a chosen
+/// point. `handle` gets each request, its response handle and a [`Hangup`]
+/// for its connection. Counts requests.
+pub async fn start_raw_upstream<F, Fut>(handle: F) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>)
+where
+    F: Fn(hyper::Request<h2::RecvStream>, h2::server::SendResponse<hyper::body::Bytes>, Hangup) -> Fut
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicU64::new(0));
+    let counted = requests.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (handle, counted) = (handle.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(tcp).await else { return };
+                let hangup = Hangup(Arc::new(tokio::sync::Notify::new()));
+                loop {
+                    tokio::select! {
+                        next = connection.accept() => match next {
+                            Some(Ok((request, respond))) => {
+                                counted.fetch_add(1, Ordering::SeqCst);
+                                tokio::spawn(handle(request, respond, hangup.clone()));
+                            }
+                            _ => break,
+                        },
+                        // Dropping the connection closes the socket: no
+                        // GOAWAY, no RST_STREAM, just gone.
+                        _ = hangup.0.notified() => break,
+                    }
+                }
+            });
+        }
+    });
+    (addr, requests)
+}
+
+/// What a connection written byte by byte got back for one request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RawOutcome {
+    /// Response headers came for the stream.
+    Answered,
+    /// RST_STREAM with this error code.
+    StreamReset(u32),
+    /// GOAWAY with this error code, or the socket closed with no answer.
+    ConnectionClosed,
+}
+
+/// Writes one HTTP/2 request by hand, header block and all (HPACK literals,
+/// no Huffman): header values that no HTTP/2 library will encode, such as
+/// control bytes. Returns what came back for the stream, and the peer's
+/// SETTINGS_MAX_CONCURRENT_STREAMS if it sent one.
+pub async fn h2_handwritten(addr: SocketAddr, headers: &[(&[u8], &[u8])], body: &[u8]) -> (RawOutcome, Option<u32>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn integer(out: &mut Vec<u8>, mut n: usize) {
+        // RFC 7541 §5.1 with a 7-bit prefix, H bit clear.
+        if n < 127 {
+            out.push(n as u8);
+            return;
+        }
+        out.push(127);
+        n -= 127;
+        while n >= 128 {
+            out.push((n % 128) as u8 | 0x80);
+            n /= 128;
+        }
+        out.push(n as u8);
+    }
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        out.extend([kind, flags]);
+        out.extend(stream.to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+    let mut block = Vec::new();
+    for (name, value) in headers {
+        // RFC 7541 §6.2.2: literal header field without indexing, new name.
+        block.push(0);
+        integer(&mut block, name.len());
+        block.extend_from_slice(name);
+        integer(&mut block, value.len());
+        block.extend_from_slice(value);
+    }
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bytes.extend(frame(4, 0, 0, &[]));
+    bytes.extend(frame(1, 0x4, 1, &block));
+    bytes.extend(frame(0, 0x1, 1, body));
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(&bytes).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 16384];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut max_streams = None;
+    loop {
+        let mut at = 0;
+        while seen.len() >= at + 9 {
+            let len = usize::from(seen[at]) << 16 | usize::from(seen[at + 1]) << 8 | usize::from(seen[at + 2]);
+            if seen.len() < at + 9 + len {
+                break;
+            }
+            let (kind, flags) = (seen[at + 3], seen[at + 4]);
+            let stream = u32::from_be_bytes(seen[at + 5..at + 9].try_into().unwrap()) & 0x7fff_ffff;
+            let payload = &seen[at + 9..at + 9 + len];
+            let code = || u32::from_be_bytes(payload[..4].try_into().unwrap());
+            match (kind, stream) {
+                (4, 0) if flags & 1 == 0 => {
+                    for setting in payload.chunks_exact(6) {
+                        if setting[..2] == [0, 3] {
+                            max_streams = Some(u32::from_be_bytes(setting[2..].try_into().unwrap()));
+                        }
+                    }
+                }
+                (1, 1) => return (RawOutcome::Answered, max_streams),
+                (3, 1) => return (RawOutcome::StreamReset(code()), max_streams),
+                (7, 0) => return (RawOutcome::ConnectionClosed, max_streams),
+                _ => {}
+            }
+            at += 9 + len;
+        }
+        seen.drain(..at);
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buf[..n]),
+            Ok(_) => return (RawOutcome::ConnectionClosed, max_streams),
+            Err(_) => panic!("no answer, reset or close in 5 s"),
+        }
+    }
+}
