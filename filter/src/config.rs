@@ -322,14 +322,14 @@ impl RawConfig {
         }
         if let Some(mut l) = f.object("limits")? {
             raw.limits.max_request_message_bytes =
-                l.read_optional("max_request_message_bytes", |v| json::unsigned(v, u64::MAX))?;
+                l.read_optional("max_request_message_bytes", |v| json::whole(v, 1, u64::MAX))?;
             if let Some(per) = l.object("per_method")? {
                 let path = per.path("");
                 for (name, value) in per.into_entries() {
                     let mut o = Fields::of(&format!("{path}{name}"), value)?;
                     let entry = RawLimitsOverride {
                         max_request_message_bytes: o
-                            .read_optional("max_request_message_bytes", |v| json::unsigned(v, u64::MAX))?,
+                            .read_optional("max_request_message_bytes", |v| json::whole(v, 1, u64::MAX))?,
                     };
                     o.finish(&["max_request_message_bytes"])?;
                     raw.limits.per_method.insert(name, entry);

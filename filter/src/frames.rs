@@ -20,6 +20,16 @@ pub struct Frame {
     pub len: u32,
 }
 
+/// What [`FrameReader::advance`] reports of a message, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameEvent {
+    /// Its prefix is read: its length is known before its bytes arrive, so
+    /// a size limit can act on it.
+    Started(Frame),
+    /// Its last byte has passed: a peer can act on it, and it counts.
+    Whole(Frame),
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
 pub enum FrameError {
     #[error("gRPC frame flag byte is {0:#04x}; only 0 (plain) and 1 (compressed) are defined")]
@@ -33,7 +43,7 @@ enum State {
     /// Reading a prefix; `have` bytes of it are in `buf`.
     Prefix { buf: [u8; PREFIX_LEN], have: usize },
     /// Skipping the rest of a message body.
-    Payload { remaining: u64 },
+    Payload { remaining: u64, frame: Frame },
     /// A bad frame was seen: nothing after it is interpreted.
     Broken,
 }
@@ -55,26 +65,28 @@ impl Default for FrameReader {
 impl FrameReader {
     /// Consumes the next chunk of `chunk_len` bytes. `read(offset, len)` must
     /// return bytes `offset..offset + len` of the chunk; it is called only for
-    /// prefix bytes. Every message whose prefix completes in this chunk is
-    /// passed to `on_frame` as soon as its prefix is read (before its payload
-    /// arrives), so a size limit can act on it.
-    pub fn advance<R, F>(&mut self, chunk_len: usize, mut read: R, mut on_frame: F) -> Result<(), FrameError>
+    /// prefix bytes. Each message is passed to `on_event` as
+    /// [`FrameEvent::Started`] as soon as its prefix is read (before its
+    /// payload arrives), and as [`FrameEvent::Whole`] once its last byte has.
+    pub fn advance<R, F>(&mut self, chunk_len: usize, mut read: R, mut on_event: F) -> Result<(), FrameError>
     where
         R: FnMut(usize, usize) -> Option<Vec<u8>>,
-        F: FnMut(Frame),
+        F: FnMut(FrameEvent),
     {
         let mut offset = 0usize;
         while offset < chunk_len {
             match &mut self.state {
                 State::Broken => return Ok(()),
-                State::Payload { remaining } => {
+                State::Payload { remaining, frame } => {
                     let available = (chunk_len - offset) as u64;
                     let skip = (*remaining).min(available);
                     *remaining -= skip;
                     // `skip` ≤ chunk_len - offset, so it fits in usize.
                     offset += skip as usize;
                     if *remaining == 0 {
+                        let frame = *frame;
                         self.state = State::Prefix { buf: [0; PREFIX_LEN], have: 0 };
+                        self.whole(frame, &mut on_event);
                     }
                 }
                 State::Prefix { buf, have } => {
@@ -93,14 +105,13 @@ impl FrameReader {
                             return Err(FrameError::BadFlag(flag));
                         }
                         let frame = Frame { compressed: flag == 1, len: u32::from_be_bytes([a, b, c, d]) };
-                        self.messages += 1;
-                        self.message_bytes += u64::from(frame.len);
-                        self.state = if frame.len == 0 {
-                            State::Prefix { buf: [0; PREFIX_LEN], have: 0 }
+                        on_event(FrameEvent::Started(frame));
+                        if frame.len == 0 {
+                            self.state = State::Prefix { buf: [0; PREFIX_LEN], have: 0 };
+                            self.whole(frame, &mut on_event);
                         } else {
-                            State::Payload { remaining: u64::from(frame.len) }
-                        };
-                        on_frame(frame);
+                            self.state = State::Payload { remaining: u64::from(frame.len), frame };
+                        }
                     }
                 }
             }
@@ -108,23 +119,21 @@ impl FrameReader {
         Ok(())
     }
 
-    /// Messages whose prefix has been read.
+    fn whole(&mut self, frame: Frame, on_event: &mut impl FnMut(FrameEvent)) {
+        self.messages += 1;
+        self.message_bytes += u64::from(frame.len);
+        on_event(FrameEvent::Whole(frame));
+    }
+
+    /// Messages read to their last byte: what a peer can act on, and what
+    /// is counted (a message cut short is not).
     pub fn messages(&self) -> u64 {
         self.messages
     }
 
-    /// Sum of the announced lengths of those messages (prefixes excluded).
+    /// Sum of the lengths of those messages (prefixes excluded).
     pub fn message_bytes(&self) -> u64 {
         self.message_bytes
-    }
-
-    /// Messages read to their last byte: a server can act on these. (A
-    /// prefix still being read is not counted in `messages` yet.)
-    pub fn whole_messages(&self) -> u64 {
-        match self.state {
-            State::Payload { .. } => self.messages.saturating_sub(1),
-            State::Prefix { .. } | State::Broken => self.messages,
-        }
     }
 }
 
@@ -166,7 +175,11 @@ mod tests {
                     copied += len;
                     chunk.get(off..off + len).map(<[u8]>::to_vec)
                 },
-                |f| frames.push(f),
+                |e| {
+                    if let FrameEvent::Started(f) = e {
+                        frames.push(f);
+                    }
+                },
             );
             if let Err(e) = res {
                 return (Err(e), copied, reader);
@@ -183,7 +196,6 @@ mod tests {
         assert_eq!(frames.unwrap(), vec![Frame { compressed: false, len: 5 }]);
         assert_eq!(copied, PREFIX_LEN, "payload bytes must not be copied");
         assert_eq!(reader.messages(), 1);
-        assert_eq!(reader.whole_messages(), 1);
         assert_eq!(reader.message_bytes(), 5);
         assert!(reader.at_boundary());
     }
@@ -220,9 +232,9 @@ mod tests {
         let (_, _, reader) = read_in_chunks(&body[..7], &[]);
         assert!(!reader.at_boundary());
         assert_eq!(
-            (reader.messages(), reader.whole_messages()),
-            (1, 0),
-            "its prefix is read, its bytes are not all in"
+            (reader.messages(), reader.message_bytes()),
+            (0, 0),
+            "its prefix is read, its bytes are not all in: it does not count"
         );
     }
 
@@ -251,7 +263,9 @@ mod tests {
             let (frames, _, reader) = read_in_chunks(&body, &cuts);
             let lens: Vec<u32> = frames.unwrap().iter().map(|f| f.len).collect();
             let expected: Vec<u32> = messages.iter().map(|m| m.len() as u32).collect();
+            prop_assert_eq!(reader.message_bytes(), expected.iter().map(|l| u64::from(*l)).sum::<u64>());
             prop_assert_eq!(lens, expected);
+            prop_assert_eq!(reader.messages(), messages.len() as u64);
             prop_assert!(reader.at_boundary());
         }
 

@@ -404,10 +404,21 @@ pub fn number(value: Json) -> Result<f64, String> {
 
 /// A whole number from 0 to `max`.
 pub fn unsigned(value: Json, max: u64) -> Result<u64, String> {
+    whole(value, 0, max)
+}
+
+/// A whole number from `min` to `max`, written as one (`4096`, not
+/// `4096.0` or `4.096e3`).
+pub fn whole(value: Json, min: u64, max: u64) -> Result<u64, String> {
     match value {
-        Json::Integer(n) if n <= max => Ok(n),
-        Json::Integer(n) => Err(format!("invalid value: {n}, expected a whole number from 0 to {max}")),
-        Json::Number(n) => Err(format!("invalid value: {}, expected a whole number from 0 to {max}", Number(n))),
+        Json::Integer(n) if (min..=max).contains(&n) => Ok(n),
+        Json::Integer(n) => Err(format!("invalid value: {n}, expected a whole number from {min} to {max}")),
+        // Shown as the parser read it: `4096.0` stays `4096.0`, so the
+        // message names what is wrong with it.
+        Json::Number(n) => Err(format!(
+            "invalid value: {n:?}, expected a whole number from {min} to {max} written without a fraction, \
+             exponent or sign"
+        )),
         other => Err(format!("invalid type: {}, expected a whole number", other.describe())),
     }
 }

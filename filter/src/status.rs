@@ -59,13 +59,22 @@ impl GrpcStatus {
     }
 
     /// Parses a `grpc-status` header or trailer value. The spec makes it a
-    /// decimal integer; a number outside 0–16 is treated as UNKNOWN, as gRPC
-    /// clients do. Anything that is not a number is `None`: the status is missing.
+    /// decimal integer; a number outside 0–16, negative ones included, is
+    /// treated as UNKNOWN, as gRPC clients do (grpc-java and tonic report
+    /// `-1` as UNKNOWN). Anything that is not a number is `None`: the status
+    /// is missing.
     pub fn from_header(value: &[u8]) -> Option<GrpcStatus> {
-        if value.is_empty() || value.len() > 10 || !value.iter().all(u8::is_ascii_digit) {
+        let (negative, digits) = match value.strip_prefix(b"-") {
+            Some(rest) => (true, rest),
+            None => (false, value),
+        };
+        if digits.is_empty() || digits.len() > 10 || !digits.iter().all(u8::is_ascii_digit) {
             return None;
         }
-        let code = value.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        if negative {
+            return Some(GrpcStatus::Unknown);
+        }
+        let code = digits.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
         Some(u32::try_from(code).ok().and_then(GrpcStatus::from_code).unwrap_or(GrpcStatus::Unknown))
     }
 
@@ -254,7 +263,9 @@ mod tests {
         assert_eq!(GrpcStatus::from_header(b"9999999999"), Some(GrpcStatus::Unknown));
         assert_eq!(GrpcStatus::from_header(b""), None);
         assert_eq!(GrpcStatus::from_header(b" 1"), None);
-        assert_eq!(GrpcStatus::from_header(b"-1"), None);
+        assert_eq!(GrpcStatus::from_header(b"-1"), Some(GrpcStatus::Unknown));
+        assert_eq!(GrpcStatus::from_header(b"-"), None);
+        assert_eq!(GrpcStatus::from_header(b"--1"), None);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use crate::config::NonGrpc;
 use crate::deadline::{is_late, DeadlineDecision, DeadlineSource};
-use crate::frames::{Frame, FrameError, FrameReader};
+use crate::frames::{FrameError, FrameEvent, FrameReader};
 use crate::method::{MethodPath, MethodType};
 use crate::metrics::{guard, Family};
 use crate::record::{cap, CallRecord, DedupOutcome};
@@ -332,7 +332,7 @@ impl Call {
         };
         match read {
             Ok(()) => {
-                self.forwarded_messages = self.request.whole_messages();
+                self.forwarded_messages = self.request.messages();
                 Next::Continue
             }
             Err(ChunkError::Frame(e)) => {
@@ -411,7 +411,7 @@ impl Call {
             Chunk::Read(Some(chunk)) => self.read_frames(Side::Response, len, from_slice(&chunk), fx),
             Chunk::Read(None) => self.read_frames(Side::Response, len, |offset, n| host.response_body(offset, n), fx),
         };
-        if self.response.whole_messages() > 0 {
+        if self.response.messages() > 0 {
             // A message from the upstream: the method is real.
             self.place_metrics(worker, host, true, fx);
         }
@@ -445,7 +445,7 @@ impl Call {
             // any other gRPC status from it, or a message, means a handler ran.
             let from_server = matches!(source, StatusSource::Trailers | StatusSource::Headers)
                 && self.details(host) == "via_upstream";
-            let real = (from_server && status != GrpcStatus::Unimplemented) || self.response.whole_messages() > 0;
+            let real = (from_server && status != GrpcStatus::Unimplemented) || self.response.messages() > 0;
             self.place_metrics(worker, host, real, fx);
         }
         self.flush_message_counts(fx);
@@ -463,8 +463,14 @@ impl Call {
             && source == StatusSource::Headers
             && self.details(host) != "via_upstream";
         let answered_after = if ended_by_proxy_timeout { None } else { self.answered_after };
-        let late =
-            !self.answered_by_guard && is_late(self.deadline, answered_after, status, source, ended_by_proxy_timeout);
+        // Upstream work can outlive the caller only if the upstream could
+        // start it: a unary or server-streaming handler runs once its request
+        // message is whole; a client or bidi stream's starts with the call.
+        let upstream_could_work = self.forwarded_messages > 0
+            || matches!(self.method.grpc_type, MethodType::ClientStream | MethodType::BidiStream);
+        let late = !self.answered_by_guard
+            && upstream_could_work
+            && is_late(self.deadline, answered_after, status, source, ended_by_proxy_timeout);
         if late {
             self.count(Family::LateResponses, None, 1, fx);
         }
@@ -660,9 +666,9 @@ impl Call {
         };
         let mut largest: Option<u32> = None;
         let from = fx.len();
-        let result = reader.advance(len, read, |frame: Frame| {
-            largest = largest.max(Some(frame.len));
-            fx.push(Effect::Record { slot, family, value: u64::from(frame.len) });
+        let result = reader.advance(len, read, |event| match event {
+            FrameEvent::Started(frame) => largest = largest.max(Some(frame.len)),
+            FrameEvent::Whole(frame) => fx.push(Effect::Record { slot, family, value: u64::from(frame.len) }),
         });
         if slot == PENDING_SLOT {
             for record in fx.split_off(from) {

@@ -808,6 +808,33 @@ fn late_answers_are_counted_when_the_upstream_outlives_the_deadline_or_the_clien
     }
 }
 
+/// A unary handler runs only once its request message is whole: a call that
+/// ended before that wasted no upstream work, however it ended.
+#[test]
+fn a_call_whose_message_never_went_on_is_never_late() {
+    for (name, sent, details) in [
+        ("the client left after its headers", &b""[..], "http2.remote_reset"),
+        ("the client left mid-message", &frame(b"hello")[..7], "http2.remote_reset"),
+        ("Envoy cut it at its deadline, its body never sent", &b""[..], "max_duration_timeout"),
+    ] {
+        let envoy = Envoy::default();
+        let mut worker = envoy.worker("{}");
+        let mut s = Stream::open(&envoy, &mut worker, PATH, &[("grpc-timeout", "100m")]);
+        s.headers(false);
+        if !sent.is_empty() {
+            s.request_body(sent, false);
+        }
+        envoy.advance(150);
+        if details == "max_duration_timeout" {
+            s.response_headers(&[(":status", "200"), ("grpc-status", "4")], true);
+        }
+        let seen = s.finish(details);
+        assert_eq!(seen.count(Family::LateResponses, None), 0, "{name}");
+        assert_eq!(seen.log("late"), false, "{name}");
+        assert_eq!(seen.count(Family::MsgFromClient, None), 0, "{name}: a message cut short is not counted");
+    }
+}
+
 /// A status in headers that do not end the response is only read at the
 /// call's end (Envoy shows the headers again in the log callback), but it
 /// came when the headers did: the call is not late for how long the rest took.
