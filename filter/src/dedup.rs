@@ -363,6 +363,17 @@ impl<'b> Ways<'b> {
     fn into_bytes(self) -> Vec<u8> {
         self.0.into_owned()
     }
+
+    /// The way of `claim` is still that claim's, in flight and live (an
+    /// expired record is not revived: another claim may hold the key).
+    fn held_by(&self, claim: &Claim, now: u64) -> bool {
+        let record = self.record(claim.way);
+        claim.way < WAYS
+            && record.state == State::InFlight
+            && record.owner == claim.owner
+            && record.key == claim.key
+            && record.live(now)
+    }
 }
 
 const STATES: [State; 5] = [State::Free, State::InFlight, State::Kept, State::NotKept, State::Unknown];
@@ -648,7 +659,15 @@ impl DedupTable {
         let (state, fingerprint) = match settlement {
             Settlement::Free => (State::Free, [0; 32]),
             Settlement::Keep { fingerprint, answer: Some(answer) } => {
-                // The answer first: once the record says Kept, a lookup reads it.
+                // The answer first: once the record says Kept, a lookup reads
+                // it. But only while the way is still this claim's: a claim
+                // that expired and was taken must not overwrite the answer
+                // its successor keeps there (the record check below is the
+                // one that counts; this one keeps the window to a moment).
+                let (bytes, _) = store.get(&index_key(claim.bucket));
+                if !Ways::read(bytes.as_deref().unwrap_or_default()).held_by(claim, now) {
+                    return true;
+                }
                 store.set(&answer_key(claim.bucket, claim.way), &encode_answer(claim.owner, &answer), None).ok();
                 (State::Kept, fingerprint)
             }
@@ -660,12 +679,10 @@ impl DedupTable {
             if claim.way >= WAYS {
                 return Decision::Keep(());
             }
-            let record = ways.record(claim.way);
-            let ours = record.state == State::InFlight && record.owner == claim.owner && record.key == claim.key;
-            // An expired record is not revived: another claim may hold the key.
-            if !ours || !record.live(now) {
+            if !ways.held_by(claim, now) {
                 return Decision::Keep(());
             }
+            let record = ways.record(claim.way);
             let settled = match state {
                 State::Free => FREE,
                 _ => Record { state, expires: now.saturating_add(self.ttl_ns), fingerprint, ..record },

@@ -6,7 +6,9 @@
 //! field 1 of the message in field 2. The value is what a protobuf parser
 //! would make of it: the last occurrence of a scalar field wins, and the
 //! occurrences of a message field merge, so the last occurrence of the inner
-//! field in any of them wins.
+//! field in any of them wins. An occurrence with another wire type is, as
+//! for protobuf's parsers, an unknown field and skipped; groups (proto2)
+//! are skipped whole.
 
 /// Why a message's field could not be read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -14,7 +16,7 @@ pub enum WireError {
     /// The bytes are not a protobuf message (a truncated varint or length,
     /// a length past the end, a group or an unknown wire type).
     Malformed,
-    /// The field (or a message on its path) is there, but not with the
+    /// The field (or a message on its path) is there, but never with the
     /// length-delimited wire type a string, bytes or message field has.
     NotLengthDelimited { number: u32 },
 }
@@ -35,20 +37,32 @@ impl std::fmt::Display for WireError {
 pub fn field<'m>(message: &'m [u8], path: &[u32]) -> Result<Option<&'m [u8]>, WireError> {
     let Some((&number, rest)) = path.split_first() else { return Ok(None) };
     let mut found = None;
+    let (mut delimited, mut other) = (false, false);
     let mut fields = Fields { bytes: message };
     while let Some((n, value)) = fields.next_field()? {
         if n != number {
             continue;
         }
-        let Value::Delimited(bytes) = value else { return Err(WireError::NotLengthDelimited { number }) };
+        let Value::Delimited(bytes) = value else {
+            other = true;
+            continue;
+        };
+        delimited = true;
         if rest.is_empty() {
             found = Some(bytes);
         } else if let Some(inner) = field(bytes, rest)? {
             found = Some(inner);
         }
     }
+    if other && !delimited {
+        // Only ever a number: the configuration names the wrong field.
+        return Err(WireError::NotLengthDelimited { number });
+    }
     Ok(found)
 }
+
+/// Groups nest at most this deep before a message is refused.
+const MAX_GROUP_DEPTH: usize = 32;
 
 enum Value<'m> {
     Scalar,
@@ -88,12 +102,45 @@ impl<'m> Fields<'m> {
         if self.bytes.is_empty() {
             return Ok(None);
         }
+        let (number, wire) = self.tag()?;
+        if wire == 3 {
+            self.skip_group(number)?;
+            return Ok(Some((number, Value::Scalar)));
+        }
+        self.value(wire).map(|value| Some((number, value)))
+    }
+
+    fn tag(&mut self) -> Result<(u32, u64), WireError> {
         let tag = self.varint()?;
         let number = u32::try_from(tag >> 3).map_err(|_| WireError::Malformed)?;
         if number == 0 {
             return Err(WireError::Malformed);
         }
-        let value = match tag & 7 {
+        Ok((number, tag & 7))
+    }
+
+    /// Skips a group whose start tag (field `number`) was just read, to its
+    /// matching end tag, groups inside it included.
+    fn skip_group(&mut self, number: u32) -> Result<(), WireError> {
+        let mut open = vec![number];
+        while let Some(&innermost) = open.last() {
+            let (n, wire) = self.tag()?;
+            match wire {
+                3 if open.len() < MAX_GROUP_DEPTH => open.push(n),
+                4 if n == innermost => {
+                    open.pop();
+                }
+                3 | 4 => return Err(WireError::Malformed),
+                _ => {
+                    self.value(wire)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn value(&mut self, wire: u64) -> Result<Value<'m>, WireError> {
+        let value = match wire {
             0 => {
                 self.varint()?;
                 Value::Scalar
@@ -110,10 +157,10 @@ impl<'m> Fields<'m> {
                 self.skip(4)?;
                 Value::Scalar
             }
-            // Groups (3, 4) are proto2's deprecated encoding; 6 and 7 do not exist.
+            // An end of group with no start; 6 and 7 do not exist.
             _ => return Err(WireError::Malformed),
         };
-        Ok(Some((number, value)))
+        Ok(value)
     }
 }
 
@@ -185,10 +232,34 @@ mod tests {
     }
 
     #[test]
+    fn an_occurrence_of_another_wire_type_is_skipped_as_unknown() {
+        let mut m = tag(1, 0);
+        m.extend(varint(7));
+        m.extend(string(1, b"id-9"));
+        assert_eq!(field(&m, &[1]), Ok(Some(&b"id-9"[..])));
+    }
+
+    #[test]
+    fn groups_are_skipped_whole_even_nested() {
+        // Field 7: a group holding field 1 (a string) and a group 8.
+        let mut m = tag(7, 3);
+        m.extend(string(1, b"not me"));
+        m.extend(tag(8, 3));
+        m.extend(tag(8, 4));
+        m.extend(tag(7, 4));
+        m.extend(string(1, b"me"));
+        assert_eq!(field(&m, &[1]), Ok(Some(&b"me"[..])));
+        assert_eq!(field(&tag(7, 3), &[1]), Err(WireError::Malformed), "a group never closed");
+        let mut crossed = tag(7, 3);
+        crossed.extend(tag(8, 4));
+        assert_eq!(field(&crossed, &[1]), Err(WireError::Malformed), "an end tag of another group");
+    }
+
+    #[test]
     fn truncated_and_unknown_encodings_are_malformed() {
         assert_eq!(field(&[0x0a, 5, b'a'], &[1]), Err(WireError::Malformed), "length past the end");
         assert_eq!(field(&[0x08, 0x80], &[1]), Err(WireError::Malformed), "varint cut");
-        assert_eq!(field(&[0x0b], &[1]), Err(WireError::Malformed), "group start");
+        assert_eq!(field(&[0x0c], &[1]), Err(WireError::Malformed), "group end with no start");
         assert_eq!(field(&[0x00, 0x00], &[1]), Err(WireError::Malformed), "field number 0");
         assert_eq!(field(&[0xff; 11], &[1]), Err(WireError::Malformed), "varint over 10 bytes");
     }

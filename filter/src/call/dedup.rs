@@ -13,13 +13,16 @@
 //! kept trailers, and `grpc-guard-replayed: true`.
 
 use std::borrow::Cow;
+use std::time::Duration;
 
 use super::{from_slice, lossy, Call, Chunk, Effect, Effects, Host, Next, Reply, Side};
 use crate::config::{Anonymous, DedupConfig, ScopePart, WhenFull};
+use crate::deadline::format_grpc_timeout;
 use crate::dedup::{
     caller_tag, check_key, digest, disposition, Answer, Claim, Digest, Disposition, Ending, Fingerprint, Lookup,
     Outcome, Settlement, REPLAYED_HEADER, REPLAY_CONTENT_TYPE, REPLAY_PATH_PREFIX,
 };
+use crate::frames::PREFIX_LEN;
 use crate::metrics::Family;
 use crate::protowire;
 use crate::record::DedupOutcome;
@@ -55,29 +58,42 @@ pub(super) enum Phase {
     Replay(Answer),
 }
 
-/// The first gRPC message of a request body, as far as it has come.
-enum FirstMessage<'b> {
+/// The most of a request message grpc-guard holds to read its key field
+/// when the method sets no `limits.max_request_message_bytes`.
+pub const MAX_HELD_MESSAGE: u64 = 1 << 20;
+
+/// The first gRPC message of a request body, as far as it has come, from its
+/// prefix and the length buffered so far.
+enum FirstMessage {
     Partial,
+    /// All `len` bytes of it are buffered after the prefix.
     Whole {
         compressed: bool,
-        message: &'b [u8],
+        len: usize,
     },
-    /// Not a gRPC frame, or one over the method's size limit.
+    /// Over the method's size limit, or not a gRPC frame: the frame reader
+    /// answers for it.
     Other,
+    /// Larger than grpc-guard holds for a method with no size limit.
+    TooLargeToHold(u64),
 }
 
-fn first_message(body: &[u8], limit: Option<u64>) -> FirstMessage<'_> {
-    let Some((&[flag, a, b, c, d], rest)) = body.split_first_chunk::<5>() else {
+fn first_message(prefix: &[u8], buffered: usize, limit: Option<u64>) -> FirstMessage {
+    let Some(&[flag, a, b, c, d]) = prefix.first_chunk::<PREFIX_LEN>() else {
         return FirstMessage::Partial;
     };
-    let len = u32::from_be_bytes([a, b, c, d]) as usize;
-    if flag > 1 || limit.is_some_and(|limit| len as u64 > limit) {
+    let len = u32::from_be_bytes([a, b, c, d]);
+    if flag > 1 || limit.is_some_and(|limit| u64::from(len) > limit) {
         return FirstMessage::Other;
     }
-    match rest.get(..len) {
-        Some(message) => FirstMessage::Whole { compressed: flag == 1, message },
-        None => FirstMessage::Partial,
+    if limit.is_none() && u64::from(len) > MAX_HELD_MESSAGE {
+        return FirstMessage::TooLargeToHold(len.into());
     }
+    let len = len as usize;
+    if buffered.saturating_sub(PREFIX_LEN) < len {
+        return FirstMessage::Partial;
+    }
+    FirstMessage::Whole { compressed: flag == 1, len }
 }
 
 /// What the first call of a key collects to keep.
@@ -117,17 +133,19 @@ impl Call {
     /// Request headers of a call to a deduplicated method that carries the
     /// key header `value`: check the key, then claim it, refuse the call, or
     /// send it to the replay hop.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn dedup_request_headers<H: Host>(
         &mut self,
         worker: &Worker,
         config: &DedupConfig,
         host: &mut H,
         value: Option<Vec<u8>>,
+        now: u64,
         end_of_stream: bool,
         fx: &mut Effects,
     ) -> Next {
         match check_key(value.as_deref(), config.require_key) {
-            Ok(Some(key)) => self.claim_key(worker, config, host, &key, end_of_stream, fx),
+            Ok(Some(key)) => self.claim_key(worker, config, host, &key, now, end_of_stream, fx),
             Ok(None) => Next::Continue,
             Err(e) => self.refuse_key(format!("grpc-guard: idempotency key header {} {e}", config.header), fx),
         }
@@ -163,15 +181,50 @@ impl Call {
         *held = len;
         let config = worker.config.dedup.as_ref()?;
         let path = config.key_fields.get(self.method_name())?;
-        let body = host.request_body(0, len).unwrap_or_default();
-        let read = match first_message(&body, self.method.max_request_message_bytes) {
+        // Held past its deadline: refused, nothing claimed or sent (Envoy's
+        // own timer starts only once the router has the call).
+        let now = host.now_ns();
+        let elapsed = Duration::from_nanos(now.saturating_sub(self.start_ns));
+        if self.deadline.is_some_and(|d| elapsed >= d) {
+            self.dedup = None;
+            self.count(Family::DeadlineRejected, Some(GrpcStatus::DeadlineExceeded), 1, fx);
+            return Some(self.answer(
+                GrpcStatus::DeadlineExceeded,
+                "grpc-guard: the call's deadline passed while its request message, which carries its idempotency \
+                 key, was still coming in",
+                fx,
+            ));
+        }
+        // Only the prefix is read until the whole message is buffered: a
+        // message sent a byte at a time is copied once, not once per byte.
+        let prefix = host.request_body(0, PREFIX_LEN.min(len)).unwrap_or_default();
+        let read = match first_message(&prefix, len, self.method.max_request_message_bytes) {
             FirstMessage::Partial if !end_of_stream => return Some(Next::Pause),
-            FirstMessage::Whole { compressed: false, message } => protowire::field(message, path).map(Some),
+            FirstMessage::Whole { compressed: false, len: message_len } => {
+                let message = host.request_body(PREFIX_LEN, message_len).unwrap_or_default();
+                protowire::field(&message, path).map(|key| Some(key.map(<[u8]>::to_vec)))
+            }
             FirstMessage::Whole { compressed: true, .. } => Ok(None),
+            FirstMessage::TooLargeToHold(declared) => {
+                self.dedup = None;
+                self.count(Family::RequestTooLarge, None, 1, fx);
+                self.count(Family::Refused, None, 1, fx);
+                let message = format!(
+                    "grpc-guard: request message of {declared} bytes is over the {MAX_HELD_MESSAGE} bytes grpc-guard \
+                     holds to read its idempotency key; set limits.max_request_message_bytes for this method to \
+                     allow more"
+                );
+                return Some(self.answer(GrpcStatus::ResourceExhausted, message, fx));
+            }
             // Cut short, too large or not gRPC: the frame reader answers for
             // those; any key is the header's.
             FirstMessage::Partial | FirstMessage::Other => Ok(Some(None)),
         };
+        // Released now: what is left of its deadline goes upstream with it.
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_sub(elapsed);
+            fx.push(Effect::SetRequestHeader(Cow::Borrowed("grpc-timeout"), format_grpc_timeout(left).into_bytes()));
+        }
         self.dedup = None;
         let header = host.request_header(&config.header).map(<[u8]>::to_vec);
         let field = path.iter().map(u32::to_string).collect::<Vec<_>>().join(".");
@@ -183,14 +236,14 @@ impl Call {
                     ),
                     fx,
                 ),
-                _ => self.claim_key(worker, config, host, key, false, fx),
+                _ => self.claim_key(worker, config, host, &key, now, false, fx),
             },
             // The field is empty or absent: the header may still carry a key.
-            Ok(Some(_)) => self.dedup_request_headers(worker, config, host, header, false, fx),
+            Ok(Some(_)) => self.dedup_request_headers(worker, config, host, header, now, false, fx),
             // A compressed message hides the field. A key in the header
             // stands; without one the call is refused as a server refuses
             // a compression it does not take (gRPC's compression spec).
-            Ok(None) if header.is_some() => self.dedup_request_headers(worker, config, host, header, false, fx),
+            Ok(None) if header.is_some() => self.dedup_request_headers(worker, config, host, header, now, false, fx),
             Ok(None) => {
                 // Unimplemented is a server-side code: counted as refused, so
                 // the error-ratio alert leaves it out.
@@ -214,12 +267,15 @@ impl Call {
 
     /// Claims `key` for this call, or answers it from what the key's first
     /// call left.
+    /// `now` is when the call goes on: its claim runs from then.
+    #[allow(clippy::too_many_arguments)]
     fn claim_key<H: Host>(
         &mut self,
         worker: &Worker,
         config: &DedupConfig,
         host: &mut H,
         key: &[u8],
+        now: u64,
         end_of_stream: bool,
         fx: &mut Effects,
     ) -> Next {
@@ -262,12 +318,13 @@ impl Call {
         parts.push(key);
         let key = digest(&parts);
         let owner = worker.owner_id(self.stream, self.start_ns);
-        let in_flight_for = self.deadline.unwrap_or(config.ttl);
-        let claim_until = self
-            .start_ns
+        // What is left of its deadline from `now` (all of it at its headers).
+        let elapsed = Duration::from_nanos(now.saturating_sub(self.start_ns));
+        let in_flight_for = self.deadline.map_or(config.ttl, |d| d.saturating_sub(elapsed));
+        let claim_until = now
             .saturating_add(u64::try_from(in_flight_for.as_nanos()).unwrap_or(u64::MAX))
             .saturating_add(CLAIM_GRACE_NS);
-        match config.table().lookup_or_claim(host, &key, caller, owner, self.start_ns, claim_until) {
+        match config.table().lookup_or_claim(host, &key, caller, owner, now, claim_until) {
             Lookup::Claimed { claim, evicted } => {
                 self.set_outcome(DedupOutcome::First, Family::DedupFirst, fx);
                 if evicted {

@@ -290,7 +290,10 @@ impl Call {
         }
         match dedup {
             Some(_) if key_field && !end_of_stream => call.await_key_field(),
-            Some(config) => call.dedup_request_headers(worker, config, host, key, end_of_stream, fx),
+            Some(config) => {
+                let now = call.start_ns;
+                call.dedup_request_headers(worker, config, host, key, now, end_of_stream, fx)
+            }
             None => Next::Continue,
         }
     }
@@ -441,11 +444,22 @@ impl Call {
         let seen = self.seen;
         let (status, source) = seen.final_status(|| ResetSide::from_code_details(self.details(host)));
         if self.method.slot == PENDING_SLOT {
-            // A gRPC server answers a method it does not have UNIMPLEMENTED;
-            // any other gRPC status from it, or a message, means a handler ran.
+            // A gRPC server answers a method it does not have UNIMPLEMENTED.
+            // What a server says before it routes a call (an auth layer, a
+            // load shedder: UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE,
+            // RESOURCE_EXHAUSTED) says nothing of the method either. Any
+            // other gRPC status from it, or a message, means a handler ran.
             let from_server = matches!(source, StatusSource::Trailers | StatusSource::Headers)
                 && self.details(host) == "via_upstream";
-            let real = (from_server && status != GrpcStatus::Unimplemented) || self.response.messages() > 0;
+            let said_before_routing = matches!(
+                status,
+                GrpcStatus::Unimplemented
+                    | GrpcStatus::Unauthenticated
+                    | GrpcStatus::PermissionDenied
+                    | GrpcStatus::Unavailable
+                    | GrpcStatus::ResourceExhausted
+            );
+            let real = (from_server && !said_before_routing) || self.response.messages() > 0;
             self.place_metrics(worker, host, real, fx);
         }
         self.flush_message_counts(fx);

@@ -499,3 +499,22 @@ fn a_settlement_the_bucket_never_lets_through_is_reported_and_leaves_the_key_cla
     store.interfere_with(|_, _| {});
     assert_eq!(ONE_BUCKET.lookup_or_claim(&mut store, &key(1), 5, 2, 20, 120), Lookup::InFlight, "never run twice");
 }
+
+#[test]
+fn a_claim_that_expired_and_was_taken_does_not_overwrite_its_successors_answer() {
+    let mut store = store_for(&ONE_BUCKET);
+    let stale = claim(&ONE_BUCKET, &mut store, 1, 7, 0);
+    // Its record expires (claim_until 100 + ttl); a later call claims the key.
+    let later = 100 + TTL + 1;
+    let fresh = claim(&ONE_BUCKET, &mut store, 1, 7, later);
+    let mut kept = ok_answer();
+    kept.body = vec![0, 0, 0, 0, 1, 42];
+    let fingerprint = digest(&[b"request"]);
+    assert!(ONE_BUCKET.settle(&mut store, &fresh, Settlement::Keep { fingerprint, answer: Some(kept.clone()) }, later));
+    // The stale call ends now and would keep its own answer.
+    ONE_BUCKET.settle(&mut store, &stale, Settlement::Keep { fingerprint, answer: Some(ok_answer()) }, later + 1);
+    match ONE_BUCKET.lookup_or_claim(&mut store, &key(1), 7, 99, later + 2, later + 102) {
+        Lookup::Done { outcome: Outcome::Kept(answer), .. } => assert_eq!(answer, kept, "the successor's answer"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -683,8 +683,8 @@ async fn a_compressed_request_hides_its_request_id_and_is_refused_unless_a_heade
 /// Loaded without `allow_on_headers_stop_iteration` (as Istio's WasmPlugin
 /// loads a plugin), Envoy holds the body with the headers: a call to a
 /// key-field method waits until its client gives up and never runs
-/// unguarded. (Envoy's own deadline never starts: the router never saw the
-/// call, so the client's deadline ends it, as a cancel.)
+/// unguarded. (The client's deadline ends it: its own timer, a cancel, or
+/// Envoy's max_stream_duration, whichever comes first.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_envoys_hold_setting_a_key_field_call_times_out_and_never_runs() {
     let upstream = Upstream::start().await;
@@ -707,4 +707,90 @@ async fn without_envoys_hold_setting_a_key_field_call_times_out_and_never_runs()
         replies += 1;
     }
     assert_eq!(replies, 2);
+}
+
+/// A request message whose first frame is `message`, framed.
+fn framed(message: &EchoRequest) -> Vec<u8> {
+    grpc_frame(&prost::Message::encode_to_vec(message))
+}
+
+fn body_frame(bytes: Vec<u8>) -> hyper::body::Frame<hyper::body::Bytes> {
+    hyper::body::Frame::data(hyper::body::Bytes::from(bytes))
+}
+
+const KEY_FIELD_HEADERS: [(&str, &str); 3] =
+    [("content-type", "application/grpc"), ("te", "trailers"), ("authorization", CALLER)];
+
+/// A key-field method with no size limit is held for at most 1 MiB: a
+/// larger message is refused from its prefix, never buffered or run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_field_message_too_large_to_hold_is_refused_from_its_prefix() {
+    let upstream = Upstream::start().await;
+    let envoy = start_envoy("dedup-key-field-huge", upstream.addr, ECHO_KEY_FIELD).unwrap();
+    let listen = envoy.params().listen_addr();
+    let mut prefix = vec![0u8];
+    prefix.extend_from_slice(&(16u32 << 20).to_be_bytes());
+    let stream = h2_stream(listen, None, ECHO_PATH, &KEY_FIELD_HEADERS, vec![body_frame(prefix)], false).await;
+    let answer = tokio::time::timeout(Duration::from_secs(5), stream.answer).await.unwrap().unwrap().unwrap();
+    assert_eq!(answer.grpc_status().as_deref(), Some("8"), "RESOURCE_EXHAUSTED: {answer:?}");
+    assert!(answer.header("grpc-message").unwrap_or_default().contains("max_request_message_bytes"), "{answer:?}");
+    assert_eq!(upstream.observed.executions("Echo"), 0);
+}
+
+/// The hold counts against the deadline: a message that takes longer than
+/// the call's deadline to come in is answered DEADLINE_EXCEEDED and never
+/// claimed or run (grpc-guard's own check for a deadline it injected; Envoy
+/// cuts a client's own `grpc-timeout` itself); the same request sent in time
+/// runs, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_field_call_held_past_its_deadline_never_runs_and_leaves_its_key_free() {
+    let upstream = Upstream::start().await;
+    let config = r#"{"deadline":{"default":"500ms"},"dedup":{"methods":["grpcguard.demo.v1.Demo/Echo"],
+        "key_fields":{"grpcguard.demo.v1.Demo/Echo":5}},"log":{"ok_sample":1}}"#;
+    let envoy = start_envoy("dedup-key-field-slow", upstream.addr, config).unwrap();
+    let listen = envoy.params().listen_addr();
+    let request = framed(&with_request_id("slow-1", "pay 10"));
+    for client_timeout in [None, Some("500m")] {
+        let mut headers = KEY_FIELD_HEADERS.to_vec();
+        headers.extend(client_timeout.map(|t| ("grpc-timeout", t)));
+        let first_bytes = vec![body_frame(request[..8].to_vec())];
+        let stream = h2_stream(listen, None, ECHO_PATH, &headers, first_bytes, false).await;
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let open = stream.open.expect("still open");
+        // Envoy may have ended the stream already (the client's own timeout).
+        let _ = open.send(body_frame(request[8..].to_vec()));
+        drop(open);
+        let answer = tokio::time::timeout(Duration::from_secs(5), stream.answer).await.unwrap().unwrap().unwrap();
+        assert_eq!(answer.grpc_status().as_deref(), Some("4"), "DEADLINE_EXCEEDED ({client_timeout:?}): {answer:?}");
+        assert_eq!(upstream.observed.executions("Echo"), 0, "held past its deadline: never run");
+    }
+    let first = send(&mut client(&envoy), unkeyed(with_request_id("slow-1", "pay 10"))).await;
+    let retry = send(&mut client(&envoy), unkeyed(with_request_id("slow-1", "pay 10"))).await;
+    assert_eq!(first.code(), Code::Ok, "the key was never claimed: {first:?}");
+    assert!(retry.replayed);
+    assert_eq!(upstream.observed.executions("Echo"), 1);
+}
+
+/// A message sent a byte at a time is held without copying the buffer at
+/// each byte: another call on the same Envoy is served meanwhile, and the
+/// held one runs once it is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_field_message_sent_a_byte_at_a_time_is_held_cheaply() {
+    let upstream = Upstream::start().await;
+    let envoy = start_envoy("dedup-key-field-drip", upstream.addr, ECHO_KEY_FIELD).unwrap();
+    let listen = envoy.params().listen_addr();
+    let request = framed(&EchoRequest { reply_padding: 0, ..with_request_id("drip-1", &"x".repeat(64 * 1024)) });
+    let stream = h2_stream(listen, None, ECHO_PATH, &KEY_FIELD_HEADERS, Vec::new(), false).await;
+    let open = stream.open.expect("open");
+    let started = std::time::Instant::now();
+    for byte in &request {
+        open.send(body_frame(vec![*byte])).unwrap();
+    }
+    drop(open);
+    let answer = tokio::time::timeout(Duration::from_secs(30), stream.answer).await.unwrap().unwrap().unwrap();
+    assert_eq!(answer.grpc_status().as_deref(), Some("0"), "{answer:?}");
+    assert_eq!(upstream.observed.executions("Echo"), 1);
+    let other = send(&mut client(&envoy), unkeyed(with_request_id("", "meanwhile"))).await;
+    assert_eq!(other.code(), Code::Ok);
+    eprintln!("64 KiB in 1-byte DATA frames held and sent on in {:?}", started.elapsed());
 }

@@ -258,3 +258,39 @@ async fn non_grpc_request_passes_byte_for_byte_and_is_not_counted() {
     assert!(samples.iter().all(|s| !s.name.starts_with("grpc_server_")), "non-gRPC traffic must not be counted");
     assert!(envoy.call_logs().is_empty(), "non-gRPC traffic must not be logged");
 }
+
+/// A server whose auth layer answers every path UNAUTHENTICATED before it
+/// routes the call says nothing of the method: 50 made-up paths take no
+/// label.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_server_says_before_routing_a_call_earns_a_made_up_path_no_label() {
+    let (upstream, calls) = start_h2_upstream(Reads::Whole, std::time::Duration::ZERO, |_| {
+        let mut trailers = hyper::HeaderMap::new();
+        trailers.append("grpc-status", "16".parse().unwrap());
+        hyper::Response::builder()
+            .status(200)
+            .header("content-type", "application/grpc")
+            .body(frames_body(vec![hyper::body::Frame::trailers(trailers)]))
+            .unwrap()
+    })
+    .await;
+    let envoy = start_envoy("auth-layer", upstream, r#"{"metrics":{"max_methods":3}}"#).unwrap();
+    let listen = envoy.params().listen_addr();
+    let headers = [("content-type", "application/grpc"), ("te", "trailers")];
+    for i in 0..50 {
+        let answer = h2_post(listen, &format!("/made.Up/M{i}"), &headers, &grpc_frame(b"")).await;
+        assert_eq!(answer.grpc_status().as_deref(), Some("16"));
+    }
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 50);
+    let samples = scrape_until(&envoy, |s| {
+        value(s, "grpc_server_handled_total", &[("grpc_method", "other"), ("grpc_code", "Unauthenticated")])
+            == Some(50.0)
+    })
+    .await;
+    let methods: std::collections::BTreeSet<&str> = samples
+        .iter()
+        .filter(|s| s.name.starts_with("grpc_server_"))
+        .filter_map(|s| s.labels.get("grpc_method").map(String::as_str))
+        .collect();
+    assert_eq!(methods, ["other"].into(), "no made-up path took a label");
+}
