@@ -21,7 +21,7 @@ PLUGIN_CONFIG ?= $(shell cat envoy/demo-plugin-config.json)
 export GRPC_GUARD_WASM := $(WASM)
 export GRPC_GUARD_ENVOY := $(ENVOY)
 
-.PHONY: help setup wasm run demo render bench soak test lint unit e2e clean
+.PHONY: help setup wasm run demo render bench soak test lint unit e2e fuzz clean
 
 help:
 	@echo "make run     build the filter, start the demo service behind Envoy, send demo traffic, show metrics and logs"
@@ -30,6 +30,7 @@ help:
 	@echo "make wasm    build the release filter: $(WASM)"
 	@echo "make bench   grpc-guard against bare Envoy, grpc_stats and a do-nothing wasm filter (bench/results.md)"
 	@echo "make soak    10 minutes of mixed traffic through Envoy: memory, counts and at-most-once checked (SOAK_SECONDS=...)"
+	@echo "make fuzz    run every fuzz target for FUZZ_SECONDS (default 20) on nightly; fails on a crash"
 	@echo "make render  write the Envoy config for running Envoy yourself: .run/envoy.rendered.yaml"
 	@echo "make clean   remove build outputs and .venv"
 
@@ -70,6 +71,7 @@ render: setup
 
 lint: setup
 	$(CARGO) fmt --all -- --check
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p grpc-guard-filter --target wasm32-wasip1 --release -- -D warnings
 
@@ -97,6 +99,17 @@ SOAK_RATE ?= 100
 soak: wasm
 	$(CARGO) build --release -p grpc-guard-tests --bin grpc-guard-soak
 	$(CARGO_TARGET_DIR)/release/grpc-guard-soak --seconds $(SOAK_SECONDS) --rate $(SOAK_RATE)
+
+# Coverage-guided fuzzing (fuzz/, README "Fuzzing"): each target
+# FUZZ_SECONDS under libFuzzer on nightly (or FUZZ_RUNS executions, if
+# sooner), then executions per target; a crash fails. FUZZ_TARGETS picks
+# some, e.g. FUZZ_TARGETS='frames method'.
+FUZZ_SECONDS ?= 20
+FUZZ_RUNS ?=
+FUZZ_TARGETS ?=
+fuzz:
+	@SETUP_FUZZ=1 scripts/setup.sh
+	FUZZ_RUNS=$(FUZZ_RUNS) scripts/fuzz.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 # Ends with one "N passed, N failed" line summed over every test binary.
 test: lint wasm

@@ -86,8 +86,8 @@ pub fn digest(parts: &[&[u8]]) -> Digest {
     blake3::hash(&key_material(parts)).into()
 }
 
-/// The parts as [`digest`] hashes them.
-fn key_material(parts: &[&[u8]]) -> Vec<u8> {
+/// The parts as [`digest`] hashes them (the fuzz target checks it is one-to-one).
+pub(crate) fn key_material(parts: &[&[u8]]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(parts.iter().map(|p| p.len() + 4).sum());
     for part in parts {
         let mut len = part.len();

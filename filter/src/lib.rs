@@ -22,6 +22,9 @@ pub mod config;
 pub mod deadline;
 pub mod dedup;
 pub mod frames;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod headers;
 pub mod json;
 pub mod method;
