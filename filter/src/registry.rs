@@ -159,20 +159,25 @@ impl Registry {
             return if table.contains(full_name) { Labelled::Yes } else { Labelled::No };
         }
         let (bytes, _) = store.get(table_key(config.direction));
-        let table = AdmittedMethods::from_bytes(bytes.as_deref().unwrap_or_default());
-        match table.admit(full_name, config.max_methods) {
-            Admission::Known => Labelled::Yes,
-            Admission::Full => {
-                self.full = Some(table);
-                Labelled::No
-            }
-            Admission::Store(_) if config.method_named(full_name) => match self.store_label(config, full_name, store) {
-                Some(true) => Labelled::Yes,
-                Some(false) => Labelled::No,
-                // Busy: its next call tries again.
-                None => Labelled::NotYet,
-            },
-            Admission::Store(_) => Labelled::NotYet,
+        let bytes = bytes.unwrap_or_default();
+        // Read in place: a flood of made-up paths reads the table at each
+        // call, and must not build it each time.
+        let names = || bytes.split(|b| *b == b'\n').filter(|name| !name.is_empty());
+        if names().any(|name| name == full_name.as_bytes()) {
+            return Labelled::Yes;
+        }
+        if names().count() >= config.max_methods {
+            self.full = Some(AdmittedMethods::from_bytes(&bytes));
+            return Labelled::No;
+        }
+        if !config.method_named(full_name) {
+            return Labelled::NotYet;
+        }
+        match self.store_label(config, full_name, store) {
+            Some(true) => Labelled::Yes,
+            Some(false) => Labelled::No,
+            // Busy: its next call tries again.
+            None => Labelled::NotYet,
         }
     }
 
