@@ -22,7 +22,7 @@ mod deadline;
 mod dedup;
 mod frames;
 mod method;
-mod status;
+pub(crate) mod status;
 
 pub use config::config;
 pub use deadline::grpc_timeout;

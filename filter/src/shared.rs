@@ -83,7 +83,7 @@ pub fn create<S: SharedStore + ?Sized>(store: &mut S, key: &str) {
 /// A store for native tests: shared data as Envoy keeps it, where every
 /// write bumps one global token. `interfere` runs before every read and
 /// write, standing for another worker that acts in between.
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod testing {
     use std::collections::HashMap;
 

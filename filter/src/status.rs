@@ -270,19 +270,8 @@ mod tests {
 
     #[test]
     fn http_status_maps_per_grpc_table() {
-        let table = [
-            (400, GrpcStatus::Internal),
-            (401, GrpcStatus::Unauthenticated),
-            (403, GrpcStatus::PermissionDenied),
-            (404, GrpcStatus::Unimplemented),
-            (429, GrpcStatus::Unavailable),
-            (502, GrpcStatus::Unavailable),
-            (503, GrpcStatus::Unavailable),
-            (504, GrpcStatus::Unavailable),
-            (500, GrpcStatus::Unknown),
-            (302, GrpcStatus::Unknown),
-        ];
-        for (http, grpc) in table {
+        let others = [(500, GrpcStatus::Unknown), (302, GrpcStatus::Unknown)];
+        for (http, grpc) in crate::fuzzing::status::HTTP_TO_GRPC.into_iter().chain(others) {
             assert_eq!(GrpcStatus::from_http_status(http), grpc, "HTTP {http}");
         }
     }

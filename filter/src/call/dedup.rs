@@ -227,12 +227,14 @@ impl Call {
         }
         self.dedup = None;
         let header = host.request_header(&config.header).map(<[u8]>::to_vec);
-        let field = path.iter().map(u32::to_string).collect::<Vec<_>>().join(".");
+        // For the refusals only: most calls never spell it out.
+        let field = || path.iter().map(u32::to_string).collect::<Vec<_>>().join(".");
         Some(match read {
             Ok(Some(Some(key))) if !key.is_empty() => match key.len() {
                 n if n > 255 => self.refuse_key(
                     format!(
-                        "grpc-guard: idempotency key (request field {field}) is {n} bytes; at most 255 are allowed"
+                        "grpc-guard: idempotency key (request field {}) is {n} bytes; at most 255 are allowed",
+                        field()
                     ),
                     fx,
                 ),
@@ -250,16 +252,20 @@ impl Call {
                 self.set_outcome(DedupOutcome::BadKey, Family::DedupKeyRejected, fx);
                 self.count(Family::Refused, None, 1, fx);
                 let message = format!(
-                    "grpc-guard: {} reads its idempotency key from request field {field}, which a compressed \
+                    "grpc-guard: {} reads its idempotency key from request field {}, which a compressed \
                      message hides; send it uncompressed (or with the {} header)",
                     self.method_name(),
+                    field(),
                     config.header
                 );
                 let accept = vec![("grpc-accept-encoding".to_owned(), "identity".to_owned())];
                 self.answer_with(GrpcStatus::Unimplemented, message, accept, fx)
             }
             Err(e) => self.refuse_key(
-                format!("grpc-guard: the request message {e}, so its idempotency key (field {field}) cannot be read"),
+                format!(
+                    "grpc-guard: the request message {e}, so its idempotency key (field {}) cannot be read",
+                    field()
+                ),
                 fx,
             ),
         })

@@ -3,7 +3,6 @@
 //! entry read from shared data, and the table's numbers).
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::config::check_dedup_config;
@@ -15,6 +14,7 @@ use crate::dedup::{
     caller_tag, check_key, decode_answer, decode_bucket, digest, encode_answer, encode_bucket, key_material, Answer,
     Claim, DedupTable, Digest, KeyError, Lookup, Outcome, Record, Settlement, State, ENTRY_OVERHEAD, WAYS,
 };
+use crate::shared::testing::MapStore;
 use crate::shared::{SharedStore, StoreError};
 use crate::status::GrpcStatus;
 
@@ -316,50 +316,39 @@ fn check_table_numbers(data: &[u8]) {
 /// index of the key's bucket), the answer under any other, as the fuzzer
 /// wrote them; then what the table writes.
 struct FuzzStore {
-    values: BTreeMap<String, (Vec<u8>, u32)>,
+    store: MapStore,
     index: Option<String>,
     bucket: Vec<u8>,
     answer: Vec<u8>,
-    version: u32,
-    writes: usize,
 }
 
 impl FuzzStore {
     fn index(&self) -> (&str, [Record; WAYS]) {
         let key = self.index.as_deref().expect("the table read the key's bucket");
-        (key, decode_bucket(&self.values[key].0))
+        (key, decode_bucket(self.value(key)))
     }
 
     fn value(&self, key: &str) -> &[u8] {
-        &self.values[key].0
+        self.store.value(key).expect("a value the table read or wrote")
     }
 }
 
 impl SharedStore for FuzzStore {
     fn get(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        if !self.values.contains_key(key) {
+        if !self.store.values.contains_key(key) {
             let value = if self.index.is_none() {
                 self.index = Some(key.to_owned());
                 self.bucket.clone()
             } else {
                 self.answer.clone()
             };
-            self.values.insert(key.to_owned(), (value, 0));
+            self.store.values.insert(key.to_owned(), (value, 0));
         }
-        let (value, version) = &self.values[key];
-        (Some(value.clone()), Some(*version))
+        self.store.get(key)
     }
 
     fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
-        if let (Some((_, current)), Some(cas)) = (self.values.get(key), cas) {
-            if *current != cas {
-                return Err(StoreError::CasMismatch);
-            }
-        }
-        self.version += 1;
-        self.writes += 1;
-        self.values.insert(key.to_owned(), (value.to_vec(), self.version));
-        Ok(())
+        self.store.set(key, value, cas)
     }
 }
 
@@ -426,7 +415,7 @@ fn lookup_and_settle(data: &[u8]) {
         let len = usize::from(input.u16());
         input.take(len).to_vec()
     };
-    let mut store = FuzzStore { values: BTreeMap::new(), index: None, bucket, answer, version: 0, writes: 0 };
+    let mut store = FuzzStore { store: MapStore::default(), index: None, bucket, answer };
 
     let lookup = table.lookup_or_claim(&mut store, &key, caller, owner, now, claim_until);
     let (index, after) = store.index();
@@ -435,7 +424,7 @@ fn lookup_and_settle(data: &[u8]) {
     let found = before.iter().position(|r| live(r, now) && r.key == key);
     let callers = before.iter().filter(|r| live(r, now) && r.caller == caller).count();
     let Lookup::Claimed { claim, evicted } = lookup else {
-        assert_eq!(store.writes, 0, "only a claim writes");
+        assert_eq!(store.store.writes, 0, "only a claim writes");
         let record = found.map(|w| before[w]);
         match lookup {
             Lookup::InFlight => assert!(record.is_some_and(|r| r.state == State::InFlight && now < r.claim_until)),
@@ -491,7 +480,7 @@ fn settle(table: &DedupTable, store: &mut FuzzStore, claim: &Claim, input: &mut 
     };
     let (index, before) = store.index();
     let index = index.to_owned();
-    let written = store.writes;
+    let written = store.store.writes;
     assert!(table.settle(store, claim, settlement, now), "a store nobody else writes always settles");
     let (_, after) = store.index();
     for w in (0..WAYS).filter(|&w| w != claim.way) {
@@ -508,8 +497,8 @@ fn settle(table: &DedupTable, store: &mut FuzzStore, claim: &Claim, input: &mut 
     };
     assert_eq!(after[claim.way], settled);
     if state == State::Kept {
-        let stored = store.values.keys().find(|k| **k != index).expect("the answer is stored").clone();
-        assert!(store.writes > written);
+        let stored = store.store.values.keys().find(|k| **k != index).expect("the answer is stored").clone();
+        assert!(store.store.writes > written);
         assert_eq!(decode_answer(store.value(&stored), claim.owner).as_ref(), Some(&answer));
     }
     // A retry finds this way, unless the key has another way live again

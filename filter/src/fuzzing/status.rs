@@ -52,19 +52,20 @@ fn reference_grpc_status(value: &[u8]) -> Option<GrpcStatus> {
     Some(GrpcStatus::ALL.get(n).copied().unwrap_or(GrpcStatus::Unknown))
 }
 
-/// gRPC's `http-grpc-status-mapping.md`.
+/// gRPC's `http-grpc-status-mapping.md`; every other HTTP status is Unknown.
+pub(crate) const HTTP_TO_GRPC: [(u32, GrpcStatus); 8] = [
+    (400, GrpcStatus::Internal),
+    (401, GrpcStatus::Unauthenticated),
+    (403, GrpcStatus::PermissionDenied),
+    (404, GrpcStatus::Unimplemented),
+    (429, GrpcStatus::Unavailable),
+    (502, GrpcStatus::Unavailable),
+    (503, GrpcStatus::Unavailable),
+    (504, GrpcStatus::Unavailable),
+];
+
 fn reference_http_status(http: u32) -> GrpcStatus {
-    const TABLE: [(u32, GrpcStatus); 8] = [
-        (400, GrpcStatus::Internal),
-        (401, GrpcStatus::Unauthenticated),
-        (403, GrpcStatus::PermissionDenied),
-        (404, GrpcStatus::Unimplemented),
-        (429, GrpcStatus::Unavailable),
-        (502, GrpcStatus::Unavailable),
-        (503, GrpcStatus::Unavailable),
-        (504, GrpcStatus::Unavailable),
-    ];
-    TABLE.iter().find(|(h, _)| *h == http).map_or(GrpcStatus::Unknown, |(_, s)| *s)
+    HTTP_TO_GRPC.iter().find(|(h, _)| *h == http).map_or(GrpcStatus::Unknown, |(_, s)| *s)
 }
 
 /// A `grpc-message` decoded as a gRPC client decodes it; `None` if a byte

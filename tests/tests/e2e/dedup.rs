@@ -714,10 +714,6 @@ fn framed(message: &EchoRequest) -> Vec<u8> {
     grpc_frame(&prost::Message::encode_to_vec(message))
 }
 
-fn body_frame(bytes: Vec<u8>) -> hyper::body::Frame<hyper::body::Bytes> {
-    hyper::body::Frame::data(hyper::body::Bytes::from(bytes))
-}
-
 const KEY_FIELD_HEADERS: [(&str, &str); 3] =
     [("content-type", "application/grpc"), ("te", "trailers"), ("authorization", CALLER)];
 
@@ -730,7 +726,7 @@ async fn a_key_field_message_too_large_to_hold_is_refused_from_its_prefix() {
     let listen = envoy.params().listen_addr();
     let mut prefix = vec![0u8];
     prefix.extend_from_slice(&(16u32 << 20).to_be_bytes());
-    let stream = h2_stream(listen, None, ECHO_PATH, &KEY_FIELD_HEADERS, vec![body_frame(prefix)], false).await;
+    let stream = h2_stream(listen, None, ECHO_PATH, &KEY_FIELD_HEADERS, vec![data(prefix)], false).await;
     let answer = tokio::time::timeout(Duration::from_secs(5), stream.answer).await.unwrap().unwrap().unwrap();
     assert_eq!(answer.grpc_status().as_deref(), Some("8"), "RESOURCE_EXHAUSTED: {answer:?}");
     assert!(answer.header("grpc-message").unwrap_or_default().contains("max_request_message_bytes"), "{answer:?}");
@@ -753,12 +749,12 @@ async fn a_key_field_call_held_past_its_deadline_never_runs_and_leaves_its_key_f
     for client_timeout in [None, Some("500m")] {
         let mut headers = KEY_FIELD_HEADERS.to_vec();
         headers.extend(client_timeout.map(|t| ("grpc-timeout", t)));
-        let first_bytes = vec![body_frame(request[..8].to_vec())];
+        let first_bytes = vec![data(request[..8].to_vec())];
         let stream = h2_stream(listen, None, ECHO_PATH, &headers, first_bytes, false).await;
         tokio::time::sleep(Duration::from_millis(800)).await;
         let open = stream.open.expect("still open");
         // Envoy may have ended the stream already (the client's own timeout).
-        let _ = open.send(body_frame(request[8..].to_vec()));
+        let _ = open.send(data(request[8..].to_vec()));
         drop(open);
         let answer = tokio::time::timeout(Duration::from_secs(5), stream.answer).await.unwrap().unwrap().unwrap();
         assert_eq!(answer.grpc_status().as_deref(), Some("4"), "DEADLINE_EXCEEDED ({client_timeout:?}): {answer:?}");
@@ -784,7 +780,7 @@ async fn a_key_field_message_sent_a_byte_at_a_time_is_held_cheaply() {
     let open = stream.open.expect("open");
     let started = std::time::Instant::now();
     for byte in &request {
-        open.send(body_frame(vec![*byte])).unwrap();
+        open.send(data(vec![*byte])).unwrap();
     }
     drop(open);
     let answer = tokio::time::timeout(Duration::from_secs(30), stream.answer).await.unwrap().unwrap().unwrap();

@@ -20,10 +20,6 @@ fn echo_frame(message: &str, delay_ms: u32) -> Vec<u8> {
     grpc_frame(&EchoRequest { message: message.into(), delay_ms, ..Default::default() }.encode_to_vec())
 }
 
-fn data(bytes: Vec<u8>) -> Frame<Bytes> {
-    Frame::data(Bytes::from(bytes))
-}
-
 fn keyed_headers<'a>(key: &'a str, caller: &'a str) -> Vec<(&'a str, &'a str)> {
     vec![("content-type", "application/grpc"), ("te", "trailers"), ("idempotency-key", key), ("authorization", caller)]
 }

@@ -304,6 +304,11 @@ pub async fn h2_stream(
     Streamed { open, answer }
 }
 
+/// Bytes as a DATA frame of a raw HTTP/2 body.
+pub fn data(bytes: Vec<u8>) -> hyper::body::Frame<hyper::body::Bytes> {
+    hyper::body::Frame::data(hyper::body::Bytes::from(bytes))
+}
+
 /// Request trailers as a body frame.
 pub fn trailers_frame(pairs: &[(&str, &str)]) -> hyper::body::Frame<hyper::body::Bytes> {
     let mut map = hyper::HeaderMap::new();
@@ -325,6 +330,25 @@ pub enum Reads {
     Whole,
 }
 
+/// Serves each connection accepted on a free loopback port with `serve`,
+/// which is handed the request counter both upstreams return.
+async fn accept_counted<F, Fut>(serve: F) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>)
+where
+    F: Fn(tokio::net::TcpStream, std::sync::Arc<std::sync::atomic::AtomicU64>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = requests.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(serve(tcp, counted.clone()));
+        }
+    });
+    (addr, requests)
+}
+
 /// An HTTP/2 upstream that answers every request with what `respond` builds
 /// from the request's count (1 for the first) after reading what `reads`
 /// says and working for `work`; counts requests.
@@ -340,42 +364,35 @@ where
     use hyper::body::Incoming;
     use hyper::service::service_fn;
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
 
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let requests = Arc::new(AtomicU64::new(0));
-    let counted = requests.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (counted, respond) = (counted.clone(), respond.clone());
-            tokio::spawn(async move {
-                let service = service_fn(move |req: hyper::Request<Incoming>| {
-                    let (counted, respond) = (counted.clone(), respond.clone());
-                    async move {
-                        let mut body = req.into_body();
-                        match reads {
-                            Reads::Nothing => {}
-                            Reads::FirstFrame => {
-                                let _ = body.frame().await;
-                            }
-                            Reads::Whole => {
-                                let _ = body.collect().await;
-                            }
+    accept_counted(move |tcp, counted| {
+        let respond = respond.clone();
+        async move {
+            let service = service_fn(move |req: hyper::Request<Incoming>| {
+                let (counted, respond) = (counted.clone(), respond.clone());
+                async move {
+                    let mut body = req.into_body();
+                    match reads {
+                        Reads::Nothing => {}
+                        Reads::FirstFrame => {
+                            let _ = body.frame().await;
                         }
-                        let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
-                        tokio::time::sleep(work).await;
-                        Ok::<_, std::convert::Infallible>(respond(n))
+                        Reads::Whole => {
+                            let _ = body.collect().await;
+                        }
                     }
-                });
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
+                    let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+                    tokio::time::sleep(work).await;
+                    Ok::<_, std::convert::Infallible>(respond(n))
+                }
             });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
         }
-    });
-    (addr, requests)
+    })
+    .await
 }
 
 /// Asserts that grpc-guard's VM never trapped in `envoy`. What Envoy 1.40
@@ -638,37 +655,31 @@ where
         + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::Ordering;
     use std::sync::Arc;
 
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let requests = Arc::new(AtomicU64::new(0));
-    let counted = requests.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (handle, counted) = (handle.clone(), counted.clone());
-            tokio::spawn(async move {
-                let Ok(mut connection) = h2::server::handshake(tcp).await else { return };
-                let hangup = Hangup(Arc::new(tokio::sync::Notify::new()));
-                loop {
-                    tokio::select! {
-                        next = connection.accept() => match next {
-                            Some(Ok((request, respond))) => {
-                                counted.fetch_add(1, Ordering::SeqCst);
-                                tokio::spawn(handle(request, respond, hangup.clone()));
-                            }
-                            _ => break,
-                        },
-                        // Dropping the connection closes the socket: no
-                        // GOAWAY, no RST_STREAM, just gone.
-                        _ = hangup.0.notified() => break,
-                    }
+    accept_counted(move |tcp, counted| {
+        let handle = handle.clone();
+        async move {
+            let Ok(mut connection) = h2::server::handshake(tcp).await else { return };
+            let hangup = Hangup(Arc::new(tokio::sync::Notify::new()));
+            loop {
+                tokio::select! {
+                    next = connection.accept() => match next {
+                        Some(Ok((request, respond))) => {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                            tokio::spawn(handle(request, respond, hangup.clone()));
+                        }
+                        _ => break,
+                    },
+                    // Dropping the connection closes the socket: no
+                    // GOAWAY, no RST_STREAM, just gone.
+                    _ = hangup.0.notified() => break,
                 }
-            });
+            }
         }
-    });
-    (addr, requests)
+    })
+    .await
 }
 
 /// What a connection written byte by byte got back for one request.
