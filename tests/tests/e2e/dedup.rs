@@ -790,3 +790,30 @@ async fn a_key_field_message_sent_a_byte_at_a_time_is_held_cheaply() {
     assert_eq!(other.code(), Code::Ok);
     eprintln!("64 KiB in 1-byte DATA frames held and sent on in {:?}", started.elapsed());
 }
+
+/// A client that resets a key-field call while it is held (its message not
+/// yet whole) ran nothing and claimed nothing: the same request later runs,
+/// once, and its retry is replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_field_call_the_client_resets_while_held_claims_nothing() {
+    let upstream = Upstream::start().await;
+    let envoy = start_envoy("dedup-key-field-reset", upstream.addr, ECHO_KEY_FIELD).unwrap();
+    let listen = envoy.params().listen_addr();
+    let request = framed(&with_request_id("reset-1", "pay 10"));
+    let stream = h2_stream(listen, None, ECHO_PATH, &KEY_FIELD_HEADERS, vec![data(request[..8].to_vec())], false).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The client gives up on the call (hyper resets the stream when its
+    // response future is dropped); the body is left open, so the stream
+    // ends by the reset, not by an end of stream.
+    let _open = stream.open;
+    stream.answer.abort();
+    let logs = call_logs(&envoy, 1).await;
+    assert_eq!(logs[0]["grpc_code"], "Canceled", "{logs:?}");
+    assert_eq!(logs[0]["dedup"], "none", "nothing was claimed: {logs:?}");
+    assert_eq!(upstream.observed.executions("Echo"), 0);
+    let first = send(&mut client(&envoy), unkeyed(with_request_id("reset-1", "pay 10"))).await;
+    let retry = send(&mut client(&envoy), unkeyed(with_request_id("reset-1", "pay 10"))).await;
+    assert_eq!(first.code(), Code::Ok, "{first:?}");
+    assert!(retry.replayed, "{retry:?}");
+    assert_eq!(upstream.observed.executions("Echo"), 1);
+}
