@@ -97,6 +97,9 @@ pub struct EnvoyParams {
     pub hold_headers: bool,
     /// The plugin's `failure_policy`, as in the template unless changed.
     pub failure_policy: String,
+    /// etcd members: when set, the cluster of `envoy/etcd-cluster.yaml`
+    /// (`grpc_guard_etcd`) is added with them as its endpoints.
+    pub etcd: Vec<SocketAddr>,
 }
 
 impl EnvoyParams {
@@ -115,6 +118,7 @@ impl EnvoyParams {
             access_log: true,
             hold_headers: true,
             failure_policy: FAILURE_POLICY.to_owned(),
+            etcd: Vec::new(),
         })
     }
 
@@ -169,6 +173,10 @@ impl EnvoyParams {
                 + STAT_PREFIX.len();
             out.insert_str(at, &early_header_mutation(&self.set_request_headers));
         }
+        if !self.etcd.is_empty() {
+            let at = out.find(CLUSTERS).ok_or_else(|| EnvoyError::Unfilled("clusters".to_owned()))? + CLUSTERS.len();
+            out.insert_str(at, &self.etcd_cluster());
+        }
         for (key, value) in values {
             out = out.replace(key, &value);
         }
@@ -178,6 +186,30 @@ impl EnvoyParams {
         }
     }
 }
+
+impl EnvoyParams {
+    /// `envoy/etcd-cluster.yaml` with the members as its endpoints.
+    fn etcd_cluster(&self) -> String {
+        let endpoints: String = self
+            .etcd
+            .iter()
+            .map(|m| {
+                format!(
+                    "        - endpoint:\n            address:\n              socket_address: {{ address: {}, port_value: {} }}\n",
+                    m.ip(),
+                    m.port()
+                )
+            })
+            .collect();
+        ETCD_CLUSTER.replace("{{ETCD_ENDPOINTS}}\n", &endpoints)
+    }
+}
+
+/// The etcd cluster's definition (`dedup.store: etcd`).
+pub const ETCD_CLUSTER: &str = include_str!("../../envoy/etcd-cluster.yaml");
+
+/// Where the template's clusters begin.
+const CLUSTERS: &str = "\n  clusters:\n";
 
 /// The plugin's failure policy in the template.
 pub const FAILURE_POLICY: &str = "FAIL_RELOAD";
@@ -436,6 +468,7 @@ mod tests {
             access_log: true,
             hold_headers: true,
             failure_policy: FAILURE_POLICY.to_owned(),
+            etcd: Vec::new(),
         }
     }
 

@@ -147,6 +147,26 @@ pub struct DedupConfig {
     pub anonymous: Anonymous,
     /// Most ways of one bucket of [`crate::dedup::WAYS`] one caller may hold.
     pub caller_ways: usize,
+    /// Where the table lives.
+    pub store: DedupStore,
+}
+
+/// Where the dedup table lives (`dedup.store`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum DedupStore {
+    /// Envoy's shared data: one Envoy's workers share it.
+    #[default]
+    Local,
+    /// etcd, through an Envoy cluster: every Envoy shares it, across restarts.
+    Etcd(crate::etcd::EtcdConfig),
+}
+
+/// Which store `dedup.store` names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum StoreKind {
+    #[default]
+    Local,
+    Etcd,
 }
 
 impl DedupConfig {
@@ -181,6 +201,31 @@ struct RawDedup {
     when_full: WhenFull,
     anonymous: Anonymous,
     caller_share: f64,
+    store: StoreKind,
+    etcd: Option<RawEtcd>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct RawEtcd {
+    cluster: String,
+    prefix: String,
+    timeout: String,
+    lease_ttl: Option<String>,
+    fail_open: bool,
+    max_request_bytes: u64,
+}
+
+impl Default for RawEtcd {
+    fn default() -> Self {
+        RawEtcd {
+            cluster: "grpc_guard_etcd".to_owned(),
+            prefix: "grpc-guard/dedup/".to_owned(),
+            timeout: "1s".to_owned(),
+            lease_ttl: None,
+            fail_open: false,
+            max_request_bytes: crate::etcd::DEFAULT_MAX_REQUEST_BYTES,
+        }
+    }
 }
 
 impl Default for RawDedup {
@@ -198,6 +243,8 @@ impl Default for RawDedup {
             when_full: WhenFull::Reject,
             anonymous: Anonymous::Reject,
             caller_share: 0.25,
+            store: StoreKind::Local,
+            etcd: None,
         }
     }
 }
@@ -255,6 +302,7 @@ const DIRECTIONS: [(&str, Direction); 2] = [("inbound", Direction::Inbound), ("o
 const NON_GRPC: [(&str, NonGrpc); 2] = [("refuse", NonGrpc::Refuse), ("pass", NonGrpc::Pass)];
 const WHEN_FULL: [(&str, WhenFull); 2] = [("reject", WhenFull::Reject), ("forward", WhenFull::Forward)];
 const ANONYMOUS: [(&str, Anonymous); 2] = [("reject", Anonymous::Reject), ("forward", Anonymous::Forward)];
+const STORES: [(&str, StoreKind); 2] = [("local", StoreKind::Local), ("etcd", StoreKind::Etcd)];
 const METHOD_TYPES: [(&str, MethodType); 4] = [
     ("unary", MethodType::Unary),
     ("client_stream", MethodType::ClientStream),
@@ -353,6 +401,21 @@ impl RawConfig {
             set(&mut r.when_full, d.read("when_full", |v| json::one_of(v, &WHEN_FULL))?);
             set(&mut r.anonymous, d.read("anonymous", |v| json::one_of(v, &ANONYMOUS))?);
             set(&mut r.caller_share, d.read("caller_share", json::number)?);
+            set(&mut r.store, d.read("store", |v| json::one_of(v, &STORES))?);
+            if let Some(mut e) = d.object("etcd")? {
+                let mut etcd = RawEtcd::default();
+                set(&mut etcd.cluster, e.read("cluster", json::string)?);
+                set(&mut etcd.prefix, e.read("prefix", json::string)?);
+                set(&mut etcd.timeout, e.read("timeout", json::string)?);
+                etcd.lease_ttl = e.read("lease_ttl", json::string)?;
+                set(&mut etcd.fail_open, e.read("fail_open", json::boolean)?);
+                set(
+                    &mut etcd.max_request_bytes,
+                    e.read("max_request_bytes", |v| json::whole(v, 1, u64::from(u32::MAX)))?,
+                );
+                e.finish(&["cluster", "prefix", "timeout", "lease_ttl", "fail_open", "max_request_bytes"])?;
+                r.etcd = Some(etcd);
+            }
             d.finish(&[
                 "header",
                 "methods",
@@ -366,6 +429,8 @@ impl RawConfig {
                 "when_full",
                 "anonymous",
                 "caller_share",
+                "store",
+                "etcd",
             ])?;
         }
         f.finish(&["direction", "non_grpc", "metrics", "log", "deadline", "limits", "dedup"])?;
@@ -564,6 +629,7 @@ fn dedup_config(
         key_fields.insert(name, path);
     }
     let ttl = duration("dedup.ttl", Some(&raw.ttl))?.unwrap_or_default();
+    let raw_sizes = KeptSizes { response: raw.max_response_bytes, metadata: raw.max_metadata_bytes };
     if raw.max_entries == 0 || raw.max_entries > MAX_DEDUP_ENTRIES {
         return Err(ConfigError::new(
             "dedup.max_entries",
@@ -641,6 +707,22 @@ fn dedup_config(
              ...): one caller could be replayed another's answer",
         ));
     }
+    let store = match (raw.store, raw.etcd) {
+        (StoreKind::Local, None) => DedupStore::Local,
+        (StoreKind::Local, Some(_)) => {
+            return Err(ConfigError::new("dedup.etcd", "is set but dedup.store is \"local\"; set it to \"etcd\""))
+        }
+        (StoreKind::Etcd, etcd) => DedupStore::Etcd(etcd_config(etcd.unwrap_or_default(), &raw_sizes, ttl)?),
+    };
+    if matches!(store, DedupStore::Etcd(_)) {
+        if let Some(name) = key_fields.keys().next() {
+            return Err(ConfigError::new(
+                &format!("dedup.key_fields.{name}"),
+                "a key read from the request message is not yet supported with dedup.store \"etcd\"; send the key \
+                 in the idempotency key header",
+            ));
+        }
+    }
     if methods.is_empty() {
         return Ok(None);
     }
@@ -657,7 +739,66 @@ fn dedup_config(
         when_full: raw.when_full,
         anonymous: raw.anonymous,
         caller_ways,
+        store,
     }))
+}
+
+/// The kept answer's bounds, for the etcd store's request size check.
+struct KeptSizes {
+    response: u32,
+    metadata: u32,
+}
+
+fn etcd_config(raw: RawEtcd, sizes: &KeptSizes, ttl: Duration) -> Result<crate::etcd::EtcdConfig, ConfigError> {
+    use crate::etcd::{entry_lifetime, TXN_OVERHEAD};
+    let cluster = raw.cluster;
+    // Envoy takes the cluster inside a message whose lengths are one byte.
+    if cluster.is_empty() || cluster.len() > 100 || !cluster.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::new(
+            "dedup.etcd.cluster",
+            format!("{cluster:?} is not an Envoy cluster name (1 to 100 printable ASCII characters)"),
+        ));
+    }
+    if raw.prefix.len() > 200 || !raw.prefix.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::new("dedup.etcd.prefix", "must be at most 200 printable ASCII characters"));
+    }
+    let timeout = duration("dedup.etcd.timeout", Some(&raw.timeout))?.unwrap_or_default();
+    // What an entry can live, plus a margin for clocks and the grant's trip.
+    let needed = entry_lifetime(ttl, Duration::from_secs(1)).saturating_add(Duration::from_secs(5));
+    let lease_ttl = match duration("dedup.etcd.lease_ttl", raw.lease_ttl.as_ref())? {
+        Some(lease_ttl) if lease_ttl < needed.saturating_add(Duration::from_secs(10)) => {
+            return Err(ConfigError::new(
+                "dedup.etcd.lease_ttl",
+                format!(
+                    "must be at least {}s: an entry lives up to twice dedup.ttl and a second, and a lease must \
+                     outlive the entries put under it for a while",
+                    needed.as_secs() + 10
+                ),
+            ))
+        }
+        Some(lease_ttl) => lease_ttl,
+        None => needed.saturating_add(ttl).saturating_add(Duration::from_secs(60)),
+    };
+    let largest = u64::from(sizes.response) + u64::from(sizes.metadata) + crate::dedup::ENTRY_OVERHEAD + TXN_OVERHEAD;
+    if largest > raw.max_request_bytes {
+        return Err(ConfigError::new(
+            "dedup.max_response_bytes",
+            format!(
+                "a kept answer of up to {} + {} (max_metadata_bytes) bytes makes an etcd request of up to {largest} \
+                 bytes, over dedup.etcd.max_request_bytes ({}, etcd's --max-request-bytes); lower it or raise \
+                 both",
+                sizes.response, sizes.metadata, raw.max_request_bytes
+            ),
+        ));
+    }
+    Ok(crate::etcd::EtcdConfig {
+        cluster,
+        prefix: raw.prefix,
+        timeout,
+        lease: crate::etcd::LeaseWindow { lease_ttl, needed },
+        fail_open: raw.fail_open,
+        max_request_bytes: raw.max_request_bytes,
+    })
 }
 
 /// A key field's path: a field number, or an array of them for a field of a

@@ -376,7 +376,7 @@ impl<'b> Ways<'b> {
     }
 }
 
-const STATES: [State; 5] = [State::Free, State::InFlight, State::Kept, State::NotKept, State::Unknown];
+pub(crate) const STATES: [State; 5] = [State::Free, State::InFlight, State::Kept, State::NotKept, State::Unknown];
 
 /// A bucket's bytes decoded whole; anything unreadable is an empty bucket.
 pub fn decode_bucket(bytes: &[u8]) -> Bucket {
@@ -541,12 +541,30 @@ fn answer_key(bucket: u32, way: usize) -> String {
 /// What the compare-and-swap of a lookup decided.
 enum Found {
     Claimed(Claim, bool),
-    InFlight,
-    Abandoned,
-    Kept { way: usize, owner: u64, fingerprint: Digest },
-    Done { fingerprint: Digest, outcome: Outcome },
+    /// A live record of the key, in this way.
+    Live(usize, Record),
     Full,
     CallerFull,
+}
+
+/// What a call finds in a live record of its key, in either store: the
+/// first call still running (until `claim_until`), a claim never settled,
+/// or the first call's outcome (`kept` reads a kept answer, only when there
+/// is one).
+pub(crate) fn found(
+    state: State,
+    claim_until: u64,
+    now: u64,
+    fingerprint: Digest,
+    kept: impl FnOnce() -> Outcome,
+) -> Lookup {
+    match state {
+        State::InFlight if now < claim_until => Lookup::InFlight,
+        State::InFlight | State::Free => Lookup::Abandoned,
+        State::Kept => Lookup::Done { fingerprint, outcome: kept() },
+        State::NotKept => Lookup::Done { fingerprint, outcome: Outcome::NotKept },
+        State::Unknown => Lookup::Done { fingerprint, outcome: Outcome::Unknown },
+    }
 }
 
 impl DedupTable {
@@ -586,17 +604,10 @@ impl DedupTable {
         claim_until: u64,
     ) -> Lookup {
         let bucket = self.bucket_of(key);
-        let found = shared::update(store, &index_key(bucket), CAS_ATTEMPTS, |bytes| {
+        let decided = shared::update(store, &index_key(bucket), CAS_ATTEMPTS, |bytes| {
             let mut ways = Ways::read(bytes);
             if let Some(way) = (0..WAYS).find(|&w| ways.live(w, now) && ways.key(w) == key) {
-                let r = ways.record(way);
-                return Decision::Keep(match r.state {
-                    State::InFlight if now < r.claim_until => Found::InFlight,
-                    State::InFlight | State::Free => Found::Abandoned,
-                    State::Kept => Found::Kept { way, owner: r.owner, fingerprint: r.fingerprint },
-                    State::NotKept => Found::Done { fingerprint: r.fingerprint, outcome: Outcome::NotKept },
-                    State::Unknown => Found::Done { fingerprint: r.fingerprint, outcome: Outcome::Unknown },
-                });
+                return Decision::Keep(Found::Live(way, ways.record(way)));
             }
             let Some(way) = (0..WAYS).find(|&w| !ways.live(w, now)) else {
                 return Decision::Keep(Found::Full);
@@ -625,21 +636,17 @@ impl DedupTable {
             let claim = Claim { bucket, way, key: *key, owner };
             Decision::Write(Cow::Owned(ways.into_bytes()), Found::Claimed(claim, evicted))
         });
-        match found {
+        match decided {
             Ok(Found::Claimed(claim, evicted)) => Lookup::Claimed { claim, evicted },
-            Ok(Found::InFlight) => Lookup::InFlight,
-            Ok(Found::Abandoned) => Lookup::Abandoned,
-            Ok(Found::Kept { way, owner, fingerprint }) => {
+            Ok(Found::Live(way, r)) => found(r.state, r.claim_until, now, r.fingerprint, || {
                 let (bytes, _) = store.get(&answer_key(bucket, way));
                 // An answer that is not the one this record kept (a late
                 // writer, a torn value) is never replayed.
-                let outcome = match bytes.as_deref().and_then(|b| decode_answer(b, owner)) {
+                match bytes.as_deref().and_then(|b| decode_answer(b, r.owner)) {
                     Some(answer) => Outcome::Kept(answer),
                     None => Outcome::Unknown,
-                };
-                Lookup::Done { fingerprint, outcome }
-            }
-            Ok(Found::Done { fingerprint, outcome }) => Lookup::Done { fingerprint, outcome },
+                }
+            }),
             Ok(Found::Full) => Lookup::Full,
             Ok(Found::CallerFull) => Lookup::CallerFull,
             Err(_) => Lookup::Contended,

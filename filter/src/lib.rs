@@ -21,6 +21,7 @@ pub mod call;
 pub mod config;
 pub mod deadline;
 pub mod dedup;
+pub mod etcd;
 pub mod frames;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]

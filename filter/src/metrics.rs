@@ -256,6 +256,13 @@ pub mod guard {
     /// (other workers kept its bucket busy): the key stays claimed, then
     /// counts as "may have run", until it expires.
     pub const DEDUP_SETTLE_LOST: &str = "grpc_guard_dedup_settle_lost_total";
+    /// Requests to the etcd store that failed (no answer in time, etcd or
+    /// its cluster down, an error from etcd): claims, retried claims, lease
+    /// grants, and completion writes Envoy could not send.
+    pub const DEDUP_STORE_ERRORS: &str = "grpc_guard_dedup_store_errors_total";
+    /// Keyed calls run without deduplication because the etcd store failed
+    /// and `dedup.etcd.fail_open` is set.
+    pub const DEDUP_FAILED_OPEN: &str = "grpc_guard_dedup_failed_open_total";
 }
 
 #[cfg(test)]

@@ -64,13 +64,39 @@ pub fn field<'m>(message: &'m [u8], path: &[u32]) -> Result<Option<&'m [u8]>, Wi
 /// Groups nest at most this deep before a message is refused.
 const MAX_GROUP_DEPTH: usize = 32;
 
-enum Value<'m> {
+/// A field's value as the wire format has it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Value<'m> {
+    /// A varint (an integer, a bool, an enum).
+    Varint(u64),
+    /// A fixed-width number or a group, skipped.
     Scalar,
+    /// A string, bytes or message.
     Delimited(&'m [u8]),
 }
 
-struct Fields<'m> {
+/// The fields of a message in wire order: `(number, value)`, then an error
+/// if the bytes end inside a field.
+pub struct Fields<'m> {
     bytes: &'m [u8],
+}
+
+/// Reads `message` field by field (the etcd store's answers).
+pub fn fields(message: &[u8]) -> Fields<'_> {
+    Fields { bytes: message }
+}
+
+impl<'m> Iterator for Fields<'m> {
+    type Item = Result<(u32, Value<'m>), WireError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let next = self.next_field();
+        if next.is_err() {
+            // Nothing after a malformed field can be trusted.
+            self.bytes = &[];
+        }
+        next.transpose()
+    }
 }
 
 impl<'m> Fields<'m> {
@@ -141,10 +167,7 @@ impl<'m> Fields<'m> {
 
     fn value(&mut self, wire: u64) -> Result<Value<'m>, WireError> {
         let value = match wire {
-            0 => {
-                self.varint()?;
-                Value::Scalar
-            }
+            0 => Value::Varint(self.varint()?),
             1 => {
                 self.skip(8)?;
                 Value::Scalar
@@ -164,31 +187,49 @@ impl<'m> Fields<'m> {
     }
 }
 
-/// Writers of the wire format, for tests.
-#[cfg(test)]
-pub(crate) mod write {
-    pub fn tag(number: u32, wire: u8) -> Vec<u8> {
-        varint(u64::from(number) << 3 | u64::from(wire))
-    }
-
-    pub fn varint(mut v: u64) -> Vec<u8> {
-        let mut out = Vec::new();
+/// Writers of the wire format: the etcd store's requests, and the tests'
+/// messages.
+pub mod write {
+    /// Appends a varint.
+    pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
         loop {
             let b = (v & 0x7f) as u8;
             v >>= 7;
             if v == 0 {
                 out.push(b);
-                return out;
+                return;
             }
             out.push(b | 0x80);
         }
     }
 
+    /// Appends a varint field (written even when zero: a `oneof` member).
+    pub fn put_uint(out: &mut Vec<u8>, number: u32, value: u64) {
+        put_varint(out, u64::from(number) << 3);
+        put_varint(out, value);
+    }
+
+    /// Appends a string, bytes or message field.
+    pub fn put_bytes(out: &mut Vec<u8>, number: u32, value: &[u8]) {
+        put_varint(out, u64::from(number) << 3 | 2);
+        put_varint(out, value.len() as u64);
+        out.extend_from_slice(value);
+    }
+
+    pub fn tag(number: u32, wire: u8) -> Vec<u8> {
+        varint(u64::from(number) << 3 | u64::from(wire))
+    }
+
+    pub fn varint(v: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        put_varint(&mut out, v);
+        out
+    }
+
     /// A string, bytes or message field.
     pub fn string(number: u32, value: &[u8]) -> Vec<u8> {
-        let mut out = tag(number, 2);
-        out.extend(varint(value.len() as u64));
-        out.extend_from_slice(value);
+        let mut out = Vec::with_capacity(value.len() + 6);
+        put_bytes(&mut out, number, value);
         out
     }
 }

@@ -76,6 +76,11 @@ pub enum DedupOutcome {
     /// A kept OK answer could not be replayed: the replay hop is missing
     /// (no route or internal listener); the client got the hop's answer.
     ReplayFailed,
+    /// The etcd store did not answer: refused UNAVAILABLE, not run.
+    StoreUnavailable,
+    /// The etcd store did not answer and `fail_open` is set: run without
+    /// deduplication.
+    StoreFailedOpen,
 }
 
 impl DedupOutcome {
@@ -93,6 +98,8 @@ impl DedupOutcome {
             DedupOutcome::Anonymous => "anonymous",
             DedupOutcome::BadKey => "bad_key",
             DedupOutcome::ReplayFailed => "replay_failed",
+            DedupOutcome::StoreUnavailable => "store_unavailable",
+            DedupOutcome::StoreFailedOpen => "store_failed_open",
         }
     }
 }

@@ -2,7 +2,7 @@
 //! own VM, so this is per worker; what workers share lives in shared data
 //! ([`crate::shared`]).
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, DedupStore};
 use crate::record::Sampler;
 use crate::registry::Registry;
 use crate::shared::SharedStore;
@@ -15,6 +15,8 @@ pub struct Worker {
     /// Tells this worker's dedup claims from other workers' (the clock when
     /// it was configured).
     seed: u64,
+    /// The lease this worker puts etcd entries under (`dedup.store: etcd`).
+    pub etcd_lease: Option<crate::etcd::Lease>,
 }
 
 impl Worker {
@@ -24,10 +26,18 @@ impl Worker {
     pub fn configure(json: &[u8], store: &mut (impl SharedStore + ?Sized), seed: u64) -> Result<Worker, ConfigError> {
         let config = Config::parse(json)?;
         Registry::create_table(&config, store);
-        if let Some(dedup) = &config.dedup {
+        if let Some(dedup) = config.dedup.as_ref().filter(|d| d.store == DedupStore::Local) {
             dedup.table().create(store);
         }
-        Ok(Worker { sampler: Sampler::new(config.ok_sample), methods: Registry::new(), config, seed })
+        Ok(Worker { sampler: Sampler::new(config.ok_sample), methods: Registry::new(), config, seed, etcd_lease: None })
+    }
+
+    /// The etcd store's settings, when the dedup table lives there.
+    pub fn etcd(&self) -> Option<&crate::etcd::EtcdConfig> {
+        match &self.config.dedup.as_ref()?.store {
+            DedupStore::Etcd(etcd) => Some(etcd),
+            DedupStore::Local => None,
+        }
     }
 
     /// The owner of a claim made by `stream`, started at `start_ns`: unique

@@ -109,10 +109,21 @@ pub fn start_envoy_with(
     plugin_config: &str,
     filters_before: &str,
 ) -> Result<Envoy, EnvoyError> {
+    start_envoy_changed(name, upstream, plugin_config, |params| params.filters_before = filters_before.to_owned())
+}
+
+/// [`start_envoy`], with the parameters changed by `change` (e.g. the etcd
+/// members of `dedup.store: etcd`).
+pub fn start_envoy_changed(
+    name: &str,
+    upstream: SocketAddr,
+    plugin_config: &str,
+    change: impl Fn(&mut EnvoyParams),
+) -> Result<Envoy, EnvoyError> {
     let mut attempt = 0;
     loop {
         let mut params = EnvoyParams::on_free_ports(upstream, wasm_path(), plugin_config)?;
-        params.filters_before = filters_before.to_owned();
+        change(&mut params);
         match Envoy::start(&envoy_binary(), params, CONCURRENCY, &scratch_dir(name)) {
             Err(EnvoyError::Exited { log_tail, .. }) if attempt < 3 && log_tail.contains("Address already in use") => {
                 attempt += 1;

@@ -6,5 +6,6 @@
 //! end-to-end and deployment tests.
 
 pub mod e2e;
+pub mod etcd;
 pub mod host;
 pub mod soak;

@@ -37,6 +37,10 @@ struct Args {
     /// A port where nothing listens, for the "upstream down" demo route.
     #[arg(long, default_value_t = 50099)]
     down_port: u16,
+    /// An etcd member's client address (repeat for each member): adds the
+    /// `grpc_guard_etcd` cluster, for `dedup.store: "etcd"`.
+    #[arg(long = "etcd")]
+    etcd: Vec<SocketAddr>,
     /// Envoy worker threads.
     #[arg(long, default_value_t = 2)]
     concurrency: u32,
@@ -69,6 +73,7 @@ impl Args {
             access_log: true,
             hold_headers: true,
             failure_policy: grpc_guard_demo::envoy::FAILURE_POLICY.to_owned(),
+            etcd: self.etcd.clone(),
         }
     }
 }

@@ -15,14 +15,16 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use super::{from_slice, lossy, Call, Chunk, Effect, Effects, Host, Next, Reply, Side};
-use crate::config::{Anonymous, DedupConfig, ScopePart, WhenFull};
+use super::{from_slice, lossy, Call, Chunk, Effect, Effects, EtcdReply, EtcdRequest, Host, Next, Reply, Side};
+use crate::config::{Anonymous, DedupConfig, DedupStore, ScopePart, WhenFull};
 use crate::deadline::format_grpc_timeout;
 use crate::dedup::{
     caller_tag, check_key, digest, disposition, Answer, Claim, Digest, Disposition, Ending, Fingerprint, Lookup,
-    Outcome, Settlement, REPLAYED_HEADER, REPLAY_CONTENT_TYPE, REPLAY_PATH_PREFIX,
+    Outcome, Settlement, State, REPLAYED_HEADER, REPLAY_CONTENT_TYPE, REPLAY_PATH_PREFIX,
 };
+use crate::etcd::{self, Entry, EtcdConfig, Lease, TxnAnswer};
 use crate::frames::PREFIX_LEN;
+use crate::metrics::guard;
 use crate::metrics::Family;
 use crate::protowire;
 use crate::record::DedupOutcome;
@@ -56,7 +58,65 @@ pub(super) enum Phase {
     Verify { fingerprint: Digest, outcome: Outcome, seen: Fingerprint },
     /// An OK answer is being replayed through the second hop.
     Replay(Answer),
+    /// Paused while the etcd store answers a claim (or grants the lease it
+    /// needs).
+    Claiming(Claiming),
 }
+
+/// A claim on the etcd store, in flight.
+#[derive(Debug)]
+pub(super) struct Claiming {
+    held: EtcdHeld,
+    awaiting: Awaiting,
+    /// Requests of this claim that failed and were sent again.
+    resent: u8,
+    /// Expired entries this claim tried to take over.
+    take_overs: u8,
+    /// The request has ended (with its headers, its body or its trailers).
+    end_of_stream: bool,
+    /// The request body that reached the filter meanwhile (Envoy holds it):
+    /// its fingerprint so far, and how many bytes of it.
+    body: Fingerprint,
+    body_seen: usize,
+    /// The last request sent, to send again.
+    last: Option<EtcdRequest>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Awaiting {
+    Lease { asked_at: u64 },
+    Claim,
+}
+
+/// A key held on the etcd store: what settling it needs.
+#[derive(Clone, Debug)]
+pub(super) struct EtcdHeld {
+    /// The etcd key.
+    key: Vec<u8>,
+    /// The in-flight entry as written: a settle replaces it only if the key
+    /// still holds exactly these bytes.
+    entry: Vec<u8>,
+    claim_until: u64,
+    lease: Option<Lease>,
+}
+
+/// Where a first call's key is held.
+#[derive(Debug)]
+enum Held {
+    Local(Claim),
+    Etcd(EtcdHeld),
+}
+
+/// How many times a claim whose request failed before reaching etcd (its
+/// member down, the connection reset) is sent again, to another member.
+const CLAIM_RESENDS: u8 = 1;
+/// How many expired entries a claim takes over before it calls the key busy.
+const TAKE_OVERS: u8 = 2;
+/// The gRPC statuses of a claim request that may be sent again: it did not
+/// reach etcd, or did and is recognized as ours when sent again.
+const RESEND_ON: [u32; 1] = [14];
+/// etcd's answer when its database is full (`mvcc: database space exceeded`).
+const ETCD_FULL: u32 = 8;
 
 /// The most of a request message grpc-guard holds to read its key field
 /// when the method sets no `limits.max_request_message_bytes`.
@@ -99,7 +159,7 @@ fn first_message(prefix: &[u8], buffered: usize, limit: Option<u64>) -> FirstMes
 /// What the first call of a key collects to keep.
 #[derive(Debug)]
 pub(super) struct FirstCall {
-    claim: Claim,
+    claim: Held,
     request: Fingerprint,
     answer: Answer,
     /// Largest body and metadata kept ([`DedupConfig`]).
@@ -122,6 +182,40 @@ impl FirstCall {
             self.too_large = true;
         }
     }
+}
+
+impl Claiming {
+    /// The claim transaction under `lease`.
+    fn claim(&mut self, lease: Lease) -> EtcdRequest {
+        self.held.lease = Some(lease);
+        txn_request(etcd::claim_txn(&self.held.key, &self.held.entry, lease.id), false)
+    }
+
+    /// The claim over an expired entry last written at `mod_revision`.
+    fn take_over(&self, mod_revision: i64) -> EtcdRequest {
+        let lease = self.held.lease.map_or(0, |l| l.id);
+        txn_request(etcd::take_over_txn(&self.held.key, mod_revision, &self.held.entry, lease), false)
+    }
+}
+
+/// A `KV.Txn` request (its timeout set when sent).
+fn txn_request(message: Vec<u8>, detached: bool) -> EtcdRequest {
+    EtcdRequest { service: etcd::KV_SERVICE, method: etcd::TXN, message, timeout: Duration::ZERO, detached }
+}
+
+/// A `Lease.LeaseGrant` request for the store's lease TTL.
+pub fn lease_request(etcd: &EtcdConfig) -> EtcdRequest {
+    EtcdRequest {
+        service: etcd::LEASE_SERVICE,
+        method: etcd::LEASE_GRANT,
+        message: etcd::lease_grant(etcd.lease.lease_ttl),
+        timeout: etcd.timeout,
+        detached: false,
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl Call {
@@ -330,26 +424,254 @@ impl Call {
         let claim_until = now
             .saturating_add(u64::try_from(in_flight_for.as_nanos()).unwrap_or(u64::MAX))
             .saturating_add(CLAIM_GRACE_NS);
-        match config.table().lookup_or_claim(host, &key, caller, owner, now, claim_until) {
+        let etcd = match &config.store {
+            DedupStore::Local => {
+                let lookup = config.table().lookup_or_claim(host, &key, caller, owner, now, claim_until);
+                return self.on_lookup(config, lookup, end_of_stream, Fingerprint::default(), fx);
+            }
+            DedupStore::Etcd(etcd) => etcd,
+        };
+        let entry = Entry {
+            state: State::InFlight,
+            owner,
+            claim_until,
+            // An unsettled claim keeps the key as "may have run" for the TTL
+            // after it, as in the local table.
+            expires: claim_until.saturating_add(nanos(config.ttl)),
+            fingerprint: [0; 32],
+            answer: None,
+        };
+        let held = EtcdHeld { key: etcd::key(&etcd.prefix, &key), entry: entry.encode(), claim_until, lease: None };
+        let mut claiming = Claiming {
+            held,
+            awaiting: Awaiting::Claim,
+            resent: 0,
+            take_overs: 0,
+            end_of_stream,
+            body: Fingerprint::default(),
+            body_seen: 0,
+            last: None,
+        };
+        let lease = worker.etcd_lease.filter(|l| now < l.usable_until);
+        let request = match lease {
+            Some(lease) => claiming.claim(lease),
+            None => {
+                // No lease yet (the worker's first keyed call), or it is
+                // about to run out: this call asks for one first.
+                claiming.awaiting = Awaiting::Lease { asked_at: now };
+                lease_request(etcd)
+            }
+        };
+        self.send_claim(etcd, claiming, request, now, fx)
+    }
+
+    /// Sends a claim's next request, within its timeout and what is left of
+    /// the call's deadline; pauses the call until it is answered.
+    fn send_claim(
+        &mut self,
+        etcd: &EtcdConfig,
+        mut claiming: Claiming,
+        mut request: EtcdRequest,
+        now: u64,
+        fx: &mut Effects,
+    ) -> Next {
+        let left = self.deadline.map(|d| d.saturating_sub(Duration::from_nanos(now.saturating_sub(self.start_ns))));
+        if left.is_some_and(|l| l.is_zero()) {
+            self.count(Family::DeadlineRejected, Some(GrpcStatus::DeadlineExceeded), 1, fx);
+            return self.answer(
+                GrpcStatus::DeadlineExceeded,
+                "grpc-guard: the call's deadline passed while its idempotency key was being claimed; it was not run",
+                fx,
+            );
+        }
+        request.timeout = left.map_or(etcd.timeout, |l| l.min(etcd.timeout));
+        claiming.last = Some(request.clone());
+        fx.push(Effect::Etcd(request));
+        self.dedup = Some(Box::new(Phase::Claiming(claiming)));
+        Next::Pause
+    }
+
+    /// The etcd store answered a request of this call: its claim goes on,
+    /// is decided, or fails by the failure policy. `Continue` resumes the
+    /// paused request.
+    pub fn on_etcd_answer<H: Host>(
+        &mut self,
+        worker: &mut crate::worker::Worker,
+        host: &mut H,
+        reply: EtcdReply,
+        fx: &mut Effects,
+    ) -> Next {
+        let Some(Phase::Claiming(mut claiming)) = self.dedup.take().map(|p| *p) else {
+            // Not waiting (an answer after the call was decided): nothing to do.
+            return Next::Pause;
+        };
+        let Some(config) = worker.config.dedup.as_ref() else { return Next::Continue };
+        let DedupStore::Etcd(etcd) = &config.store else { return Next::Continue };
+        let now = host.now_ns();
+        if reply.status != 0 {
+            fx.push(Effect::CountGuard(guard::DEDUP_STORE_ERRORS));
+            if reply.status == ETCD_FULL && claiming.awaiting == Awaiting::Claim {
+                self.set_outcome(DedupOutcome::Full, Family::DedupFull, fx);
+                let message =
+                    format!("grpc-guard: the idempotency store is full (etcd: {}); retry later", reply.message);
+                return self.resumed(config, |call, fx| call.when_full(config, &message, fx), now, fx);
+            }
+            if RESEND_ON.contains(&reply.status) && claiming.resent < CLAIM_RESENDS {
+                if let Some(request) = claiming.last.take() {
+                    claiming.resent += 1;
+                    return self.send_claim(etcd, claiming, request, now, fx);
+                }
+            }
+            return self.store_failed(config, etcd, &reply, now, fx);
+        }
+        match claiming.awaiting {
+            Awaiting::Lease { asked_at } => match etcd::parse_lease(&reply.body) {
+                Ok(id) => {
+                    let lease = etcd.lease.lease(id, asked_at);
+                    worker.etcd_lease = Some(lease);
+                    claiming.awaiting = Awaiting::Claim;
+                    let request = claiming.claim(lease);
+                    self.send_claim(etcd, claiming, request, now, fx)
+                }
+                Err(e) => {
+                    fx.push(Effect::CountGuard(guard::DEDUP_STORE_ERRORS));
+                    let reply = EtcdReply { status: 2, message: e, body: Vec::new() };
+                    self.store_failed(config, etcd, &reply, now, fx)
+                }
+            },
+            Awaiting::Claim => {
+                let found = match etcd::parse_txn(&reply.body) {
+                    Ok(found) => found,
+                    Err(e) => {
+                        fx.push(Effect::CountGuard(guard::DEDUP_STORE_ERRORS));
+                        let reply = EtcdReply { status: 2, message: format!("a claim answer that {e}"), body: vec![] };
+                        return self.store_failed(config, etcd, &reply, now, fx);
+                    }
+                };
+                let lookup = match found {
+                    TxnAnswer::Applied => None,
+                    // Its own claim, written by a request sent again.
+                    TxnAnswer::Existing { value, .. } if value == claiming.held.entry => None,
+                    TxnAnswer::Existing { value, mod_revision } => match Entry::decode(&value) {
+                        // Something not written by grpc-guard is never trusted
+                        // or overwritten.
+                        None => Some(Lookup::Abandoned),
+                        Some(entry) => match entry.lookup(now) {
+                            Some(lookup) => Some(lookup),
+                            None if claiming.take_overs < TAKE_OVERS => {
+                                // Expired, not yet dropped with its lease.
+                                claiming.take_overs += 1;
+                                let request = claiming.take_over(mod_revision);
+                                return self.send_claim(etcd, claiming, request, now, fx);
+                            }
+                            None => Some(Lookup::Contended),
+                        },
+                    },
+                    TxnAnswer::Missing => Some(Lookup::Contended),
+                };
+                let end_of_stream = claiming.end_of_stream;
+                self.resumed(
+                    config,
+                    |call, fx| match lookup {
+                        None => {
+                            let next = call.first_call(config, Held::Etcd(claiming.held), fx);
+                            if let Some(Phase::First(first)) = call.dedup.as_deref_mut() {
+                                first.request = claiming.body;
+                            }
+                            // What Envoy held goes on now.
+                            call.forwarded_messages = call.request.messages();
+                            next
+                        }
+                        Some(lookup) => call.on_lookup(config, lookup, end_of_stream, claiming.body, fx),
+                    },
+                    now,
+                    fx,
+                )
+            }
+        }
+    }
+
+    /// Decides a call that was paused for the store; one that goes on takes
+    /// what is left of its deadline with it.
+    fn resumed(
+        &mut self,
+        _config: &DedupConfig,
+        decide: impl FnOnce(&mut Call, &mut Effects) -> Next,
+        now: u64,
+        fx: &mut Effects,
+    ) -> Next {
+        let next = decide(self, fx);
+        if next == Next::Continue {
+            if let Some(deadline) = self.deadline {
+                let left = deadline.saturating_sub(Duration::from_nanos(now.saturating_sub(self.start_ns)));
+                fx.push(Effect::SetRequestHeader(
+                    Cow::Borrowed("grpc-timeout"),
+                    format_grpc_timeout(left).into_bytes(),
+                ));
+            }
+        }
+        next
+    }
+
+    /// The etcd store failed a claim: by default the call is refused
+    /// UNAVAILABLE (retryable; nothing ran), with `fail_open` it runs
+    /// undeduplicated.
+    fn store_failed(
+        &mut self,
+        config: &DedupConfig,
+        etcd: &EtcdConfig,
+        reply: &EtcdReply,
+        now: u64,
+        fx: &mut Effects,
+    ) -> Next {
+        let code = GrpcStatus::from_code(reply.status).map_or("status ?", GrpcStatus::go_name);
+        let why = format!("etcd: {code}: {}", reply.message);
+        if etcd.fail_open {
+            self.dedup_outcome = DedupOutcome::StoreFailedOpen;
+            // Logged whatever its status (`dedup: store_failed_open`).
+            fx.push(Effect::CountGuard(guard::DEDUP_FAILED_OPEN));
+            return self.resumed(config, |_, _| Next::Continue, now, fx);
+        }
+        self.dedup_outcome = DedupOutcome::StoreUnavailable;
+        self.count(Family::Refused, None, 1, fx);
+        self.answer(
+            GrpcStatus::Unavailable,
+            format!("grpc-guard: the idempotency store did not answer ({why}); the call was not run; retry"),
+            fx,
+        )
+    }
+
+    /// A first call: it runs upstream, and what it ends with will be kept.
+    fn first_call(&mut self, config: &DedupConfig, claim: Held, fx: &mut Effects) -> Next {
+        self.set_outcome(DedupOutcome::First, Family::DedupFirst, fx);
+        self.dedup = Some(Box::new(Phase::First(FirstCall {
+            claim,
+            request: Fingerprint::default(),
+            answer: Answer { status: GrpcStatus::Ok, headers: Vec::new(), body: Vec::new(), trailers: Vec::new() },
+            max_body: config.max_response_bytes as usize,
+            max_metadata: config.max_metadata_bytes as usize,
+            too_large: false,
+        })));
+        Next::Continue
+    }
+
+    /// What a call does with what it found under its key.
+    /// `seen`: the request body's fingerprint so far.
+    fn on_lookup(
+        &mut self,
+        config: &DedupConfig,
+        lookup: Lookup,
+        end_of_stream: bool,
+        seen: Fingerprint,
+        fx: &mut Effects,
+    ) -> Next {
+        match lookup {
             Lookup::Claimed { claim, evicted } => {
-                self.set_outcome(DedupOutcome::First, Family::DedupFirst, fx);
+                let next = self.first_call(config, Held::Local(claim), fx);
                 if evicted {
                     self.count(Family::DedupEvicted, None, 1, fx);
                 }
-                self.dedup = Some(Box::new(Phase::First(FirstCall {
-                    claim,
-                    request: Fingerprint::default(),
-                    answer: Answer {
-                        status: GrpcStatus::Ok,
-                        headers: Vec::new(),
-                        body: Vec::new(),
-                        trailers: Vec::new(),
-                    },
-                    max_body: config.max_response_bytes as usize,
-                    max_metadata: config.max_metadata_bytes as usize,
-                    too_large: false,
-                })));
-                Next::Continue
+                next
             }
             Lookup::InFlight | Lookup::Contended => {
                 self.set_outcome(DedupOutcome::InFlight, Family::DedupInFlight, fx);
@@ -362,7 +684,7 @@ impl Call {
             }
             Lookup::Abandoned => self.answer_unknown(fx),
             Lookup::Done { fingerprint, outcome } => {
-                self.dedup = Some(Box::new(Phase::Verify { fingerprint, outcome, seen: Fingerprint::default() }));
+                self.dedup = Some(Box::new(Phase::Verify { fingerprint, outcome, seen }));
                 // Only the whole request's fingerprint tells a retry from a
                 // reuse of the key, and a paused header callback would hold the
                 // body back from this filter too (proxy-wasm turns Pause into
@@ -447,6 +769,17 @@ impl Call {
                 }
                 Chunk::Read(chunk)
             }
+            // Held until the store answers (Envoy buffers it): fingerprinted
+            // and read now, as it will not pass this filter again. Envoy hands
+            // over all it holds each time: only the new bytes are read.
+            Some(Phase::Claiming(claiming)) => {
+                let new = host.request_body(claiming.body_seen, len.saturating_sub(claiming.body_seen));
+                let new = new.unwrap_or_default();
+                claiming.body_seen = len;
+                claiming.body.update(&new);
+                claiming.end_of_stream |= end_of_stream;
+                Chunk::Hold(new)
+            }
             Some(Phase::Replay(_) | Phase::AwaitKey { .. }) | None => Chunk::Read(None),
         }
     }
@@ -461,7 +794,14 @@ impl Call {
 
     /// The request trailers of a keyed call: a retry's request ends here.
     pub(super) fn dedup_request_trailers<H: Host>(&mut self, _host: &mut H, fx: &mut Effects) -> Option<Next> {
-        matches!(self.dedup.as_deref(), Some(Phase::Verify { .. })).then(|| self.verify_and_answer(fx))
+        match self.dedup.as_deref_mut() {
+            Some(Phase::Verify { .. }) => Some(self.verify_and_answer(fx)),
+            Some(Phase::Claiming(claiming)) => {
+                claiming.end_of_stream = true;
+                Some(Next::Pause)
+            }
+            _ => None,
+        }
     }
 
     /// A retry of a finished key, its whole request seen: answer with what
@@ -633,7 +973,20 @@ impl Call {
         fx: &mut Effects,
     ) {
         let Some(config) = worker.config.dedup.as_ref() else { return };
-        let Some(Phase::First(mut first)) = self.dedup.take().map(|p| *p) else { return };
+        let mut first = match self.dedup.take().map(|p| *p) {
+            Some(Phase::First(first)) => first,
+            Some(Phase::Claiming(claiming)) => {
+                // The stream ended while its claim was in flight: the claim
+                // may have been written. It is taken back if it was (nothing
+                // ran: the request never went on).
+                if claiming.awaiting == Awaiting::Claim {
+                    let release = etcd::settle_txn(&claiming.held.key, &claiming.held.entry, None, 0);
+                    self.send_detached(worker, release, fx);
+                }
+                return;
+            }
+            _ => return,
+        };
         let ending = if self.forwarded_messages == 0 {
             // Checked first: an upstream may answer a unary call from its
             // headers or a message's prefix (UNIMPLEMENTED, OUT_OF_RANGE)
@@ -676,8 +1029,52 @@ impl Call {
             }
         };
         let now = host.now_ns();
-        if !config.table().settle(host, &first.claim, settlement, now) {
-            fx.push(Effect::CountGuard(crate::metrics::guard::DEDUP_SETTLE_LOST));
+        match &first.claim {
+            Held::Local(claim) => {
+                if !config.table().settle(host, claim, settlement, now) {
+                    fx.push(Effect::CountGuard(guard::DEDUP_SETTLE_LOST));
+                }
+            }
+            Held::Etcd(held) => {
+                // Past its claim the key already reads as "may have run", and
+                // a longer life would outlast the lease: left as it is.
+                let Some(lease) = held.lease.filter(|_| now < held.claim_until) else { return };
+                let expires = now.saturating_add(nanos(config.ttl)).min(lease.ends);
+                let settled = match settlement {
+                    Settlement::Free => None,
+                    Settlement::Keep { fingerprint, answer } => Some(Entry {
+                        state: if answer.is_some() { State::Kept } else { State::NotKept },
+                        owner: 0,
+                        claim_until: held.claim_until,
+                        expires,
+                        fingerprint,
+                        answer,
+                    }),
+                    Settlement::Unknown { fingerprint } => Some(Entry {
+                        state: State::Unknown,
+                        owner: 0,
+                        claim_until: held.claim_until,
+                        expires,
+                        fingerprint,
+                        answer: None,
+                    }),
+                };
+                let value = settled.map(|mut entry| {
+                    entry.owner = Entry::decode(&held.entry).map_or(0, |e| e.owner);
+                    entry.encode()
+                });
+                let txn = etcd::settle_txn(&held.key, &held.entry, value.as_deref(), lease.id);
+                self.send_detached(worker, txn, fx);
+            }
+        }
+    }
+
+    /// A write to the etcd store that nobody waits for.
+    fn send_detached(&self, worker: &crate::worker::Worker, message: Vec<u8>, fx: &mut Effects) {
+        if let Some(etcd) = worker.etcd() {
+            let mut request = txn_request(message, true);
+            request.timeout = etcd.timeout;
+            fx.push(Effect::Etcd(request));
         }
     }
 }

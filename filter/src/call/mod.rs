@@ -14,6 +14,7 @@
 //! missing), and [`Call::finish`] when the stream is done, however it ended.
 
 mod dedup;
+pub use dedup::lease_request;
 #[cfg(test)]
 mod tests;
 
@@ -105,6 +106,30 @@ pub enum Effect {
     MarkReplay,
     /// Log this line at info level.
     Log(String),
+    /// Send a request to the etcd store (a gRPC callout). Unless `detached`,
+    /// the call waits for its answer ([`Call::on_etcd_answer`]); a detached
+    /// one (a completion write) belongs to the worker, so the stream's end
+    /// does not cancel it, and nobody waits for it.
+    Etcd(EtcdRequest),
+}
+
+/// A request to etcd's gRPC API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdRequest {
+    pub service: &'static str,
+    pub method: &'static str,
+    pub message: Vec<u8>,
+    pub timeout: Duration,
+    pub detached: bool,
+}
+
+/// What came back from a request to etcd: its gRPC status (0 with the
+/// answer's message), or why it failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdReply {
+    pub status: u32,
+    pub message: String,
+    pub body: Vec<u8>,
 }
 
 pub type Effects = Vec<Effect>;
@@ -332,6 +357,10 @@ impl Call {
             Chunk::Handled(next) => return next,
             Chunk::Read(Some(chunk)) => self.read_frames(Side::Request, len, from_slice(&chunk), fx),
             Chunk::Read(None) => self.read_frames(Side::Request, len, |offset, n| host.request_body(offset, n), fx),
+            Chunk::Hold(chunk) => match self.read_frames(Side::Request, chunk.len(), from_slice(&chunk), fx) {
+                Ok(()) => return Next::Pause,
+                err => err,
+            },
         };
         match read {
             Ok(()) => {
@@ -413,6 +442,8 @@ impl Call {
             Chunk::Handled(next) => return next,
             Chunk::Read(Some(chunk)) => self.read_frames(Side::Response, len, from_slice(&chunk), fx),
             Chunk::Read(None) => self.read_frames(Side::Response, len, |offset, n| host.response_body(offset, n), fx),
+            // Never for a response.
+            Chunk::Hold(chunk) => self.read_frames(Side::Response, chunk.len(), from_slice(&chunk), fx),
         };
         if self.response.messages() > 0 {
             // A message from the upstream: the method is real.
@@ -489,7 +520,9 @@ impl Call {
             self.count(Family::LateResponses, None, 1, fx);
         }
 
-        if status == GrpcStatus::Ok && !worker.sampler.sample() {
+        // A call run without its idempotency guarantee is always logged.
+        let sampled = self.dedup_outcome == DedupOutcome::StoreFailedOpen || worker.sampler.sample();
+        if status == GrpcStatus::Ok && !sampled {
             return;
         }
         // The line gives the HTTP status: read for logged calls only.
@@ -707,6 +740,8 @@ pub(super) enum Chunk {
     /// The chunk is read as any other; from this copy when the keyed call
     /// already took one, rather than from the host again.
     Read(Option<Vec<u8>>),
+    /// The new part of a chunk held back: read, and the stream stays paused.
+    Hold(Vec<u8>),
 }
 
 /// A body reader over bytes already copied out of the host.

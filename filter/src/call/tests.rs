@@ -142,6 +142,8 @@ struct Seen {
     /// The request was marked for the replay route.
     marked: bool,
     log: Option<serde_json::Value>,
+    /// Requests sent to the etcd store.
+    etcd: Vec<crate::call::EtcdRequest>,
 }
 
 impl Seen {
@@ -348,6 +350,7 @@ impl<'w> Stream<'w> {
                 Effect::CountGuard(name) => self.seen.guard_counts.push(name),
                 Effect::Tag(status) => self.seen.tags.push(status),
                 Effect::MarkReplay => self.seen.marked = true,
+                Effect::Etcd(request) => self.seen.etcd.push(request),
                 Effect::Log(line) => {
                     assert!(self.seen.log.is_none(), "logged twice");
                     self.seen.log = Some(serde_json::from_str(&line).unwrap());

@@ -14,7 +14,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, GrpcStatusCode, LogLevel, MapType, MetricType, Status};
 
-use crate::call::{Call, Effect, Effects, Host, Next, Reply};
+use crate::call::{Call, Effect, Effects, EtcdReply, EtcdRequest, Host, Next, Reply};
 use crate::headers::HeaderBlock;
 use crate::metrics::{guard, stat_name, Family};
 use crate::shared::{SharedStore, StoreError};
@@ -23,7 +23,7 @@ use crate::worker::Worker;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { worker: None }) });
+    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> { Box::new(Root { worker: None, id, lease: None }) });
 }}
 
 /// Filter-state key (`%FILTER_STATE(wasm.grpc_guard.grpc_code:PLAIN)%` in an
@@ -32,7 +32,13 @@ const STATUS_PROPERTY: &str = "grpc_guard.grpc_code";
 
 struct Root {
     worker: Option<Rc<RefCell<Shell>>>,
+    id: u32,
+    /// The lease grant this root has asked etcd for: its token, and when.
+    lease: Option<(u32, u64)>,
 }
+
+/// How often the root checks its etcd lease (`dedup.store: etcd`).
+const LEASE_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The worker's core state, the stat ids Envoy gave its metrics, and one
 /// effects buffer that every stream's steps reuse (callbacks on a worker run
@@ -43,6 +49,11 @@ struct Shell {
     /// Per method slot: the id of each family's stat, and of each coded
     /// family's stat per code, defined on first use.
     ids: Vec<SlotIds>,
+    /// The root context's id: the worker's own requests to etcd are sent
+    /// on its behalf.
+    root_id: u32,
+    /// `GrpcService` naming the etcd cluster, when the store is etcd.
+    etcd_service: Option<String>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -72,8 +83,6 @@ impl Shell {
     }
 }
 
-impl Context for Root {}
-
 impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
         let bytes =
@@ -81,7 +90,16 @@ impl RootContext for Root {
         let seed = Envoy::default().now_ns();
         match Worker::configure(&bytes, &mut Envoy::default(), seed) {
             Ok(core) => {
-                self.worker = Some(Rc::new(RefCell::new(Shell { core, fx: Vec::new(), ids: Vec::new() })));
+                // Written with one-byte lengths (the cluster name is at most
+                // 100 bytes): ASCII, as the SDK's call takes it.
+                let etcd_service = core
+                    .etcd()
+                    .map(|etcd| String::from_utf8_lossy(&crate::etcd::grpc_service(&etcd.cluster)).into_owned());
+                if etcd_service.is_some() {
+                    let _ = hostcalls::set_tick_period(LEASE_TICK);
+                }
+                let shell = Shell { core, fx: Vec::new(), ids: Vec::new(), root_id: self.id, etcd_service };
+                self.worker = Some(Rc::new(RefCell::new(shell)));
                 true
             }
             Err(e) => {
@@ -94,11 +112,50 @@ impl RootContext for Root {
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let worker = self.worker.clone()?;
-        Some(Box::new(Stream { worker, call: None, context_id }))
+        Some(Box::new(Stream { worker, call: None, context_id, awaiting: None }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
+    }
+
+    /// Asks etcd for the worker's next lease ahead of need, so keyed calls
+    /// find one and make a single round trip.
+    fn on_tick(&mut self) {
+        let Some(worker) = self.worker.clone() else { return };
+        let shell = worker.borrow();
+        let now = Envoy::default().now_ns();
+        let Some(etcd) = shell.core.etcd() else { return };
+        let asked_recently = self.lease.is_some_and(|(_, at)| now.saturating_sub(at) < nanos(etcd.timeout));
+        if asked_recently || !etcd.lease.renew_due(shell.core.etcd_lease.as_ref(), now) {
+            return;
+        }
+        let request = crate::call::lease_request(etcd);
+        match shell.dispatch(&request) {
+            Ok(token) => self.lease = Some((token, now)),
+            Err(_) => count_guard(guard::DEDUP_STORE_ERRORS),
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        let Some((token, asked_at)) = self.lease.take() else { return };
+        let Some(worker) = self.worker.clone() else { return };
+        if token != token_id {
+            self.lease = Some((token, asked_at));
+            return;
+        }
+        let reply = etcd_reply(status_code, response_size);
+        let mut shell = worker.borrow_mut();
+        let lease = (reply.status == 0).then(|| crate::etcd::parse_lease(&reply.body).ok()).flatten();
+        match (lease, shell.core.etcd()) {
+            (Some(id), Some(etcd)) => {
+                let lease = etcd.lease.lease(id, asked_at);
+                shell.core.etcd_lease = Some(lease);
+            }
+            _ => count_guard(guard::DEDUP_STORE_ERRORS),
+        }
     }
 }
 
@@ -108,6 +165,8 @@ struct Stream {
     worker: Rc<RefCell<Shell>>,
     call: Option<Call>,
     context_id: u32,
+    /// The request to etcd the call is paused for.
+    awaiting: Option<u32>,
 }
 
 impl Stream {
@@ -115,10 +174,34 @@ impl Stream {
     /// its effects; `body_len` is the size of the body chunk it was called for.
     fn step(&mut self, body_len: usize, step: impl FnOnce(&mut Call, &mut Worker, &mut Effects) -> Next) -> Action {
         let Some(call) = self.call.as_mut() else { return Action::Continue };
-        let mut shell = self.worker.borrow_mut();
-        let shell = &mut *shell;
-        let next = step(call, &mut shell.core, &mut shell.fx);
-        shell.apply(body_len);
+        let next = {
+            let mut shell = self.worker.borrow_mut();
+            let shell = &mut *shell;
+            step(call, &mut shell.core, &mut shell.fx)
+        };
+        self.carry_out(body_len, next)
+    }
+
+    /// Carries out the effects of the step just run; a request to etcd the
+    /// call waits for is remembered, or, if Envoy would not send it, its
+    /// failure is the call's answer at once.
+    fn carry_out(&mut self, body_len: usize, next: Next) -> Action {
+        let mut next = next;
+        let mut sent = self.worker.borrow_mut().apply(body_len, self.context_id);
+        // Bounded: a claim sends again at most once before it fails for good.
+        for _ in 0..4 {
+            match sent.take() {
+                Some(Ok(token)) => self.awaiting = Some(token),
+                Some(Err(reply)) => {
+                    let Some(call) = self.call.as_mut() else { break };
+                    let mut shell = self.worker.borrow_mut();
+                    let shell = &mut *shell;
+                    next = call.on_etcd_answer(&mut shell.core, &mut Envoy::default(), reply, &mut shell.fx);
+                    sent = shell.apply(body_len, self.context_id);
+                }
+                None => break,
+            }
+        }
         match next {
             Next::Continue => Action::Continue,
             Next::Pause => Action::Pause,
@@ -126,15 +209,84 @@ impl Stream {
     }
 }
 
-impl Shell {
-    /// Carries out the effects of the step just run, in order.
-    fn apply(&mut self, body_len: usize) {
-        if self.fx.is_empty() {
-            return;
+fn nanos(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The answer to a gRPC callout: the message on success, the status and
+/// its message otherwise.
+fn etcd_reply(status: u32, size: usize) -> EtcdReply {
+    if status == 0 {
+        let body = hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, size).ok().flatten().unwrap_or_default();
+        return EtcdReply { status, message: String::new(), body };
+    }
+    EtcdReply { status, message: grpc_status_message(), body: Vec::new() }
+}
+
+#[allow(unsafe_code)]
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_status(return_code: *mut u32, return_data: *mut *mut u8, return_size: *mut usize) -> Status;
+}
+
+/// The message of the gRPC callout's status (the SDK's reader traps on one
+/// that is not UTF-8).
+#[allow(unsafe_code)]
+fn grpc_status_message() -> String {
+    let (mut code, mut data, mut size): (u32, *mut u8, usize) = (0, std::ptr::null_mut(), 0);
+    // SAFETY: as for `header_map`: the host allocated `size` bytes through
+    // this module's allocator, taken back here once.
+    let bytes = unsafe {
+        match proxy_get_status(&mut code, &mut data, &mut size) {
+            Status::Ok if !data.is_null() => Vec::from_raw_parts(data, size, size),
+            _ => Vec::new(),
         }
+    };
+    crate::printable(&bytes)
+}
+
+impl Shell {
+    /// Sends a request to etcd from the context Envoy is running.
+    fn dispatch(&self, request: &EtcdRequest) -> Result<u32, Status> {
+        let service = self.etcd_service.as_deref().ok_or(Status::NotFound)?;
+        hostcalls::dispatch_grpc_call(
+            service,
+            request.service,
+            request.method,
+            vec![],
+            Some(&request.message),
+            request.timeout,
+        )
+    }
+
+    /// Carries out the effects of the step just run, in order, for the
+    /// stream `context_id`; gives what became of a request to etcd the call
+    /// waits for.
+    fn apply(&mut self, body_len: usize, context_id: u32) -> Option<Result<u32, EtcdReply>> {
+        if self.fx.is_empty() {
+            return None;
+        }
+        let mut sent = None;
         let mut fx = std::mem::take(&mut self.fx);
         for effect in fx.drain(..) {
             match effect {
+                Effect::Etcd(request) if request.detached => {
+                    // Sent on the root's behalf: Envoy cancels a stream's own
+                    // callouts when the stream goes, and this one is sent as
+                    // it goes. Its answer is not waited for.
+                    let _ = hostcalls::set_effective_context(self.root_id);
+                    if self.dispatch(&request).is_err() {
+                        count_guard(guard::DEDUP_STORE_ERRORS);
+                    }
+                    let _ = hostcalls::set_effective_context(context_id);
+                }
+                Effect::Etcd(request) => {
+                    sent = Some(self.dispatch(&request).map_err(|status| EtcdReply {
+                        status: 14,
+                        message: format!("Envoy could not send the request ({status:?}): is the cluster defined?"),
+                        body: Vec::new(),
+                    }));
+                }
                 Effect::SetRequestHeader(name, value) => set_header(MapType::HttpRequestHeaders, &name, &value),
                 Effect::SetResponseHeader(name, value) => set_header(MapType::HttpResponseHeaders, &name, &value),
                 Effect::AddResponseHeader(name, value) => {
@@ -181,28 +333,45 @@ impl Shell {
             }
         }
         self.fx = fx;
+        sent
     }
 }
 
-impl Context for Stream {}
+impl Context for Stream {
+    /// etcd answered (or failed) the request the call is paused for.
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        if self.awaiting != Some(token_id) {
+            return;
+        }
+        self.awaiting = None;
+        let reply = etcd_reply(status_code, response_size);
+        let Some(call) = self.call.as_mut() else { return };
+        let next = {
+            let mut shell = self.worker.borrow_mut();
+            let shell = &mut *shell;
+            call.on_etcd_answer(&mut shell.core, &mut Envoy::default(), reply, &mut shell.fx)
+        };
+        if self.carry_out(0, next) == Action::Continue {
+            let _ = hostcalls::resume_http_request();
+        }
+    }
+}
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let mut shell = self.worker.borrow_mut();
-        let shell = &mut *shell;
-        let next = Call::start(
-            &mut self.call,
-            &mut shell.core,
-            &mut Envoy::default(),
-            self.context_id,
-            end_of_stream,
-            &mut shell.fx,
-        );
-        shell.apply(0);
-        match next {
-            Next::Continue => Action::Continue,
-            Next::Pause => Action::Pause,
-        }
+        let next = {
+            let mut shell = self.worker.borrow_mut();
+            let shell = &mut *shell;
+            Call::start(
+                &mut self.call,
+                &mut shell.core,
+                &mut Envoy::default(),
+                self.context_id,
+                end_of_stream,
+                &mut shell.fx,
+            )
+        };
+        self.carry_out(0, next)
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
@@ -234,7 +403,7 @@ impl HttpContext for Stream {
         let mut shell = self.worker.borrow_mut();
         let shell = &mut *shell;
         call.finish(&mut shell.core, &mut Envoy::default(), &mut shell.fx);
-        shell.apply(0);
+        shell.apply(0, self.context_id);
         self.call = None;
     }
 }

@@ -61,6 +61,7 @@ pub fn envoy_config() -> serde_yaml::Value {
         access_log: true,
         hold_headers: true,
         failure_policy: grpc_guard_demo::envoy::FAILURE_POLICY.to_owned(),
+        etcd: Vec::new(),
     };
     serde_yaml::from_str(&params.render(TEMPLATE).unwrap()).expect("rendered envoy.yaml is YAML")
 }

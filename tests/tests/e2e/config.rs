@@ -43,6 +43,7 @@ fn rendered_config_for_docker_run_passes_envoy_validate() {
         access_log: true,
         hold_headers: true,
         failure_policy: grpc_guard_demo::envoy::FAILURE_POLICY.to_owned(),
+        etcd: Vec::new(),
     };
     let dir = scratch_dir("validate");
     std::fs::create_dir_all(&dir).unwrap();

@@ -9,6 +9,7 @@ mod support;
 mod config;
 mod deadline;
 mod dedup;
+mod etcd;
 mod hostile;
 mod matrix;
 mod metrics;
