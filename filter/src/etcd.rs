@@ -293,6 +293,31 @@ pub fn parse_lease(bytes: &[u8]) -> Result<i64, String> {
     }
 }
 
+/// How many times a completion write is sent again after it failed: with
+/// [`write_backoff`], for about ten seconds, through an etcd leader
+/// election and a member's restart.
+pub const WRITE_RESENDS: u8 = 8;
+
+/// How long a completion write waits before it is sent for the `sent`+1-th
+/// time: at once the first time (another member may take it), then from
+/// 100 ms doubling to 2 s.
+pub fn write_backoff(sent: u8) -> Duration {
+    match sent {
+        0 | 1 => Duration::ZERO,
+        n => Duration::from_millis(100u64 << (n - 2).min(5)).min(Duration::from_secs(2)),
+    }
+}
+
+/// Whether a completion write that failed with `status` after `sent`
+/// attempts is sent again: when it may not have reached etcd (its member
+/// down or slow). Sending it again is harmless: it changes the key only if
+/// the key still holds the claim it replaces.
+pub fn resend_write(status: u32, sent: u8) -> bool {
+    const UNAVAILABLE: u32 = 14;
+    const DEADLINE_EXCEEDED: u32 = 4;
+    matches!(status, UNAVAILABLE | DEADLINE_EXCEEDED) && sent <= WRITE_RESENDS
+}
+
 /// Records grpc-guard writes live at most this long after their claim: the
 /// claim lasts the call's deadline (at most the TTL) and a grace second, the
 /// outcome the TTL after it.
@@ -437,6 +462,16 @@ mod tests {
         assert!(window.renew_due(Some(&lease), 110 * s), "9 of 18 usable seconds left");
         assert!(window.renew_due(None, 0));
         assert_eq!(lease_grant(Duration::from_millis(1500)), vec![0x08, 2]);
+    }
+
+    #[test]
+    fn a_completion_write_is_sent_again_only_when_it_may_not_have_arrived_and_only_so_often() {
+        assert!(resend_write(14, 1));
+        assert!(resend_write(4, WRITE_RESENDS));
+        assert!(!resend_write(14, WRITE_RESENDS + 1));
+        assert!(!resend_write(9, 1), "etcd refused it: sending it again changes nothing");
+        let waits: Vec<u64> = (1..=WRITE_RESENDS).map(|n| write_backoff(n).as_millis() as u64).collect();
+        assert_eq!(waits, [0, 100, 200, 400, 800, 1600, 2000, 2000]);
     }
 
     #[test]

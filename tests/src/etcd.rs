@@ -115,6 +115,21 @@ impl EtcdCluster {
         }
     }
 
+    /// The member that leads the cluster now (`etcdctl endpoint status`).
+    pub fn leader(&self) -> Option<usize> {
+        let endpoints = self.clients().iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &endpoints, "endpoint", "status", "-w", "simple"])
+            .output()
+            .ok()?;
+        // "ADDRESS, ID, VERSION, DB SIZE, IS LEADER, IS LEARNER, ..."
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().find(|l| l.split(", ").nth(4) == Some("true"))?;
+        let address = line.split(", ").next()?;
+        self.members.iter().position(|m| m.client.to_string() == address)
+    }
+
     /// Keys under `prefix` (`etcdctl get --prefix --keys-only`).
     pub fn keys(&self, prefix: &str) -> Vec<String> {
         let endpoints = self.clients().iter().map(ToString::to_string).collect::<Vec<_>>().join(",");

@@ -61,6 +61,9 @@ pub(super) enum Phase {
     /// Paused while the etcd store answers a claim (or grants the lease it
     /// needs).
     Claiming(Claiming),
+    /// The response's end is held while the first call's outcome is written
+    /// to the etcd store.
+    Settling { request: EtcdRequest },
 }
 
 /// A claim on the etcd store, in flight.
@@ -166,6 +169,8 @@ pub(super) struct FirstCall {
     max_body: usize,
     max_metadata: usize,
     too_large: bool,
+    /// The whole request has passed (its fingerprint is final).
+    request_ended: bool,
 }
 
 impl FirstCall {
@@ -501,9 +506,14 @@ impl Call {
         reply: EtcdReply,
         fx: &mut Effects,
     ) -> Next {
-        let Some(Phase::Claiming(mut claiming)) = self.dedup.take().map(|p| *p) else {
-            // Not waiting (an answer after the call was decided): nothing to do.
-            return Next::Pause;
+        let mut claiming = match self.dedup.take().map(|p| *p) {
+            Some(Phase::Claiming(claiming)) => claiming,
+            Some(Phase::Settling { request }) => return self.on_settled(request, &reply, fx),
+            other => {
+                // Not waiting (an answer after the call was decided).
+                self.dedup = other.map(Box::new);
+                return Next::Pause;
+            }
         };
         let Some(config) = worker.config.dedup.as_ref() else { return Next::Continue };
         let DedupStore::Etcd(etcd) = &config.store else { return Next::Continue };
@@ -577,6 +587,7 @@ impl Call {
                             let next = call.first_call(config, Held::Etcd(claiming.held), fx);
                             if let Some(Phase::First(first)) = call.dedup.as_deref_mut() {
                                 first.request = claiming.body;
+                                first.request_ended = end_of_stream;
                             }
                             // What Envoy held goes on now.
                             call.forwarded_messages = call.request.messages();
@@ -651,6 +662,7 @@ impl Call {
             max_body: config.max_response_bytes as usize,
             max_metadata: config.max_metadata_bytes as usize,
             too_large: false,
+            request_ended: false,
         })));
         Next::Continue
     }
@@ -767,6 +779,7 @@ impl Call {
                 if let Some(chunk) = &chunk {
                     first.request.update(chunk);
                 }
+                first.request_ended |= end_of_stream;
                 Chunk::Read(chunk)
             }
             // Held until the store answers (Envoy buffers it): fingerprinted
@@ -780,7 +793,7 @@ impl Call {
                 claiming.end_of_stream |= end_of_stream;
                 Chunk::Hold(new)
             }
-            Some(Phase::Replay(_) | Phase::AwaitKey { .. }) | None => Chunk::Read(None),
+            Some(Phase::Replay(_) | Phase::AwaitKey { .. } | Phase::Settling { .. }) | None => Chunk::Read(None),
         }
     }
 
@@ -799,6 +812,10 @@ impl Call {
             Some(Phase::Claiming(claiming)) => {
                 claiming.end_of_stream = true;
                 Some(Next::Pause)
+            }
+            Some(Phase::First(first)) => {
+                first.request_ended = true;
+                None
             }
             _ => None,
         }
@@ -973,7 +990,7 @@ impl Call {
         fx: &mut Effects,
     ) {
         let Some(config) = worker.config.dedup.as_ref() else { return };
-        let mut first = match self.dedup.take().map(|p| *p) {
+        let first = match self.dedup.take().map(|p| *p) {
             Some(Phase::First(first)) => first,
             Some(Phase::Claiming(claiming)) => {
                 // The stream ended while its claim was in flight: the claim
@@ -985,8 +1002,76 @@ impl Call {
                 }
                 return;
             }
+            Some(Phase::Settling { request, .. }) => {
+                // The client left while its outcome was being written: the
+                // write is sent again by the worker (harmless if it landed).
+                self.send_detached(worker, request.message, fx);
+                return;
+            }
             _ => return,
         };
+        if let Some(txn) = self.settle_first(config, host, first, status, source, fx) {
+            self.send_detached(worker, txn, fx);
+        }
+    }
+
+    /// The response of a first call on the etcd store has ended, with
+    /// `status` from `source`: its outcome is written before the end goes to
+    /// the client, so that a retry through any Envoy, even one that starts
+    /// right after this one stopped, finds it. `Pause` while the write is
+    /// in flight (one round trip; the call's second and last).
+    pub(super) fn settle_before_answering<H: Host>(
+        &mut self,
+        worker: &Worker,
+        host: &mut H,
+        status: GrpcStatus,
+        source: StatusSource,
+        fx: &mut Effects,
+    ) -> Next {
+        let (Some(config), Some(etcd)) = (worker.config.dedup.as_ref(), worker.etcd()) else { return Next::Continue };
+        let ready = matches!(self.dedup.as_deref(), Some(Phase::First(f)) if f.request_ended && matches!(f.claim, Held::Etcd(_)));
+        if !ready {
+            // A request still coming in: settled when the stream ends.
+            return Next::Continue;
+        }
+        let Some(Phase::First(first)) = self.dedup.take().map(|p| *p) else { return Next::Continue };
+        let Some(txn) = self.settle_first(config, host, first, status, source, fx) else { return Next::Continue };
+        let mut request = txn_request(txn, false);
+        request.timeout = etcd.timeout;
+        fx.push(Effect::Etcd(request.clone()));
+        self.dedup = Some(Box::new(Phase::Settling { request }));
+        Next::Pause
+    }
+
+    /// The etcd store answered the write of a first call's outcome: the
+    /// response goes on. A write that failed is left to the worker, which
+    /// sends it again while it may not have arrived (the answer is not held
+    /// back meanwhile).
+    fn on_settled(&mut self, mut request: EtcdRequest, reply: &EtcdReply, fx: &mut Effects) -> Next {
+        if reply.status != 0 {
+            fx.push(Effect::CountGuard(guard::DEDUP_STORE_ERRORS));
+            if etcd::resend_write(reply.status, 1) {
+                request.detached = true;
+                fx.push(Effect::Etcd(request));
+            } else {
+                // The key stays claimed, then reads as "may have run".
+                fx.push(Effect::CountGuard(guard::DEDUP_SETTLE_LOST));
+            }
+        }
+        Next::Continue
+    }
+
+    /// What a first call leaves under its key: settled in the local table
+    /// now, or the etcd transaction that settles it.
+    fn settle_first<H: Host>(
+        &mut self,
+        config: &DedupConfig,
+        host: &mut H,
+        mut first: FirstCall,
+        status: GrpcStatus,
+        source: StatusSource,
+        fx: &mut Effects,
+    ) -> Option<Vec<u8>> {
         let ending = if self.forwarded_messages == 0 {
             // Checked first: an upstream may answer a unary call from its
             // headers or a message's prefix (UNIMPLEMENTED, OUT_OF_RANGE)
@@ -1034,11 +1119,12 @@ impl Call {
                 if !config.table().settle(host, claim, settlement, now) {
                     fx.push(Effect::CountGuard(guard::DEDUP_SETTLE_LOST));
                 }
+                None
             }
             Held::Etcd(held) => {
                 // Past its claim the key already reads as "may have run", and
                 // a longer life would outlast the lease: left as it is.
-                let Some(lease) = held.lease.filter(|_| now < held.claim_until) else { return };
+                let lease = held.lease.filter(|_| now < held.claim_until)?;
                 let expires = now.saturating_add(nanos(config.ttl)).min(lease.ends);
                 let settled = match settlement {
                     Settlement::Free => None,
@@ -1063,8 +1149,7 @@ impl Call {
                     entry.owner = Entry::decode(&held.entry).map_or(0, |e| e.owner);
                     entry.encode()
                 });
-                let txn = etcd::settle_txn(&held.key, &held.entry, value.as_deref(), lease.id);
-                self.send_detached(worker, txn, fx);
+                Some(etcd::settle_txn(&held.key, &held.entry, value.as_deref(), lease.id))
             }
         }
     }

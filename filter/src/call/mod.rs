@@ -399,13 +399,23 @@ impl Call {
     /// otherwise at the call's end, and only if its trailers carried no
     /// status (Envoy shows a filter the response headers only in their own
     /// callback and in the log callback).
-    pub fn on_response_headers<H: Host>(&mut self, host: &mut H, end_of_stream: bool, fx: &mut Effects) -> Next {
+    pub fn on_response_headers<H: Host>(
+        &mut self,
+        worker: &Worker,
+        host: &mut H,
+        end_of_stream: bool,
+        fx: &mut Effects,
+    ) -> Next {
         if self.replay_response_headers(host, fx) {
             return Next::Continue;
         }
         self.seen.complete |= end_of_stream;
         if end_of_stream || self.dedup.is_some() {
             self.read_response_headers(host, fx);
+            if let (true, Some(status)) = (end_of_stream, self.seen.header_status) {
+                // A trailers-only answer: its end is now.
+                return self.settle_before_answering(worker, host, status, StatusSource::Headers, fx);
+            }
         } else if self.deadline.is_some() {
             // Read later if at all: when they arrived decides whether a status
             // they carry came in time (a clock read returns no value to copy).
@@ -454,13 +464,16 @@ impl Call {
     }
 
     /// The response trailers.
-    pub fn on_response_trailers<H: Host>(&mut self, host: &mut H, fx: &mut Effects) -> Next {
+    pub fn on_response_trailers<H: Host>(&mut self, worker: &Worker, host: &mut H, fx: &mut Effects) -> Next {
         self.seen.trailer_status = host.response_trailer("grpc-status").and_then(GrpcStatus::from_header);
         self.seen.complete = true;
         self.note_answer(host);
         self.keep_trailers(host);
         self.tag_seen_status(fx);
-        Next::Continue
+        match self.seen.trailer_status {
+            Some(status) => self.settle_before_answering(worker, host, status, StatusSource::Trailers, fx),
+            None => Next::Continue,
+        }
     }
 
     /// The stream is done, however it ended: the final status, the metrics,

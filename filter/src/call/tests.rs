@@ -276,7 +276,7 @@ impl<'w> Stream<'w> {
         self.host.response_headers = headers.iter().map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec())).collect();
         let Some(call) = self.call.as_mut() else { return Next::Continue };
         self.host.showing = Showing::Response;
-        let next = call.on_response_headers(&mut self.host, end, &mut self.fx);
+        let next = call.on_response_headers(self.worker, &mut self.host, end, &mut self.fx);
         self.host.showing = Showing::Neither;
         self.apply(next)
     }
@@ -291,7 +291,7 @@ impl<'w> Stream<'w> {
     fn trailers(&mut self, trailers: &[(&str, &str)]) -> Next {
         self.host.trailers = trailers.iter().map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec())).collect();
         let Some(call) = self.call.as_mut() else { return Next::Continue };
-        let next = call.on_response_trailers(&mut self.host, &mut self.fx);
+        let next = call.on_response_trailers(self.worker, &mut self.host, &mut self.fx);
         self.apply(next)
     }
 
@@ -1816,7 +1816,7 @@ fn an_error_whose_metadata_is_not_text_is_not_kept_rather_than_changed() {
     ];
     let call = s.call.as_mut().unwrap();
     s.host.showing = Showing::Response;
-    let next = call.on_response_headers(&mut s.host, true, &mut s.fx);
+    let next = call.on_response_headers(s.worker, &mut s.host, true, &mut s.fx);
     s.host.showing = Showing::Neither;
     s.apply(next);
     assert_eq!(s.finish("via_upstream").log("dedup"), "not_kept");

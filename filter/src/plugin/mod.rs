@@ -23,7 +23,7 @@ use crate::worker::Worker;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> { Box::new(Root { worker: None, id, lease: None }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { worker: None, lease: None }) });
 }}
 
 /// Filter-state key (`%FILTER_STATE(wasm.grpc_guard.grpc_code:PLAIN)%` in an
@@ -32,13 +32,16 @@ const STATUS_PROPERTY: &str = "grpc_guard.grpc_code";
 
 struct Root {
     worker: Option<Rc<RefCell<Shell>>>,
-    id: u32,
     /// The lease grant this root has asked etcd for: its token, and when.
     lease: Option<(u32, u64)>,
 }
 
 /// How often the root checks its etcd lease (`dedup.store: etcd`).
 const LEASE_TICK: std::time::Duration = std::time::Duration::from_secs(1);
+/// How soon the root sends completion writes a stream queued.
+const WRITE_TICK: std::time::Duration = std::time::Duration::from_millis(1);
+/// How often the root looks at completion writes waiting to be sent again.
+const RETRY_TICK: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The worker's core state, the stat ids Envoy gave its metrics, and one
 /// effects buffer that every stream's steps reuse (callbacks on a worker run
@@ -49,11 +52,14 @@ struct Shell {
     /// Per method slot: the id of each family's stat, and of each coded
     /// family's stat per code, defined on first use.
     ids: Vec<SlotIds>,
-    /// The root context's id: the worker's own requests to etcd are sent
-    /// on its behalf.
-    root_id: u32,
     /// `GrpcService` naming the etcd cluster, when the store is etcd.
     etcd_service: Option<String>,
+    /// Completion writes to send from the root at its next tick (a stream's
+    /// own callouts end with it, and nobody would see them fail), with how
+    /// many times each was sent, and not before when.
+    to_write: Vec<(EtcdRequest, u8, u64)>,
+    /// Completion writes in flight, by token.
+    writing: std::collections::HashMap<u32, (EtcdRequest, u8)>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -98,7 +104,14 @@ impl RootContext for Root {
                 if etcd_service.is_some() {
                     let _ = hostcalls::set_tick_period(LEASE_TICK);
                 }
-                let shell = Shell { core, fx: Vec::new(), ids: Vec::new(), root_id: self.id, etcd_service };
+                let shell = Shell {
+                    core,
+                    fx: Vec::new(),
+                    ids: Vec::new(),
+                    etcd_service,
+                    to_write: Vec::new(),
+                    writing: Default::default(),
+                };
                 self.worker = Some(Rc::new(RefCell::new(shell)));
                 true
             }
@@ -119,11 +132,13 @@ impl RootContext for Root {
         Some(ContextType::HttpContext)
     }
 
-    /// Asks etcd for the worker's next lease ahead of need, so keyed calls
-    /// find one and make a single round trip.
+    /// Sends the completion writes the streams left, and asks etcd for the
+    /// worker's next lease ahead of need, so keyed calls find one and make a
+    /// single round trip.
     fn on_tick(&mut self) {
         let Some(worker) = self.worker.clone() else { return };
-        let shell = worker.borrow();
+        let mut shell = worker.borrow_mut();
+        shell.send_writes();
         let now = Envoy::default().now_ns();
         let Some(etcd) = shell.core.etcd() else { return };
         let asked_recently = self.lease.is_some_and(|(_, at)| now.saturating_sub(at) < nanos(etcd.timeout));
@@ -140,8 +155,21 @@ impl RootContext for Root {
 
 impl Context for Root {
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
-        let Some((token, asked_at)) = self.lease.take() else { return };
         let Some(worker) = self.worker.clone() else { return };
+        let written = worker.borrow_mut().writing.remove(&token_id);
+        if let Some((request, sent)) = written {
+            // A completion write: sent again if it may not have arrived.
+            if status_code != 0 {
+                count_guard(guard::DEDUP_STORE_ERRORS);
+                if crate::etcd::resend_write(status_code, sent) {
+                    worker.borrow_mut().queue_write(request, sent);
+                } else {
+                    count_guard(guard::DEDUP_SETTLE_LOST);
+                }
+            }
+            return;
+        }
+        let Some((token, asked_at)) = self.lease.take() else { return };
         if token != token_id {
             self.lease = Some((token, asked_at));
             return;
@@ -165,39 +193,52 @@ struct Stream {
     worker: Rc<RefCell<Shell>>,
     call: Option<Call>,
     context_id: u32,
-    /// The request to etcd the call is paused for.
-    awaiting: Option<u32>,
+    /// The request to etcd the call is paused for, and which direction of
+    /// the stream waits for it.
+    awaiting: Option<(u32, Direction)>,
+}
+
+/// A direction of the stream.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Request,
+    Response,
 }
 
 impl Stream {
     /// Runs one step of the call, if the stream is a call, and carries out
     /// its effects; `body_len` is the size of the body chunk it was called for.
-    fn step(&mut self, body_len: usize, step: impl FnOnce(&mut Call, &mut Worker, &mut Effects) -> Next) -> Action {
+    fn step(
+        &mut self,
+        body_len: usize,
+        direction: Direction,
+        step: impl FnOnce(&mut Call, &mut Worker, &mut Effects) -> Next,
+    ) -> Action {
         let Some(call) = self.call.as_mut() else { return Action::Continue };
         let next = {
             let mut shell = self.worker.borrow_mut();
             let shell = &mut *shell;
             step(call, &mut shell.core, &mut shell.fx)
         };
-        self.carry_out(body_len, next)
+        self.carry_out(body_len, direction, next)
     }
 
     /// Carries out the effects of the step just run; a request to etcd the
     /// call waits for is remembered, or, if Envoy would not send it, its
     /// failure is the call's answer at once.
-    fn carry_out(&mut self, body_len: usize, next: Next) -> Action {
+    fn carry_out(&mut self, body_len: usize, direction: Direction, next: Next) -> Action {
         let mut next = next;
-        let mut sent = self.worker.borrow_mut().apply(body_len, self.context_id);
+        let mut sent = self.worker.borrow_mut().apply(body_len);
         // Bounded: a claim sends again at most once before it fails for good.
         for _ in 0..4 {
             match sent.take() {
-                Some(Ok(token)) => self.awaiting = Some(token),
+                Some(Ok(token)) => self.awaiting = Some((token, direction)),
                 Some(Err(reply)) => {
                     let Some(call) = self.call.as_mut() else { break };
                     let mut shell = self.worker.borrow_mut();
                     let shell = &mut *shell;
                     next = call.on_etcd_answer(&mut shell.core, &mut Envoy::default(), reply, &mut shell.fx);
-                    sent = shell.apply(body_len, self.context_id);
+                    sent = shell.apply(body_len);
                 }
                 None => break,
             }
@@ -246,6 +287,39 @@ fn grpc_status_message() -> String {
 }
 
 impl Shell {
+    /// Queues a completion write for the root, sent `sent` times so far,
+    /// and has the root's tick come when it is due.
+    fn queue_write(&mut self, request: EtcdRequest, sent: u8) {
+        let due = Envoy::default().now_ns().saturating_add(nanos(crate::etcd::write_backoff(sent)));
+        self.to_write.push((request, sent, due));
+        // Anew (a change of period re-arms Envoy's timer): at once for a
+        // first write, at the retry pace otherwise.
+        let _ = hostcalls::set_tick_period(if sent == 0 { WRITE_TICK } else { RETRY_TICK });
+    }
+
+    /// Sends the queued completion writes that are due (root only), and
+    /// sets the tick for what is left.
+    fn send_writes(&mut self) {
+        if self.to_write.is_empty() {
+            return;
+        }
+        let now = Envoy::default().now_ns();
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.to_write).into_iter().partition(|w| w.2 <= now);
+        self.to_write = later;
+        for (request, sent, _) in due {
+            match self.dispatch(&request) {
+                Ok(token) => {
+                    self.writing.insert(token, (request, sent.saturating_add(1)));
+                }
+                Err(_) => {
+                    count_guard(guard::DEDUP_STORE_ERRORS);
+                    count_guard(guard::DEDUP_SETTLE_LOST);
+                }
+            }
+        }
+        let _ = hostcalls::set_tick_period(if self.to_write.is_empty() { LEASE_TICK } else { RETRY_TICK });
+    }
+
     /// Sends a request to etcd from the context Envoy is running.
     fn dispatch(&self, request: &EtcdRequest) -> Result<u32, Status> {
         let service = self.etcd_service.as_deref().ok_or(Status::NotFound)?;
@@ -259,10 +333,9 @@ impl Shell {
         )
     }
 
-    /// Carries out the effects of the step just run, in order, for the
-    /// stream `context_id`; gives what became of a request to etcd the call
-    /// waits for.
-    fn apply(&mut self, body_len: usize, context_id: u32) -> Option<Result<u32, EtcdReply>> {
+    /// Carries out the effects of the step just run, in order; gives what
+    /// became of a request to etcd the call waits for.
+    fn apply(&mut self, body_len: usize) -> Option<Result<u32, EtcdReply>> {
         if self.fx.is_empty() {
             return None;
         }
@@ -271,14 +344,9 @@ impl Shell {
         for effect in fx.drain(..) {
             match effect {
                 Effect::Etcd(request) if request.detached => {
-                    // Sent on the root's behalf: Envoy cancels a stream's own
-                    // callouts when the stream goes, and this one is sent as
-                    // it goes. Its answer is not waited for.
-                    let _ = hostcalls::set_effective_context(self.root_id);
-                    if self.dispatch(&request).is_err() {
-                        count_guard(guard::DEDUP_STORE_ERRORS);
-                    }
-                    let _ = hostcalls::set_effective_context(context_id);
+                    // Sent by the root: Envoy cancels a stream's own callouts
+                    // when the stream goes, and this one comes as it goes.
+                    self.queue_write(request, 0);
                 }
                 Effect::Etcd(request) => {
                     sent = Some(self.dispatch(&request).map_err(|status| EtcdReply {
@@ -340,7 +408,8 @@ impl Shell {
 impl Context for Stream {
     /// etcd answered (or failed) the request the call is paused for.
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
-        if self.awaiting != Some(token_id) {
+        let Some((token, direction)) = self.awaiting else { return };
+        if token != token_id {
             return;
         }
         self.awaiting = None;
@@ -351,8 +420,11 @@ impl Context for Stream {
             let shell = &mut *shell;
             call.on_etcd_answer(&mut shell.core, &mut Envoy::default(), reply, &mut shell.fx)
         };
-        if self.carry_out(0, next) == Action::Continue {
-            let _ = hostcalls::resume_http_request();
+        if self.carry_out(0, direction, next) == Action::Continue {
+            let _ = match direction {
+                Direction::Request => hostcalls::resume_http_request(),
+                Direction::Response => hostcalls::resume_http_response(),
+            };
         }
     }
 }
@@ -371,31 +443,35 @@ impl HttpContext for Stream {
                 &mut shell.fx,
             )
         };
-        self.carry_out(0, next)
+        self.carry_out(0, Direction::Request, next)
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        self.step(body_size, |call, worker, fx| {
+        self.step(body_size, Direction::Request, |call, worker, fx| {
             call.on_request_body(worker, &mut Envoy::default(), body_size, end_of_stream, fx)
         })
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        self.step(0, |call, worker, fx| call.on_request_trailers(worker, &mut Envoy::default(), fx))
+        self.step(0, Direction::Request, |call, worker, fx| call.on_request_trailers(worker, &mut Envoy::default(), fx))
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        self.step(0, |call, _, fx| call.on_response_headers(&mut Envoy::default(), end_of_stream, fx))
+        self.step(0, Direction::Response, |call, worker, fx| {
+            call.on_response_headers(worker, &mut Envoy::default(), end_of_stream, fx)
+        })
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        self.step(body_size, |call, worker, fx| {
+        self.step(body_size, Direction::Response, |call, worker, fx| {
             call.on_response_body(worker, &mut Envoy::default(), body_size, end_of_stream, fx)
         })
     }
 
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
-        self.step(0, |call, _, fx| call.on_response_trailers(&mut Envoy::default(), fx))
+        self.step(0, Direction::Response, |call, worker, fx| {
+            call.on_response_trailers(worker, &mut Envoy::default(), fx)
+        })
     }
 
     fn on_log(&mut self) {
@@ -403,7 +479,7 @@ impl HttpContext for Stream {
         let mut shell = self.worker.borrow_mut();
         let shell = &mut *shell;
         call.finish(&mut shell.core, &mut Envoy::default(), &mut shell.fx);
-        shell.apply(0, self.context_id);
+        shell.apply(0);
         self.call = None;
     }
 }

@@ -99,3 +99,124 @@ async fn three_envoys_round_robin_32_concurrent_duplicates_run_once_and_every_re
         assert_no_vm_trap(envoy);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_its_envoy_restarted_is_replayed_and_an_error_answer_too() {
+    let etcd = EtcdCluster::start(3, scratch_dir("etcd-restart-data"));
+    let upstream = Upstream::start().await;
+    let plugin = config("");
+    let first_envoy = envoy("etcd-restart-a", upstream.addr, &etcd.clients(), &plugin);
+    let (replayed, first) = echo_retrying(&first_envoy, "order-r", order(7)).await;
+    assert!(!replayed);
+    let first = first.unwrap();
+    let failing = EchoRequest { message: "x".into(), fail_code: Code::NotFound as i32, ..Default::default() };
+    let (_, not_found) = echo_retrying(&first_envoy, "order-nf", failing.clone()).await;
+    assert_eq!(not_found.unwrap_err().code(), Code::NotFound);
+    assert_eq!(upstream.observed.executions("Echo"), 2);
+    // The Envoy goes away (a pod restart, a rollout); its retry arrives at
+    // a new one with nothing in its memory.
+    drop(first_envoy);
+    let second_envoy = envoy("etcd-restart-b", upstream.addr, &etcd.clients(), &plugin);
+    let (replayed, again) = echo(&second_envoy, "order-r", order(7)).await;
+    assert!(replayed, "replayed from etcd");
+    assert_eq!(again.unwrap(), first);
+    let (replayed, again) = echo(&second_envoy, "order-nf", failing).await;
+    assert!(replayed);
+    let status = again.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "a kept error is replayed as it was: {status:?}");
+    // The same key with another request is refused, as with the local table.
+    let (_, reused) = echo(&second_envoy, "order-r", order(8)).await;
+    assert_eq!(reused.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(upstream.observed.executions("Echo"), 2, "nothing ran twice across the restart");
+    assert_no_vm_trap(&second_envoy);
+}
+
+/// Keyed calls, each key sent twice, while the leader of 3 members is
+/// killed midway (the worst member to lose: writes wait for an election):
+/// every key runs at most once, and every call is answered (after the
+/// client policy's retries of UNAVAILABLE and ABORTED).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_etcd_member_killed_mid_run_keeps_at_most_once_and_calls_keep_being_served() {
+    let mut etcd = EtcdCluster::start(3, scratch_dir("etcd-kill-one-data"));
+    let upstream = Upstream::start().await;
+    let plugin = config("");
+    let envoys = std::sync::Arc::new(
+        (0..2)
+            .map(|i| envoy(&format!("etcd-kill-one-{i}"), upstream.addr, &etcd.clients(), &plugin))
+            .collect::<Vec<_>>(),
+    );
+    let run = |from: u32, to: u32| {
+        let envoys = envoys.clone();
+        tokio::spawn(async move {
+            let mut served = 0;
+            for n in from..to {
+                let key = format!("kill-{n}");
+                // The call and its retry, through different Envoys.
+                for envoy in envoys.iter() {
+                    let (_, got) = echo_retrying(envoy, &key, order(n)).await;
+                    assert_eq!(got.unwrap().message, format!("create order {n}"));
+                    served += 1;
+                }
+            }
+            served
+        })
+    };
+    let before = run(0, 20);
+    let during = run(100, 160);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let leader = etcd.leader().expect("the cluster has a leader");
+    etcd.kill(leader);
+    let after = run(200, 220);
+    let served = before.await.unwrap() + during.await.unwrap() + after.await.unwrap();
+    assert_eq!(served, 200, "every call answered");
+    let runs = upstream.observed.executions_by_key();
+    assert!(runs.values().all(|&n| n == 1), "a key ran twice: {runs:?}");
+    assert_eq!(runs.len(), 100, "every key ran once");
+    for envoy in envoys.iter() {
+        assert_no_vm_trap(envoy);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_etcd_member_down_a_keyed_call_is_refused_unavailable_and_never_runs_unless_fail_open() {
+    let mut etcd = EtcdCluster::start(3, scratch_dir("etcd-all-down-data"));
+    let upstream = Upstream::start().await;
+    let closed = envoy("etcd-all-down", upstream.addr, &etcd.clients(), &config(""));
+    let open = envoy("etcd-all-down-open", upstream.addr, &etcd.clients(), &config(r#","fail_open":true"#));
+    // A first call while etcd is up: kept.
+    let (_, kept) = echo_retrying(&closed, "down-1", order(1)).await;
+    kept.unwrap();
+    etcd.kill_all();
+    for key in ["down-1", "down-2"] {
+        let (_, got) = echo(&closed, key, order(1)).await;
+        let status = got.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("idempotency store did not answer"), "{status:?}");
+        assert!(status.message().contains("not run"), "{status:?}");
+    }
+    assert_eq!(upstream.observed.executions("Echo"), 1, "nothing ran without its guarantee");
+    // Unkeyed calls are not the store's business.
+    let mut client = grpc_guard_demo::client(grpc_guard_demo::lazy_channel(&closed.grpc_uri()).unwrap());
+    client.echo(order(9)).await.unwrap();
+    // fail_open: the call runs, counted and logged.
+    let (_, got) = echo(&open, "down-3", order(3)).await;
+    got.unwrap();
+    assert_eq!(upstream.observed.executions("Echo"), 3);
+    let samples = scrape_until(&open, |s| value(s, "grpc_guard_dedup_failed_open_total", &[]).is_some()).await;
+    assert_eq!(value(&samples, "grpc_guard_dedup_failed_open_total", &[]), Some(1.0));
+    let logs = call_logs(&open, 1).await;
+    assert!(logs.iter().any(|l| l["dedup"] == "store_failed_open" && l["grpc_code"] == "OK"), "{logs:?}");
+    let logs = call_logs(&closed, 4).await;
+    assert_eq!(logs.iter().filter(|l| l["dedup"] == "store_unavailable").count(), 2, "{logs:?}");
+    // Back up: the kept answer is still there.
+    for i in 0..3 {
+        etcd.start_member(i);
+    }
+    etcd.wait_ready(Duration::from_secs(20));
+    let (replayed, got) = echo_retrying(&closed, "down-1", order(1)).await;
+    assert!(replayed);
+    got.unwrap();
+    assert_eq!(upstream.observed.executions("Echo"), 3);
+    assert_no_vm_trap(&closed);
+    assert_no_vm_trap(&open);
+}
