@@ -13,6 +13,7 @@ pub mod bench;
 mod duration;
 pub mod envoy;
 mod error;
+pub mod etcd;
 mod observed;
 pub mod scenario;
 mod service;

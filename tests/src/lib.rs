@@ -6,6 +6,7 @@
 //! end-to-end and deployment tests.
 
 pub mod e2e;
-pub mod etcd;
+/// The etcd cluster the dedup store's tests run on.
+pub use grpc_guard_demo::etcd;
 pub mod host;
 pub mod soak;

@@ -64,6 +64,12 @@ struct Args {
     /// the report goes to bench/prices.md unless --results says otherwise).
     #[arg(long)]
     prices: bool,
+    /// Instead of the variants: deduplicated calls with the table in
+    /// Envoy's shared data against the table on etcd (a 3-member cluster on
+    /// loopback, started here); the report goes to bench/stores.md unless
+    /// --results says otherwise.
+    #[arg(long)]
+    stores: bool,
 }
 
 /// One way of running Envoy.
@@ -75,6 +81,8 @@ struct Variant {
     /// Request headers Envoy sets before the filters (the dedup variant's
     /// unique keys).
     set_headers: Vec<(String, String)>,
+    /// The dedup table is on etcd.
+    etcd: bool,
 }
 
 /// grpc-guard's deadline policy variant: every call gets the default.
@@ -82,6 +90,8 @@ const DEADLINE_CONFIG: &str = r#"{"deadline":{"default":"10s","max":"60s"}}"#;
 /// grpc-guard deduplicating every call, each with a key of its own (a miss):
 /// the table sized for this rate and a short TTL so it never fills.
 const DEDUP_CONFIG: &str = r#"{"dedup":{"methods":["grpcguard.demo.v1.Demo/Echo"],"ttl":"2s","max_entries":100000,"max_response_bytes":256,"caller_share":1}}"#;
+/// The same on etcd.
+const DEDUP_ETCD_CONFIG: &str = r#"{"dedup":{"methods":["grpcguard.demo.v1.Demo/Echo"],"ttl":"2s","max_response_bytes":256,"store":"etcd","etcd":{"prefix":"bench/"}}}"#;
 
 fn variants(args: &Args) -> Vec<Variant> {
     let variant = |name: &str, filter, wasm: Option<(&PathBuf, &str)>| Variant {
@@ -89,7 +99,18 @@ fn variants(args: &Args) -> Vec<Variant> {
         filter,
         wasm: wasm.map(|(path, config)| (path.clone(), config.to_owned())),
         set_headers: Vec::new(),
+        etcd: false,
     };
+    let unique_keys = vec![("idempotency-key".to_owned(), "%UNIQUE_ID%".to_owned())];
+    if args.stores {
+        // etcd first: the open loop's rate is a share of its throughput.
+        let mut on_etcd = variant("dedup on etcd", HttpFilter::GrpcGuard, Some((&args.wasm, DEDUP_ETCD_CONFIG)));
+        on_etcd.set_headers = unique_keys.clone();
+        on_etcd.etcd = true;
+        let mut local = variant("dedup local", HttpFilter::GrpcGuard, Some((&args.wasm, DEDUP_CONFIG)));
+        local.set_headers = unique_keys;
+        return vec![on_etcd, local];
+    }
     if args.prices {
         // The floor, then the floor making PRICE_CALLS host calls of one kind
         // per request.
@@ -101,7 +122,7 @@ fn variants(args: &Args) -> Vec<Variant> {
         return out;
     }
     let mut dedup = variant("grpc-guard dedup", HttpFilter::GrpcGuard, Some((&args.wasm, DEDUP_CONFIG)));
-    dedup.set_headers = vec![("idempotency-key".to_owned(), "%UNIQUE_ID%".to_owned())];
+    dedup.set_headers = unique_keys;
     vec![
         variant("bare", HttpFilter::None, None),
         variant("grpc_stats", HttpFilter::GrpcStats, None),
@@ -114,6 +135,7 @@ fn variants(args: &Args) -> Vec<Variant> {
 
 const RESULTS: &str = "bench/results.md";
 const PRICES: &str = "bench/prices.md";
+const STORES: &str = "bench/stores.md";
 
 /// Host calls per request in each `--prices` variant.
 const PRICE_CALLS: u32 = 20;
@@ -164,6 +186,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     let variants = variants(&args);
     let window = Duration::from_secs(args.seconds);
+    // The etcd cluster the etcd variant's table lives on; its members run
+    // where the bench runs (the load's CPU, not Envoy's).
+    let etcd_dir = std::path::absolute(args.run_dir.join("etcd"))?;
+    let etcd = variants.iter().any(|v| v.etcd).then(|| grpc_guard_demo::etcd::EtcdCluster::start(3, etcd_dir));
     // Every variant's Envoy runs for the whole bench (idle ones cost nothing
     // measurable), so rounds interleave variants window by window: a drift of
     // the machine's speed hits them alike.
@@ -173,6 +199,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let mut params = EnvoyParams::on_free_ports(upstream, wasm, &config)?;
         params.http_filter = variant.filter;
         params.set_request_headers = variant.set_headers.clone();
+        if variant.etcd {
+            params.etcd = etcd.as_ref().map(|c| c.clients()).unwrap_or_default();
+        }
         // As Istio ships: no access log, which would cost every variant alike.
         params.access_log = false;
         let dir = args.run_dir.join(variant.name.replace([' ', '{', '}'], ""));
@@ -263,14 +292,18 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     drop(envoys);
+    drop(etcd);
     let report = if args.prices {
         prices_report(&args, &variants, &results)
+    } else if args.stores {
+        stores_report(&args, &variants, &results, rate.unwrap_or(f64::NAN))
     } else {
         report(&args, &variants, &results, rate.unwrap_or(f64::NAN))
     };
     print!("{report}");
-    let results_path = match (args.prices, args.results.as_path() == std::path::Path::new(RESULTS)) {
-        (true, true) => PathBuf::from(PRICES),
+    let results_path = match (args.prices, args.stores, args.results.as_path() == std::path::Path::new(RESULTS)) {
+        (true, _, true) => PathBuf::from(PRICES),
+        (_, true, true) => PathBuf::from(STORES),
         _ => args.results.clone(),
     };
     if let Some(dir) = results_path.parent() {
@@ -393,6 +426,67 @@ fn report(args: &Args, variants: &[Variant], results: &[Vec<Round>], rate: f64) 
     out
 }
 
+/// The `--stores` report: deduplicated calls (each a first call: a claim
+/// and a completion write) with the table in Envoy against on etcd.
+fn stores_report(args: &Args, variants: &[Variant], results: &[Vec<Round>], rate: f64) -> String {
+    let med = |i: usize, f: &dyn Fn(&Round) -> f64| median(&mut results[i].iter().map(f).collect::<Vec<_>>());
+    let pooled = |i: usize, q: f64| {
+        let mut all: Vec<u32> = results[i].iter().flat_map(|r| r.fixed.latencies_us.iter().copied()).collect();
+        all.sort_unstable();
+        quantile_us(&all, q)
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# make bench --stores: the dedup table in Envoy against on etcd
+"
+    );
+    let _ = writeln!(
+        out,
+        "{}; h2load, the tonic upstream and a 3-member etcd 3.4 cluster (Debian, loopback, fsync on) on the \
+         other CPU. Every call deduplicated with a key of its own (a first call: on etcd one claim transaction and \
+         one completion write, each a round trip). {} connections × {} streams in the closed loop, {:.0} calls/s \
+         ({:.0} % of the etcd variant's closed loop) in the open loop. Medians of {} rounds; p99 over every \
+         round's latencies.\n",
+        command_line(args),
+        args.connections,
+        args.streams,
+        rate,
+        args.load_fraction * 100.0,
+        args.rounds,
+    );
+    let _ = writeln!(out, "| table | calls/s | Envoy CPU µs/call | at {rate:.0}/s: p50 µs | p99 µs | RSS MiB |");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
+    for (i, v) in variants.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.1} |",
+            v.name,
+            med(i, &|r| r.throughput),
+            med(i, &|r| r.cpu_closed),
+            med(i, &|r| r.fixed.quantile_us(0.5)),
+            pooled(i, 0.99),
+            med(i, &|r| r.rss_mib),
+        );
+    }
+    if let (Some(on_etcd), Some(local)) = (variants.iter().position(|v| v.etcd), variants.iter().position(|v| !v.etcd))
+    {
+        let _ = writeln!(
+            out,
+            "\netcd against local: latency added per deduplicated call p50 {:+.0} µs, p99 {:+.0} µs; throughput \
+             {:.2}× local's; Envoy CPU per call {:+.1} µs.",
+            med(on_etcd, &|r| r.fixed.quantile_us(0.5)) - med(local, &|r| r.fixed.quantile_us(0.5)),
+            pooled(on_etcd, 0.99) - pooled(local, 0.99),
+            med(on_etcd, &|r| r.throughput) / med(local, &|r| r.throughput),
+            med(on_etcd, &|r| r.cpu_closed) - med(local, &|r| r.cpu_closed),
+        );
+    }
+    let failed: u64 = results.iter().flatten().map(|r| r.failed).sum();
+    let not_run: i64 = results.iter().flatten().map(|r| r.not_run).sum();
+    let _ = writeln!(out, "\nCalls without a 2xx: {failed}; calls the upstream did not run: {not_run}.");
+    out
+}
+
 /// The `--prices` report: per kind of host call, its Envoy CPU beyond the
 /// floor's, divided by the calls made, paired by round.
 fn prices_report(args: &Args, variants: &[Variant], results: &[Vec<Round>]) -> String {
@@ -434,7 +528,11 @@ fn paired_cpu(results: &[Vec<Round>], i: usize, base: usize) -> f64 {
 fn command_line(args: &Args) -> String {
     format!(
         "Command: `make bench BENCH_ARGS='{}--rounds {} --seconds {}'` ({}), Envoy `--concurrency 1` on CPU {}",
-        if args.prices { "--prices " } else { "" },
+        match (args.prices, args.stores) {
+            (true, _) => "--prices ",
+            (_, true) => "--stores ",
+            _ => "",
+        },
         args.rounds,
         args.seconds,
         chrono_free_date(),

@@ -1,13 +1,15 @@
 //! A real etcd cluster on loopback (Debian's `etcd-server`, which `make
-//! setup` installs), for the dedup store on etcd: members are started,
-//! killed and started again as a test needs, and all stopped on drop.
+//! setup` installs), for the dedup store on etcd (`dedup.store: etcd`): the
+//! tests and `make bench BENCH_ARGS=--stores` start one; members are
+//! started, killed and started again as a test needs, and all stopped on
+//! drop.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use grpc_guard_demo::envoy::free_port;
+use crate::envoy::free_port;
 
 /// One member: its name, ports and process.
 struct Member {
