@@ -653,7 +653,9 @@ fn dedup_config(
     let per_entry =
         u64::from(raw.max_response_bytes) + u64::from(raw.max_metadata_bytes) + crate::dedup::ENTRY_OVERHEAD;
     let worst = u64::from(max_entries) * per_entry;
-    if worst > MAX_DEDUP_TABLE_BYTES {
+    // Envoy's memory bounds only the local table (etcd's is checked per
+    // request, below).
+    if raw.store == StoreKind::Local && worst > MAX_DEDUP_TABLE_BYTES {
         return Err(ConfigError::new(
             "dedup.max_entries",
             format!(
@@ -1113,9 +1115,30 @@ mod tests {
             if default == "none" {
                 continue;
             }
-            let json = field.split('.').rev().fold(default.to_owned(), |inner, key| format!("{{\"{key}\":{inner}}}"));
+            // The etcd store's fields count only with the store on.
+            let (base, inner) = match field.strip_prefix("dedup.etcd.") {
+                Some(key) => (r#"{"dedup":{"methods":["a.B/C"],"store":"etcd"}}"#.to_owned(), key),
+                None => ("{}".to_owned(), field),
+            };
+            if field == "dedup.etcd.lease_ttl" {
+                // Computed from ttl, as the README says.
+                let etcd = |c: Config| match c.dedup.unwrap().store {
+                    DedupStore::Etcd(e) => e,
+                    DedupStore::Local => unreachable!(),
+                };
+                assert_eq!(default, "3 × `ttl` + 66 s");
+                let lease = etcd(Config::parse(base.as_bytes()).unwrap()).lease.lease_ttl;
+                assert_eq!(lease, Duration::from_secs(3 * 300 + 66));
+                continue;
+            }
+            let value = inner.split('.').rev().fold(default.to_owned(), |inner, key| format!("{{\"{key}\":{inner}}}"));
+            let json = match field.strip_prefix("dedup.etcd.") {
+                Some(_) => format!(r#"{{"dedup":{{"methods":["a.B/C"],"store":"etcd","etcd":{value}}}}}"#),
+                None => value,
+            };
             let parsed = Config::parse(json.as_bytes()).unwrap_or_else(|e| panic!("README default of {field}: {e}"));
-            assert_eq!(parsed, Config::parse(b"{}").unwrap(), "README default of {field} is not the real default");
+            let expected = Config::parse(base.as_bytes()).unwrap();
+            assert_eq!(parsed, expected, "README default of {field} is not the real default");
         }
         assert!(rows >= 11, "only {rows} config rows found in the README");
     }
@@ -1193,6 +1216,40 @@ mod tests {
             err(r#"{"metrics":{"method_types":{"pkg.Svc/Watch":"server_stream"}},"dedup":{"methods":["pkg.Svc/*"]}}"#);
         assert_eq!(e.field, "dedup.methods[0]");
         assert!(e.reason.contains("pkg.Svc/Watch, a server_stream method"), "{e}");
+    }
+
+    #[test]
+    fn the_etcd_store_takes_its_settings_and_refuses_bad_ones_naming_the_field() {
+        let etcd = |extra: &str| format!(r#"{{"dedup":{{"methods":["pkg.Svc/Create"],"store":"etcd"{extra}}}}}"#);
+        let c = Config::parse(
+            etcd(r#","etcd":{"cluster":"outbound|2379||etcd.etcd.svc.cluster.local","prefix":"shop/","timeout":"250ms","fail_open":true}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        let DedupStore::Etcd(e) = c.dedup.unwrap().store else { panic!("etcd") };
+        assert_eq!(e.cluster, "outbound|2379||etcd.etcd.svc.cluster.local");
+        assert_eq!((e.prefix.as_str(), e.timeout, e.fail_open), ("shop/", Duration::from_millis(250), true));
+        for (extra, field) in [
+            (r#","etcd":{"cluster":""}"#, "dedup.etcd.cluster"),
+            (r#","etcd":{"cluster":"a b"}"#, "dedup.etcd.cluster"),
+            (r#","etcd":{"timeout":"soon"}"#, "dedup.etcd.timeout"),
+            (r#","etcd":{"lease_ttl":"30s"}"#, "dedup.etcd.lease_ttl"),
+            (r#","etcd":{"fail_open":"yes"}"#, "dedup.etcd.fail_open"),
+            (r#","etcd":{"clustr":"x"}"#, "dedup.etcd.clustr"),
+            (r#","etcd":{"max_request_bytes":65536}"#, "dedup.max_response_bytes"),
+            (r#","key_fields":{"pkg.Svc/Create":1}"#, "dedup.key_fields.pkg.Svc/Create"),
+        ] {
+            let e = err(&etcd(extra));
+            assert_eq!(e.field, field, "{extra}: {e}");
+        }
+        assert_eq!(err(r#"{"dedup":{"store":"consul"}}"#).field, "dedup.store");
+        // The settings of a store that is not on are a mistake, not ignored.
+        assert_eq!(err(r#"{"dedup":{"methods":["a.B/C"],"etcd":{}}}"#).field, "dedup.etcd");
+        // A kept answer that fits the default request size, one that does not.
+        assert!(Config::parse(etcd(r#","max_response_bytes":1048576"#).as_bytes()).is_ok());
+        let e = err(&etcd(r#","max_response_bytes":2097152"#));
+        assert_eq!(e.field, "dedup.max_response_bytes");
+        assert!(e.to_string().contains("max_request_bytes"), "{e}");
     }
 
     #[test]

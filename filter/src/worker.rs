@@ -43,6 +43,16 @@ impl Worker {
     /// The owner of a claim made by `stream`, started at `start_ns`: unique
     /// among this worker's streams and, by the seed, across workers.
     pub fn owner_id(&self, stream: u32, start_ns: u64) -> u64 {
-        self.seed.rotate_left(29) ^ (u64::from(stream) << 40) ^ start_ns
+        // Mixed, not XORed: no two (seed, stream, start) that differ should
+        // share an owner, since the etcd store takes a claim that carries
+        // its owner for its own.
+        mix(self.seed ^ mix(u64::from(stream) ^ mix(start_ns)))
     }
+}
+
+/// SplitMix64's finalizer: a bijection of u64 that spreads every bit.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }

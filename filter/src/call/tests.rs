@@ -12,6 +12,8 @@ use super::*;
 use crate::shared::testing::MapStore;
 use crate::shared::StoreError;
 
+mod etcd;
+
 const MS: u64 = 1_000_000;
 const PATH: &str = "/pkg.Orders/Create";
 
@@ -119,7 +121,9 @@ impl Envoy {
             .unwrap()
             .entry("ok_sample")
             .or_insert(1.into());
-        let seed = *self.clock.borrow() ^ 0x5eed;
+        // Every worker its own seed, as Envoy's workers have.
+        static WORKERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seed = *self.clock.borrow() ^ 0x5eed ^ WORKERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 32;
         Worker::configure(json.to_string().as_bytes(), &mut *self.store.borrow_mut(), seed).unwrap()
     }
 

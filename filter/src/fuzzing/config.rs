@@ -1,7 +1,7 @@
 //! `config`: the plugin configuration, and the dedup table it describes.
 
 use crate::config::{
-    Config, DedupConfig, ScopePart, MAX_DEDUP_ENTRIES, MAX_DEDUP_METADATA_BYTES, MAX_DEDUP_RESPONSE_BYTES,
+    Config, DedupConfig, DedupStore, ScopePart, MAX_DEDUP_ENTRIES, MAX_DEDUP_METADATA_BYTES, MAX_DEDUP_RESPONSE_BYTES,
     MAX_DEDUP_TABLE_BYTES, MAX_MAX_METHODS,
 };
 use crate::dedup::{ENTRY_OVERHEAD, WAYS};
@@ -64,7 +64,18 @@ pub(super) fn check_dedup_config(config: &Config, d: &DedupConfig) {
     assert!((1..=MAX_DEDUP_RESPONSE_BYTES).contains(&d.max_response_bytes));
     assert!(d.max_metadata_bytes <= MAX_DEDUP_METADATA_BYTES);
     let per_entry = u64::from(d.max_response_bytes) + u64::from(d.max_metadata_bytes) + ENTRY_OVERHEAD;
-    assert!(u64::from(d.max_entries) * per_entry <= MAX_DEDUP_TABLE_BYTES, "the worst case fits the bound");
+    match &d.store {
+        DedupStore::Local => {
+            assert!(u64::from(d.max_entries) * per_entry <= MAX_DEDUP_TABLE_BYTES, "the worst case fits the bound")
+        }
+        DedupStore::Etcd(etcd) => {
+            // A kept answer fits one etcd request; no key read from the body.
+            assert!(per_entry + crate::etcd::TXN_OVERHEAD <= etcd.max_request_bytes, "a kept answer fits etcd");
+            assert!(d.key_fields.is_empty());
+            assert!(!etcd.cluster.is_empty() && etcd.cluster.len() <= 100);
+            assert!(etcd.lease.lease_ttl >= etcd.lease.needed, "a lease outlives what is put under it");
+        }
+    }
     assert!((1..=WAYS).contains(&d.caller_ways));
     assert!(!d.ttl.is_zero());
     assert!(d.scope.iter().any(ScopePart::is_identity));

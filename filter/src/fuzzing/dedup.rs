@@ -187,14 +187,35 @@ const STATES: [State; 5] = [State::Free, State::InFlight, State::Kept, State::No
 /// no other way.
 pub fn dedup_table(data: &[u8]) {
     let mut input = Input(data);
-    let mode = input.byte() % 5;
+    let mode = input.byte() % 6;
     let rest = input.rest();
     match mode {
         0 => check_bucket(rest),
         1 => check_bucket(&well_formed_bucket(rest)),
         2 => check_answers(rest),
         3 => check_table_numbers(rest),
+        4 => check_etcd_answers(rest),
         _ => lookup_and_settle(rest),
+    }
+}
+
+/// What etcd answers (a transaction, a lease grant) and what a key holds
+/// there: read without panicking; an entry that reads re-encodes to the
+/// same bytes, and a live one answers as the local table's rules say.
+fn check_etcd_answers(bytes: &[u8]) {
+    use crate::etcd::{parse_lease, parse_txn, Entry};
+    let _ = parse_lease(bytes);
+    if let Ok(crate::etcd::TxnAnswer::Existing { value, .. }) = parse_txn(bytes) {
+        let _ = Entry::decode(&value);
+    }
+    if let Some(entry) = Entry::decode(bytes) {
+        assert_eq!(entry.encode(), bytes, "an entry that reads re-encodes byte for byte");
+        let now = u64::from_le_bytes(bytes.get(..8).and_then(|b| b.try_into().ok()).unwrap_or_default());
+        match entry.clone().lookup(now) {
+            None => assert!(entry.expires <= now || entry.state == crate::dedup::State::Free),
+            Some(Lookup::InFlight) => assert!(now < entry.claim_until),
+            Some(_) => {}
+        }
     }
 }
 

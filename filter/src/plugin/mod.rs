@@ -93,7 +93,13 @@ impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
         let bytes =
             hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten().unwrap_or_default();
-        let seed = Envoy::default().now_ns();
+        // Random (WASI's random_get, as the standard library's hash maps
+        // seed themselves), with the clock: tells this worker's claims from
+        // every other worker's, on every Envoy.
+        let seed = std::hash::BuildHasher::hash_one(
+            &std::collections::hash_map::RandomState::new(),
+            Envoy::default().now_ns(),
+        );
         match Worker::configure(&bytes, &mut Envoy::default(), seed) {
             Ok(core) => {
                 // Written with one-byte lengths (the cluster name is at most
