@@ -27,6 +27,7 @@ const SCHEMAS = {
   "extensions.istio.io/v1alpha1 WasmPlugin": "@kubernetes-models/istio/_schemas/ExtensionsIstioIoV1alpha1WasmPlugin.js",
   "networking.istio.io/v1 DestinationRule": "@kubernetes-models/istio/_schemas/NetworkingIstioIoV1DestinationRule.js",
   "networking.istio.io/v1alpha3 EnvoyFilter": "@kubernetes-models/istio/_schemas/NetworkingIstioIoV1alpha3EnvoyFilter.js",
+  "networking.istio.io/v1 ServiceEntry": "@kubernetes-models/istio/_schemas/NetworkingIstioIoV1ServiceEntry.js",
   "monitoring.coreos.com/v1 PrometheusRule":
     "@kubernetes-models/prometheus-operator/_schemas/ComGithubPrometheusOperatorPrometheusOperatorPkgApisMonitoringV1PrometheusRule.js",
 };

@@ -19,6 +19,7 @@ mod support;
 
 mod alerts;
 mod dashboard;
+mod etcd;
 mod istio_stats;
 mod kustomize;
 mod manifests;
