@@ -203,6 +203,14 @@ impl Claiming {
     }
 }
 
+/// Takes a claim back if the key still holds it (a claim whose call never
+/// went on), sent by the worker: it deletes only this claim's own record.
+fn release(etcd: &EtcdConfig, held: &EtcdHeld, fx: &mut Effects) {
+    let mut request = txn_request(etcd::settle_txn(&held.key, &held.entry, None, 0), true);
+    request.timeout = etcd.timeout;
+    fx.push(Effect::Etcd(request));
+}
+
 /// A `KV.Txn` request (its timeout set when sent).
 fn txn_request(message: Vec<u8>, detached: bool) -> EtcdRequest {
     EtcdRequest { service: etcd::KV_SERVICE, method: etcd::TXN, message, timeout: Duration::ZERO, detached }
@@ -532,6 +540,12 @@ impl Call {
                     return self.send_claim(etcd, claiming, request, now, fx);
                 }
             }
+            if claiming.awaiting == Awaiting::Claim {
+                // A claim that timed out may still be committed (etcd between
+                // leaders): taken back, by the worker, so that the call it
+                // never ran does not hold its key.
+                release(etcd, &claiming.held, fx);
+            }
             return self.store_failed(config, etcd, &reply, now, fx);
         }
         match claiming.awaiting {
@@ -554,6 +568,7 @@ impl Call {
                     Ok(found) => found,
                     Err(e) => {
                         fx.push(Effect::CountGuard(guard::DEDUP_STORE_ERRORS));
+                        release(etcd, &claiming.held, fx);
                         let reply = EtcdReply { status: 2, message: format!("a claim answer that {e}"), body: vec![] };
                         return self.store_failed(config, etcd, &reply, now, fx);
                     }
@@ -996,9 +1011,8 @@ impl Call {
                 // The stream ended while its claim was in flight: the claim
                 // may have been written. It is taken back if it was (nothing
                 // ran: the request never went on).
-                if claiming.awaiting == Awaiting::Claim {
-                    let release = etcd::settle_txn(&claiming.held.key, &claiming.held.entry, None, 0);
-                    self.send_detached(worker, release, fx);
+                if let (Awaiting::Claim, Some(etcd)) = (claiming.awaiting, worker.etcd()) {
+                    release(etcd, &claiming.held, fx);
                 }
                 return;
             }

@@ -42,22 +42,25 @@ async fn echo(envoy: &Envoy, key: &str, request: EchoRequest) -> (bool, Result<E
     }
 }
 
-/// A keyed Echo as the README's client policy sends it: again after
+/// A keyed Echo as a client with a retry policy sends it: again after
 /// ABORTED ("in progress") and UNAVAILABLE (the store, or Envoy, could not
-/// take it; nothing ran), a few times.
+/// take it; nothing ran), backing off from 50 ms to 1 s, for up to 15 s:
+/// long enough to ride out an etcd leader election (about 1–3 s with etcd's
+/// defaults).
 async fn echo_retrying(envoy: &Envoy, key: &str, request: EchoRequest) -> (bool, Result<EchoReply, tonic::Status>) {
-    let mut last = None;
-    for _ in 0..60 {
+    let start = std::time::Instant::now();
+    let mut backoff = Duration::from_millis(50);
+    loop {
         let got = echo(envoy, key, request.clone()).await;
         match &got.1 {
             Err(s) if matches!(s.code(), Code::Aborted | Code::Unavailable) => {
-                last = Some(got);
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                assert!(start.elapsed() < Duration::from_secs(15), "never answered: {got:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
             _ => return got,
         }
     }
-    panic!("never answered: {last:?}")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -148,17 +151,19 @@ async fn an_etcd_member_killed_mid_run_keeps_at_most_once_and_calls_keep_being_s
     let run = |from: u32, to: u32| {
         let envoys = envoys.clone();
         tokio::spawn(async move {
-            let mut served = 0;
+            let (mut served, mut slowest) = (0, Duration::ZERO);
             for n in from..to {
                 let key = format!("kill-{n}");
                 // The call and its retry, through different Envoys.
                 for envoy in envoys.iter() {
+                    let start = std::time::Instant::now();
                     let (_, got) = echo_retrying(envoy, &key, order(n)).await;
                     assert_eq!(got.unwrap().message, format!("create order {n}"));
+                    slowest = slowest.max(start.elapsed());
                     served += 1;
                 }
             }
-            served
+            (served, slowest)
         })
     };
     let before = run(0, 20);
@@ -167,7 +172,10 @@ async fn an_etcd_member_killed_mid_run_keeps_at_most_once_and_calls_keep_being_s
     let leader = etcd.leader().expect("the cluster has a leader");
     etcd.kill(leader);
     let after = run(200, 220);
-    let served = before.await.unwrap() + during.await.unwrap() + after.await.unwrap();
+    let results = [before.await.unwrap(), during.await.unwrap(), after.await.unwrap()];
+    let served: usize = results.iter().map(|r| r.0).sum();
+    let slowest = results.iter().map(|r| r.1).max().unwrap_or_default();
+    eprintln!("the leader killed: every call answered, the slowest (with its retries) in {slowest:?}");
     assert_eq!(served, 200, "every call answered");
     let runs = upstream.observed.executions_by_key();
     assert!(runs.values().all(|&n| n == 1), "a key ran twice: {runs:?}");
@@ -219,4 +227,57 @@ async fn with_every_etcd_member_down_a_keyed_call_is_refused_unavailable_and_nev
     assert_eq!(upstream.observed.executions("Echo"), 3);
     assert_no_vm_trap(&closed);
     assert_no_vm_trap(&open);
+}
+
+/// Endings without an answer, on etcd as in the local table: a call cut at
+/// its deadline after it ran, and a client that cancelled after its message
+/// went on, leave "may have run"; neither runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_cut_and_a_cancel_after_the_message_went_on_leave_may_have_run_and_never_run_twice() {
+    let etcd = EtcdCluster::start(3, scratch_dir("etcd-endings-data"));
+    let upstream = Upstream::start().await;
+    let plugin = config("");
+    let a = envoy("etcd-endings-a", upstream.addr, &etcd.clients(), &plugin);
+    let b = envoy("etcd-endings-b", upstream.addr, &etcd.clients(), &plugin);
+    let slow = |n: u32| EchoRequest { message: format!("slow {n}"), delay_ms: 600, ..Default::default() };
+    // Cut by its deadline while the service works.
+    let mut client = grpc_guard_demo::client(grpc_guard_demo::lazy_channel(&a.grpc_uri()).unwrap());
+    let mut request = keyed(slow(1), "cut-1", CALLER);
+    request.set_timeout(Duration::from_millis(200));
+    let status = client.echo(request).await.unwrap_err();
+    // tonic's own timer may end it first, as a cancel.
+    assert!(matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled), "{status:?}");
+    // Cancelled by its client while the service works.
+    let mut client = grpc_guard_demo::client(grpc_guard_demo::lazy_channel(&a.grpc_uri()).unwrap());
+    let call = tokio::spawn(async move { client.echo(keyed(slow(2), "cancel-2", CALLER)).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    call.abort();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(upstream.observed.executions("Echo"), 2);
+    // Their retries, through the other Envoy: told they may have run.
+    for (key, n) in [("cut-1", 1), ("cancel-2", 2)] {
+        let (_, got) = echo_retrying(&b, key, slow(n)).await;
+        let status = got.unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{key}: {status:?}");
+        assert!(status.message().contains("may have run"), "{status:?}");
+    }
+    assert_eq!(upstream.observed.executions("Echo"), 2, "neither ran again");
+    assert_no_vm_trap(&a);
+    assert_no_vm_trap(&b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_cluster_envoy_does_not_have_refuses_keyed_calls_unavailable_naming_it() {
+    let upstream = Upstream::start().await;
+    // No etcd members given: the template has no such cluster.
+    let plugin = config(r#","cluster":"no_such_cluster""#);
+    let envoy = start_envoy_changed("etcd-no-cluster", upstream.addr, &plugin, |_| {}).unwrap();
+    let (_, got) = echo(&envoy, "k-1", order(1)).await;
+    let status = got.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("idempotency store"), "{status:?}");
+    assert_eq!(upstream.observed.executions("Echo"), 0);
+    let mut client = grpc_guard_demo::client(grpc_guard_demo::lazy_channel(&envoy.grpc_uri()).unwrap());
+    client.echo(order(2)).await.expect("calls without a key are not the store's");
+    assert_no_vm_trap(&envoy);
 }
