@@ -36,6 +36,8 @@ use crate::protowire::{fields, Value, WireError};
 /// etcd's KV service and its transaction method.
 pub const KV_SERVICE: &str = "etcdserverpb.KV";
 pub const TXN: &str = "Txn";
+/// etcd's read of a key (used when etcd refuses writes: its database full).
+pub const RANGE: &str = "Range";
 /// etcd's lease service and its grant method.
 pub const LEASE_SERVICE: &str = "etcdserverpb.Lease";
 pub const LEASE_GRANT: &str = "LeaseGrant";
@@ -227,6 +229,15 @@ pub fn settle_txn(key: &[u8], claimed: &[u8], settled: Option<&[u8]>, lease: i64
     txn(&still_ours, &op, None)
 }
 
+/// A read of `key` (`RangeRequest`): what a claim falls back to when etcd
+/// refuses every write (its database full), so that a kept key is still
+/// answered from what it holds.
+pub fn range(key: &[u8]) -> Vec<u8> {
+    let mut range = Vec::with_capacity(key.len() + 2);
+    put_bytes(&mut range, 1, key);
+    range
+}
+
 /// A lease grant of `ttl`, in whole seconds (rounded up).
 pub fn lease_grant(ttl: Duration) -> Vec<u8> {
     let mut grant = Vec::with_capacity(8);
@@ -256,24 +267,31 @@ pub fn parse_txn(bytes: &[u8]) -> Result<TxnAnswer, WireError> {
             (3, Value::Delimited(op)) => {
                 for range in fields(op) {
                     let (1, Value::Delimited(range)) = range? else { continue };
-                    for kv in fields(range) {
-                        let (2, Value::Delimited(kv)) = kv? else { continue };
-                        let (mut value, mut mod_revision) = (Vec::new(), 0);
-                        for f in fields(kv) {
-                            match f? {
-                                (3, Value::Varint(rev)) => mod_revision = rev as i64,
-                                (5, Value::Delimited(v)) => value = v.to_vec(),
-                                _ => {}
-                            }
-                        }
-                        found = TxnAnswer::Existing { value, mod_revision };
-                    }
+                    found = parse_range(range)?;
                 }
             }
             _ => {}
         }
     }
     Ok(if succeeded { TxnAnswer::Applied } else { found })
+}
+
+/// Reads a `RangeResponse`: the key's value and revision, or `Missing`.
+pub fn parse_range(bytes: &[u8]) -> Result<TxnAnswer, WireError> {
+    let mut found = TxnAnswer::Missing;
+    for kv in fields(bytes) {
+        let (2, Value::Delimited(kv)) = kv? else { continue };
+        let (mut value, mut mod_revision) = (Vec::new(), 0);
+        for f in fields(kv) {
+            match f? {
+                (3, Value::Varint(rev)) => mod_revision = rev as i64,
+                (5, Value::Delimited(v)) => value = v.to_vec(),
+                _ => {}
+            }
+        }
+        found = TxnAnswer::Existing { value, mod_revision };
+    }
+    Ok(found)
 }
 
 /// Reads a `LeaseGrantResponse`: the lease's id, or etcd's error.
@@ -313,9 +331,17 @@ pub fn write_backoff(sent: u8) -> Duration {
 /// down or slow). Sending it again is harmless: it changes the key only if
 /// the key still holds the claim it replaces.
 pub fn resend_write(status: u32, sent: u8) -> bool {
-    const UNAVAILABLE: u32 = 14;
     const DEADLINE_EXCEEDED: u32 = 4;
-    matches!(status, UNAVAILABLE | DEADLINE_EXCEEDED) && sent <= WRITE_RESENDS
+    // etcd busy ("too many requests") or out of space: it may pass.
+    const RESOURCE_EXHAUSTED: u32 = 8;
+    const UNAVAILABLE: u32 = 14;
+    matches!(status, UNAVAILABLE | DEADLINE_EXCEEDED | RESOURCE_EXHAUSTED) && sent <= WRITE_RESENDS
+}
+
+/// etcd refused a write as larger than its `--max-request-bytes`.
+pub fn too_large(status: u32, message: &str) -> bool {
+    const INVALID_ARGUMENT: u32 = 3;
+    status == INVALID_ARGUMENT && message.contains("too large")
 }
 
 /// Records grpc-guard writes live at most this long after their claim: the
@@ -470,6 +496,9 @@ mod tests {
         assert!(resend_write(4, WRITE_RESENDS));
         assert!(!resend_write(14, WRITE_RESENDS + 1));
         assert!(!resend_write(9, 1), "etcd refused it: sending it again changes nothing");
+        assert!(resend_write(8, 1), "etcd busy or full: it may pass");
+        assert!(too_large(3, "etcdserver: request is too large"));
+        assert!(!too_large(3, "etcdserver: key is not provided"));
         let waits: Vec<u64> = (1..=WRITE_RESENDS).map(|n| write_backoff(n).as_millis() as u64).collect();
         assert_eq!(waits, [0, 100, 200, 400, 800, 1600, 2000, 2000]);
     }

@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use super::{from_slice, lossy, Call, Chunk, Effect, Effects, EtcdReply, EtcdRequest, Host, Next, Reply, Side};
 use crate::config::{Anonymous, DedupConfig, DedupStore, ScopePart, WhenFull};
-use crate::deadline::format_grpc_timeout;
 use crate::dedup::{
     caller_tag, check_key, digest, disposition, Answer, Claim, Digest, Disposition, Ending, Fingerprint, Lookup,
     Outcome, Settlement, State, REPLAYED_HEADER, REPLAY_CONTENT_TYPE, REPLAY_PATH_PREFIX,
@@ -75,6 +74,8 @@ pub(super) struct Claiming {
     resent: u8,
     /// Expired entries this claim tried to take over.
     take_overs: u8,
+    /// The worker's lease was gone from etcd and a new one was asked for.
+    re_leased: bool,
     /// The request has ended (with its headers, its body or its trailers).
     end_of_stream: bool,
     /// The request body that reached the filter meanwhile (Envoy holds it):
@@ -87,8 +88,13 @@ pub(super) struct Claiming {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Awaiting {
-    Lease { asked_at: u64 },
+    Lease {
+        asked_at: u64,
+    },
     Claim,
+    /// etcd refused the claim's write (its database full): what the key
+    /// holds is read, so a kept key is still answered from it.
+    Read,
 }
 
 /// A key held on the etcd store: what settling it needs.
@@ -118,8 +124,11 @@ const TAKE_OVERS: u8 = 2;
 /// The gRPC statuses of a claim request that may be sent again: it did not
 /// reach etcd, or did and is recognized as ours when sent again.
 const RESEND_ON: [u32; 1] = [14];
-/// etcd's answer when its database is full (`mvcc: database space exceeded`).
+/// etcd's answer when its database is full (`mvcc: database space exceeded`)
+/// or it is overloaded (`too many requests`).
 const ETCD_FULL: u32 = 8;
+/// etcd's answer to a write under a lease it does not have.
+const LEASE_GONE: u32 = 5;
 
 /// The most of a request message grpc-guard holds to read its key field
 /// when the method sets no `limits.max_request_message_bytes`.
@@ -213,7 +222,14 @@ fn release(etcd: &EtcdConfig, held: &EtcdHeld, fx: &mut Effects) {
 
 /// A `KV.Txn` request (its timeout set when sent).
 fn txn_request(message: Vec<u8>, detached: bool) -> EtcdRequest {
-    EtcdRequest { service: etcd::KV_SERVICE, method: etcd::TXN, message, timeout: Duration::ZERO, detached }
+    EtcdRequest {
+        service: etcd::KV_SERVICE,
+        method: etcd::TXN,
+        message,
+        timeout: Duration::ZERO,
+        detached,
+        fallback: None,
+    }
 }
 
 /// A `Lease.LeaseGrant` request for the store's lease TTL.
@@ -224,6 +240,7 @@ pub fn lease_request(etcd: &EtcdConfig) -> EtcdRequest {
         message: etcd::lease_grant(etcd.lease.lease_ttl),
         timeout: etcd.timeout,
         detached: false,
+        fallback: None,
     }
 }
 
@@ -327,11 +344,10 @@ impl Call {
             // those; any key is the header's.
             FirstMessage::Partial | FirstMessage::Other => Ok(Some(None)),
         };
-        // Released now: what is left of its deadline goes upstream with it.
-        if let Some(deadline) = self.deadline {
-            let left = deadline.saturating_sub(elapsed);
-            fx.push(Effect::SetRequestHeader(Cow::Borrowed("grpc-timeout"), format_grpc_timeout(left).into_bytes()));
-        }
+        // Released now. Its `grpc-timeout` stays as it was: Envoy's timer
+        // (`max_stream_duration`) takes the stream's age off it when the
+        // route is resolved, so a header cut by the time held would be
+        // counted twice (measured: `a_slow_claim_counts_once_…`).
         self.dedup = None;
         let header = host.request_header(&config.header).map(<[u8]>::to_vec);
         // For the refusals only: most calls never spell it out.
@@ -460,6 +476,7 @@ impl Call {
             awaiting: Awaiting::Claim,
             resent: 0,
             take_overs: 0,
+            re_leased: false,
             end_of_stream,
             body: Fingerprint::default(),
             body_seen: 0,
@@ -528,11 +545,40 @@ impl Call {
         let now = host.now_ns();
         if reply.status != 0 {
             fx.push(Effect::CountGuard(guard::DEDUP_STORE_ERRORS));
+            let left = self.deadline.map(|d| d.saturating_sub(Duration::from_nanos(now.saturating_sub(self.start_ns))));
+            if left.is_some_and(|l| l.is_zero()) {
+                // The call's own deadline ended the wait, not etcd.
+                if claiming.awaiting == Awaiting::Claim {
+                    release(etcd, &claiming.held, fx);
+                }
+                self.count(Family::DeadlineRejected, Some(GrpcStatus::DeadlineExceeded), 1, fx);
+                return self.answer(
+                    GrpcStatus::DeadlineExceeded,
+                    "grpc-guard: the call's deadline passed while its idempotency key was being claimed; it was not \
+                     run",
+                    fx,
+                );
+            }
             if reply.status == ETCD_FULL && claiming.awaiting == Awaiting::Claim {
-                self.set_outcome(DedupOutcome::Full, Family::DedupFull, fx);
-                let message =
-                    format!("grpc-guard: the idempotency store is full (etcd: {}); retry later", reply.message);
-                return self.resumed(config, |call, fx| call.when_full(config, &message, fx), now, fx);
+                // No write passes, but the key may hold a kept answer: read it.
+                claiming.awaiting = Awaiting::Read;
+                let request = EtcdRequest {
+                    service: etcd::KV_SERVICE,
+                    method: etcd::RANGE,
+                    message: etcd::range(&claiming.held.key),
+                    timeout: etcd.timeout,
+                    detached: false,
+                    fallback: None,
+                };
+                return self.send_claim(etcd, claiming, request, now, fx);
+            }
+            if reply.status == LEASE_GONE && claiming.awaiting == Awaiting::Claim && !claiming.re_leased {
+                // The worker's lease is gone from etcd (revoked, etcd
+                // restored): nothing was written; a new lease, then the claim.
+                worker.etcd_lease = None;
+                claiming.re_leased = true;
+                claiming.awaiting = Awaiting::Lease { asked_at: now };
+                return self.send_claim(etcd, claiming, lease_request(etcd), now, fx);
             }
             if RESEND_ON.contains(&reply.status) && claiming.resent < CLAIM_RESENDS {
                 if let Some(request) = claiming.last.take() {
@@ -546,7 +592,7 @@ impl Call {
                 // never ran does not hold its key.
                 release(etcd, &claiming.held, fx);
             }
-            return self.store_failed(config, etcd, &reply, now, fx);
+            return self.store_failed(etcd, &reply, fx);
         }
         match claiming.awaiting {
             Awaiting::Lease { asked_at } => match etcd::parse_lease(&reply.body) {
@@ -560,9 +606,28 @@ impl Call {
                 Err(e) => {
                     fx.push(Effect::CountGuard(guard::DEDUP_STORE_ERRORS));
                     let reply = EtcdReply { status: 2, message: e, body: Vec::new() };
-                    self.store_failed(config, etcd, &reply, now, fx)
+                    self.store_failed(etcd, &reply, fx)
                 }
             },
+            Awaiting::Read => {
+                let lookup = match etcd::parse_range(&reply.body) {
+                    Ok(TxnAnswer::Existing { value, .. }) => {
+                        Entry::decode(&value).map_or(Some(Lookup::Abandoned), |e| e.lookup(now))
+                    }
+                    _ => None,
+                };
+                let end_of_stream = claiming.end_of_stream;
+                match lookup {
+                    Some(lookup) => self.on_lookup(config, lookup, end_of_stream, claiming.body, fx),
+                    None => {
+                        // Not there and nothing can be written: a full table.
+                        self.set_outcome(DedupOutcome::Full, Family::DedupFull, fx);
+                        let message = "grpc-guard: the idempotency store is full (etcd refuses writes: its database \
+                                       is out of space); retry later";
+                        self.when_full(config, message, fx)
+                    }
+                }
+            }
             Awaiting::Claim => {
                 let found = match etcd::parse_txn(&reply.body) {
                     Ok(found) => found,
@@ -570,7 +635,7 @@ impl Call {
                         fx.push(Effect::CountGuard(guard::DEDUP_STORE_ERRORS));
                         release(etcd, &claiming.held, fx);
                         let reply = EtcdReply { status: 2, message: format!("a claim answer that {e}"), body: vec![] };
-                        return self.store_failed(config, etcd, &reply, now, fx);
+                        return self.store_failed(etcd, &reply, fx);
                     }
                 };
                 let lookup = match found {
@@ -594,69 +659,38 @@ impl Call {
                     },
                     TxnAnswer::Missing => Some(Lookup::Contended),
                 };
+                // One that goes on keeps its `grpc-timeout` as it was: Envoy
+                // takes the stream's age (the claim's time included) off it
+                // when it starts its timer.
                 let end_of_stream = claiming.end_of_stream;
-                self.resumed(
-                    config,
-                    |call, fx| match lookup {
-                        None => {
-                            let next = call.first_call(config, Held::Etcd(claiming.held), fx);
-                            if let Some(Phase::First(first)) = call.dedup.as_deref_mut() {
-                                first.request = claiming.body;
-                                first.request_ended = end_of_stream;
-                            }
-                            // What Envoy held goes on now.
-                            call.forwarded_messages = call.request.messages();
-                            next
+                match lookup {
+                    None => {
+                        let next = self.first_call(config, Held::Etcd(claiming.held), fx);
+                        if let Some(Phase::First(first)) = self.dedup.as_deref_mut() {
+                            first.request = claiming.body;
+                            first.request_ended = end_of_stream;
                         }
-                        Some(lookup) => call.on_lookup(config, lookup, end_of_stream, claiming.body, fx),
-                    },
-                    now,
-                    fx,
-                )
+                        // What Envoy held goes on now.
+                        self.forwarded_messages = self.request.messages();
+                        next
+                    }
+                    Some(lookup) => self.on_lookup(config, lookup, end_of_stream, claiming.body, fx),
+                }
             }
         }
-    }
-
-    /// Decides a call that was paused for the store; one that goes on takes
-    /// what is left of its deadline with it.
-    fn resumed(
-        &mut self,
-        _config: &DedupConfig,
-        decide: impl FnOnce(&mut Call, &mut Effects) -> Next,
-        now: u64,
-        fx: &mut Effects,
-    ) -> Next {
-        let next = decide(self, fx);
-        if next == Next::Continue {
-            if let Some(deadline) = self.deadline {
-                let left = deadline.saturating_sub(Duration::from_nanos(now.saturating_sub(self.start_ns)));
-                fx.push(Effect::SetRequestHeader(
-                    Cow::Borrowed("grpc-timeout"),
-                    format_grpc_timeout(left).into_bytes(),
-                ));
-            }
-        }
-        next
     }
 
     /// The etcd store failed a claim: by default the call is refused
     /// UNAVAILABLE (retryable; nothing ran), with `fail_open` it runs
     /// undeduplicated.
-    fn store_failed(
-        &mut self,
-        config: &DedupConfig,
-        etcd: &EtcdConfig,
-        reply: &EtcdReply,
-        now: u64,
-        fx: &mut Effects,
-    ) -> Next {
+    fn store_failed(&mut self, etcd: &EtcdConfig, reply: &EtcdReply, fx: &mut Effects) -> Next {
         let code = GrpcStatus::from_code(reply.status).map_or("status ?", GrpcStatus::go_name);
         let why = format!("etcd: {code}: {}", reply.message);
         if etcd.fail_open {
             self.dedup_outcome = DedupOutcome::StoreFailedOpen;
             // Logged whatever its status (`dedup: store_failed_open`).
             fx.push(Effect::CountGuard(guard::DEDUP_FAILED_OPEN));
-            return self.resumed(config, |_, _| Next::Continue, now, fx);
+            return Next::Continue;
         }
         self.dedup_outcome = DedupOutcome::StoreUnavailable;
         self.count(Family::Refused, None, 1, fx);
@@ -774,6 +808,7 @@ impl Call {
     /// A request body chunk of a keyed call.
     pub(super) fn dedup_request_body<H: Host>(
         &mut self,
+        worker_etcd: Option<&EtcdConfig>,
         host: &mut H,
         len: usize,
         end_of_stream: bool,
@@ -800,6 +835,24 @@ impl Call {
             // Held until the store answers (Envoy buffers it): fingerprinted
             // and read now, as it will not pass this filter again. Envoy hands
             // over all it holds each time: only the new bytes are read.
+            Some(Phase::Claiming(claiming)) if len as u64 > MAX_HELD_MESSAGE => {
+                // More than grpc-guard holds while a claim is in flight (and
+                // more than Envoy buffers by default): refused, claim taken
+                // back, rather than Envoy's 413.
+                let held = claiming.held.clone();
+                let claimed = claiming.awaiting == Awaiting::Claim;
+                self.dedup = None;
+                if let (true, Some(etcd)) = (claimed, worker_etcd) {
+                    release(etcd, &held, fx);
+                }
+                self.count(Family::RequestTooLarge, None, 1, fx);
+                self.count(Family::Refused, None, 1, fx);
+                let message = format!(
+                    "grpc-guard: a keyed request of more than {MAX_HELD_MESSAGE} bytes is more than grpc-guard holds \
+                     while its idempotency key is claimed on etcd"
+                );
+                Chunk::Handled(self.answer(GrpcStatus::ResourceExhausted, message, fx))
+            }
             Some(Phase::Claiming(claiming)) => {
                 let new = host.request_body(claiming.body_seen, len.saturating_sub(claiming.body_seen));
                 let new = new.unwrap_or_default();
@@ -1016,16 +1069,22 @@ impl Call {
                 }
                 return;
             }
-            Some(Phase::Settling { request, .. }) => {
+            Some(Phase::Settling { mut request }) => {
                 // The client left while its outcome was being written: the
                 // write is sent again by the worker (harmless if it landed).
-                self.send_detached(worker, request.message, fx);
+                request.detached = true;
+                fx.push(Effect::Etcd(request));
                 return;
             }
             _ => return,
         };
-        if let Some(txn) = self.settle_first(config, host, first, status, source, fx) {
-            self.send_detached(worker, txn, fx);
+        if let Some((txn, fallback)) = self.settle_first(config, host, first, status, source, fx) {
+            if let Some(etcd) = worker.etcd() {
+                let mut request = txn_request(txn, true);
+                request.timeout = etcd.timeout;
+                request.fallback = fallback;
+                fx.push(Effect::Etcd(request));
+            }
         }
     }
 
@@ -1049,9 +1108,12 @@ impl Call {
             return Next::Continue;
         }
         let Some(Phase::First(first)) = self.dedup.take().map(|p| *p) else { return Next::Continue };
-        let Some(txn) = self.settle_first(config, host, first, status, source, fx) else { return Next::Continue };
+        let Some((txn, fallback)) = self.settle_first(config, host, first, status, source, fx) else {
+            return Next::Continue;
+        };
         let mut request = txn_request(txn, false);
         request.timeout = etcd.timeout;
+        request.fallback = fallback;
         fx.push(Effect::Etcd(request.clone()));
         self.dedup = Some(Box::new(Phase::Settling { request }));
         Next::Pause
@@ -1064,8 +1126,12 @@ impl Call {
     fn on_settled(&mut self, mut request: EtcdRequest, reply: &EtcdReply, fx: &mut Effects) -> Next {
         if reply.status != 0 {
             fx.push(Effect::CountGuard(guard::DEDUP_STORE_ERRORS));
-            if etcd::resend_write(reply.status, 1) {
-                request.detached = true;
+            request.detached = true;
+            if let Some(fallback) = request.fallback.take().filter(|_| etcd::too_large(reply.status, &reply.message)) {
+                // Kept as done, without the answer etcd would not take.
+                request.message = fallback;
+                fx.push(Effect::Etcd(request));
+            } else if etcd::resend_write(reply.status, 1) {
                 fx.push(Effect::Etcd(request));
             } else {
                 // The key stays claimed, then reads as "may have run".
@@ -1085,7 +1151,7 @@ impl Call {
         status: GrpcStatus,
         source: StatusSource,
         fx: &mut Effects,
-    ) -> Option<Vec<u8>> {
+    ) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
         let ending = if self.forwarded_messages == 0 {
             // Checked first: an upstream may answer a unary call from its
             // headers or a message's prefix (UNIMPLEMENTED, OUT_OF_RANGE)
@@ -1138,7 +1204,10 @@ impl Call {
             Held::Etcd(held) => {
                 // Past its claim the key already reads as "may have run", and
                 // a longer life would outlast the lease: left as it is.
-                let lease = held.lease.filter(|_| now < held.claim_until)?;
+                let Some(lease) = held.lease.filter(|_| now < held.claim_until) else {
+                    fx.push(Effect::CountGuard(guard::DEDUP_SETTLE_LOST));
+                    return None;
+                };
                 let expires = now.saturating_add(nanos(config.ttl)).min(lease.ends);
                 let settled = match settlement {
                     Settlement::Free => None,
@@ -1159,21 +1228,22 @@ impl Call {
                         answer: None,
                     }),
                 };
-                let value = settled.map(|mut entry| {
-                    entry.owner = Entry::decode(&held.entry).map_or(0, |e| e.owner);
-                    entry.encode()
-                });
-                Some(etcd::settle_txn(&held.key, &held.entry, value.as_deref(), lease.id))
+                let owner = Entry::decode(&held.entry).map_or(0, |e| e.owner);
+                let txn = |entry: &Entry| etcd::settle_txn(&held.key, &held.entry, Some(&entry.encode()), lease.id);
+                Some(match settled {
+                    None => (etcd::settle_txn(&held.key, &held.entry, None, lease.id), None),
+                    Some(mut entry) => {
+                        entry.owner = owner;
+                        // Should etcd find the answer too large for it: kept
+                        // as done, without the answer (`not_kept`).
+                        let fallback = entry
+                            .answer
+                            .is_some()
+                            .then(|| txn(&Entry { state: State::NotKept, answer: None, ..entry.clone() }));
+                        (txn(&entry), fallback)
+                    }
+                })
             }
-        }
-    }
-
-    /// A write to the etcd store that nobody waits for.
-    fn send_detached(&self, worker: &crate::worker::Worker, message: Vec<u8>, fx: &mut Effects) {
-        if let Some(etcd) = worker.etcd() {
-            let mut request = txn_request(message, true);
-            request.timeout = etcd.timeout;
-            fx.push(Effect::Etcd(request));
         }
     }
 }

@@ -121,6 +121,9 @@ pub struct EtcdRequest {
     pub message: Vec<u8>,
     pub timeout: Duration,
     pub detached: bool,
+    /// What to write instead if etcd refuses this write as too large for
+    /// its `--max-request-bytes` (a kept answer then kept as "not kept").
+    pub fallback: Option<Vec<u8>>,
 }
 
 /// What came back from a request to etcd: its gRPC status (0 with the
@@ -353,7 +356,7 @@ impl Call {
             None | Some(Next::Continue) => {}
             Some(Next::Pause) => return Next::Pause,
         }
-        let read = match self.dedup_request_body(host, len, end_of_stream, fx) {
+        let read = match self.dedup_request_body(worker.etcd(), host, len, end_of_stream, fx) {
             Chunk::Handled(next) => return next,
             Chunk::Read(Some(chunk)) => self.read_frames(Side::Request, len, from_slice(&chunk), fx),
             Chunk::Read(None) => self.read_frames(Side::Request, len, |offset, n| host.request_body(offset, n), fx),

@@ -163,11 +163,18 @@ impl Context for Root {
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
         let Some(worker) = self.worker.clone() else { return };
         let written = worker.borrow_mut().writing.remove(&token_id);
-        if let Some((request, sent)) = written {
-            // A completion write: sent again if it may not have arrived.
+        if let Some((mut request, sent)) = written {
+            // A completion write: sent again if it may not have arrived;
+            // kept without its answer if etcd finds the answer too large.
             if status_code != 0 {
                 count_guard(guard::DEDUP_STORE_ERRORS);
-                if crate::etcd::resend_write(status_code, sent) {
+                let message = grpc_status_message();
+                if let Some(fallback) =
+                    request.fallback.take().filter(|_| crate::etcd::too_large(status_code, &message))
+                {
+                    request.message = fallback;
+                    worker.borrow_mut().queue_write(request, 0);
+                } else if crate::etcd::resend_write(status_code, sent) {
                     worker.borrow_mut().queue_write(request, sent);
                 } else {
                     count_guard(guard::DEDUP_SETTLE_LOST);
@@ -297,10 +304,14 @@ impl Shell {
     /// and has the root's tick come when it is due.
     fn queue_write(&mut self, request: EtcdRequest, sent: u8) {
         let due = Envoy::default().now_ns().saturating_add(nanos(crate::etcd::write_backoff(sent)));
+        let was_empty = self.to_write.is_empty();
         self.to_write.push((request, sent, due));
-        // Anew (a change of period re-arms Envoy's timer): at once for a
-        // first write, at the retry pace otherwise.
-        let _ = hostcalls::set_tick_period(if sent == 0 { WRITE_TICK } else { RETRY_TICK });
+        // Only when the queue was empty: a change of period re-arms Envoy's
+        // timer, and a flood of writes must not keep pushing the tick away.
+        // At once for a first write, at the retry pace otherwise.
+        if was_empty {
+            let _ = hostcalls::set_tick_period(if sent == 0 { WRITE_TICK } else { RETRY_TICK });
+        }
     }
 
     /// Sends the queued completion writes that are due (root only), and

@@ -18,9 +18,14 @@ const PREFIX: &str = "e2e/dedup/";
 /// Every call logged; keys on etcd under [`PREFIX`]; `extra` added to
 /// `dedup.etcd`.
 fn config(extra: &str) -> String {
+    config_timeout("500ms", extra)
+}
+
+/// [`config`] with `timeout` as `dedup.etcd.timeout`.
+fn config_timeout(timeout: &str, extra: &str) -> String {
     format!(
         r#"{{"dedup":{{"methods":["grpcguard.demo.v1.Demo/Echo"],"store":"etcd",
-            "etcd":{{"prefix":"{PREFIX}","timeout":"500ms"{extra}}}}},"log":{{"ok_sample":1}}}}"#
+            "etcd":{{"prefix":"{PREFIX}","timeout":"{timeout}"{extra}}}}},"log":{{"ok_sample":1}}}}"#
     )
 }
 
@@ -280,4 +285,58 @@ async fn a_store_cluster_envoy_does_not_have_refuses_keyed_calls_unavailable_nam
     let mut client = grpc_guard_demo::client(grpc_guard_demo::lazy_channel(&envoy.grpc_uri()).unwrap());
     client.echo(order(2)).await.expect("calls without a key are not the store's");
     assert_no_vm_trap(&envoy);
+}
+
+/// A TCP proxy in front of `target` that holds every byte going to it for
+/// `delay`: an etcd member that answers slowly.
+async fn slow_proxy(target: SocketAddr, delay: Duration) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let Ok(outbound) = tokio::net::TcpStream::connect(target).await else { continue };
+            let (mut from_client, mut to_client) = inbound.into_split();
+            let (mut from_target, mut to_target) = outbound.into_split();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+                    tokio::time::sleep(delay).await;
+                    if to_target.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut from_target, &mut to_client).await;
+            });
+        }
+    });
+    addr
+}
+
+/// The time a slow claim takes counts once against the call's deadline:
+/// a call with 3 s that waits 0.8 s for its claim, runs 1 s upstream and
+/// 0.8 s for its outcome write still ends OK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_claim_counts_once_against_the_calls_deadline() {
+    let etcd = EtcdCluster::start(3, scratch_dir("etcd-slow-data"));
+    let upstream = Upstream::start().await;
+    let mut slow = Vec::new();
+    for member in etcd.clients() {
+        slow.push(slow_proxy(member, Duration::from_millis(800)).await);
+    }
+    let envoy = envoy("etcd-slow", upstream.addr, &slow, &config_timeout("2s", ""));
+    // The worker's lease, granted at its first tick, through the slow path.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let mut client = grpc_guard_demo::client(grpc_guard_demo::lazy_channel(&envoy.grpc_uri()).unwrap());
+    let started = std::time::Instant::now();
+    let mut request =
+        keyed(EchoRequest { message: "slow".into(), delay_ms: 1000, ..Default::default() }, "slow-1", CALLER);
+    request.set_timeout(Duration::from_secs(3));
+    let got = client.echo(request).await;
+    let took = started.elapsed();
+    assert!(got.is_ok(), "{got:?} after {took:?}");
+    assert!(took >= Duration::from_millis(2500), "claim, call and outcome write each waited: {took:?}");
+    assert_eq!(upstream.observed.executions("Echo"), 1);
 }

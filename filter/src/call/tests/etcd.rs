@@ -47,6 +47,16 @@ impl Model {
             put_uint(&mut out, 3, varint(&request.message, 1).unwrap());
             return out;
         }
+        if request.method == etcd::RANGE {
+            let mut found = Vec::new();
+            if let Some((value, rev)) = self.kv.get(all(&request.message, 1)[0]) {
+                let mut kv = Vec::new();
+                put_uint(&mut kv, 3, *rev as u64);
+                put_bytes(&mut kv, 5, value);
+                put_bytes(&mut found, 2, &kv);
+            }
+            return found;
+        }
         let txn = &request.message;
         let holds = all(txn, 1).iter().all(|c| {
             let key = all(c, 3)[0];
@@ -108,6 +118,11 @@ impl Stream<'_> {
         let call = self.call.as_mut().unwrap();
         let next = call.on_etcd_answer(self.worker, &mut self.host, reply, &mut self.fx);
         self.apply(next)
+    }
+
+    /// The request the call waits for, left in place.
+    fn awaited_peek(&self) -> &EtcdRequest {
+        self.seen.etcd.iter().rev().find(|r| !r.detached).expect("the call waits for etcd")
     }
 
     /// The last request sent that a call waits for (not a detached one).
@@ -299,7 +314,7 @@ fn an_expired_entry_not_yet_dropped_by_its_lease_is_taken_over_by_revision() {
 }
 
 #[test]
-fn a_claim_waits_no_longer_than_the_calls_deadline_and_the_upstream_gets_what_is_left() {
+fn a_claim_waits_no_longer_than_the_calls_deadline_which_it_leaves_as_it_was() {
     let envoy = Envoy::default();
     let mut worker = envoy.worker(ETCD);
     let mut model = Model::default();
@@ -310,11 +325,107 @@ fn a_claim_waits_no_longer_than_the_calls_deadline_and_the_upstream_gets_what_is
     s.etcd_answers(&mut model);
     envoy.advance(100);
     assert_eq!(s.etcd_answers(&mut model), Next::Continue);
-    assert_eq!(s.request_header("grpc-timeout").as_deref(), Some("200000u"), "what is left of 500 ms");
+    // Envoy counts the claim's time itself (max_stream_duration from the
+    // stream's start): the header is not cut by it.
+    assert_eq!(s.request_header("grpc-timeout").as_deref(), Some("500m"));
     // A claim whose deadline passed before it was sent is refused, not run.
     let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "order-11"), ("grpc-timeout", "100m")]);
     s.headers(false);
     envoy.advance(150);
     s.etcd_fails(14);
     assert_eq!(reply_status(&s.seen).map(|r| r.0), Some(GrpcStatus::DeadlineExceeded));
+}
+
+#[test]
+fn with_etcd_out_of_space_a_kept_key_is_still_replayed_and_a_new_one_is_a_full_table() {
+    let envoy = Envoy::default();
+    let mut worker =
+        envoy.worker(r#"{"dedup":{"methods":["pkg.Orders/Create"],"store":"etcd","when_full":"forward"}}"#);
+    let mut model = Model::default();
+    let mut s = claimed(&envoy, &mut worker, &mut model, "order-20", b"create 20");
+    answers_ok(&mut s);
+    s.etcd_answers(&mut model);
+    s.finish("via_upstream");
+    // etcd now refuses every transaction that writes (NOSPACE).
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "order-20")]);
+    s.headers(false);
+    assert_eq!(s.etcd_fails(8), Next::Pause, "the key is read instead");
+    assert_eq!(s.awaited_peek().method, etcd::RANGE);
+    assert_eq!(s.etcd_answers(&mut model), Next::Continue);
+    assert_sent_to_replay_hop(&s);
+    drop(s);
+    // A new key cannot be claimed: a full table (here: forwarded, counted).
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "order-21")]);
+    s.headers(false);
+    s.etcd_fails(8);
+    assert_eq!(s.etcd_answers(&mut model), Next::Continue);
+    s.request_body(&frame(b"create 21"), true);
+    s.upstream_answers(b"reply", "0");
+    assert_eq!(s.finish("via_upstream").log("dedup"), "full");
+}
+
+#[test]
+fn a_lease_gone_from_etcd_is_replaced_and_the_claim_made_under_the_new_one() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(ETCD);
+    let mut model = Model::default();
+    let s = claimed(&envoy, &mut worker, &mut model, "order-30", b"create 30");
+    s.finish("downstream_remote_disconnect");
+    let leases = model.leases;
+    // The lease is revoked: etcd refuses puts under it (NOT_FOUND).
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "order-31")]);
+    s.headers(false);
+    assert_eq!(s.etcd_fails(5), Next::Pause);
+    assert_eq!(s.awaited_peek().method, etcd::LEASE_GRANT, "a new lease first");
+    assert_eq!(s.etcd_answers(&mut model), Next::Pause);
+    assert_eq!(model.leases, leases + 1);
+    assert_eq!(s.etcd_answers(&mut model), Next::Continue, "claimed under the new lease");
+}
+
+#[test]
+fn a_deadline_that_ends_during_the_claim_is_a_deadline_not_a_store_failure() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(ETCD);
+    let mut model = Model::default();
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "order-40"), ("grpc-timeout", "300m")]);
+    s.headers(false);
+    s.etcd_answers(&mut model);
+    envoy.advance(300);
+    s.etcd_fails(4);
+    assert_eq!(reply_status(&s.seen).map(|r| r.0), Some(GrpcStatus::DeadlineExceeded));
+    let seen = s.finish("local_reply");
+    assert_ne!(seen.log("dedup"), "store_unavailable");
+    let release = seen.etcd.iter().find(|r| r.detached).expect("the claim, if it landed, taken back");
+    assert!(release.method == etcd::TXN);
+}
+
+#[test]
+fn an_answer_etcd_finds_too_large_is_kept_as_done_without_it() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(ETCD);
+    let mut model = Model::default();
+    let mut s = claimed(&envoy, &mut worker, &mut model, "order-50", b"create 50");
+    answers_ok(&mut s);
+    let _ = s.awaited();
+    let next =
+        s.etcd_reply(EtcdReply { status: 3, message: "etcdserver: request is too large".into(), body: Vec::new() });
+    assert_eq!(next, Next::Continue, "the answer goes on");
+    let fallback = s.seen.etcd.iter().find(|r| r.detached).expect("the worker writes it without the answer");
+    model.serve(fallback);
+    assert_eq!(model.entries()[0].state, crate::dedup::State::NotKept);
+}
+
+#[test]
+fn a_keyed_request_too_large_to_hold_during_the_claim_is_refused_and_the_claim_taken_back() {
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(ETCD);
+    let mut model = Model::default();
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[(KEY, "order-60")]);
+    s.headers(false);
+    s.etcd_answers(&mut model);
+    let big = vec![7u8; (crate::call::dedup::MAX_HELD_MESSAGE + 10) as usize];
+    s.request_body(&big, false);
+    let (status, message) = reply_status(&s.seen).unwrap();
+    assert_eq!(status, GrpcStatus::ResourceExhausted, "{message}");
+    assert!(s.seen.etcd.iter().any(|r| r.detached), "the claim taken back");
 }
