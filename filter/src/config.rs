@@ -1253,6 +1253,17 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_s_etcd_example_is_a_configuration_the_filter_takes() {
+        let readme = include_str!("../../README.md");
+        let section = readme.split("### The dedup table on etcd\n").nth(1).expect("the section");
+        let example = section.split("```json\n").nth(1).and_then(|b| b.split("```").next()).expect("its example");
+        let c = Config::parse(example.as_bytes()).unwrap_or_else(|e| panic!("{e}\n{example}"));
+        let d = c.dedup.unwrap();
+        assert!(matches!(d.store, DedupStore::Etcd(_)));
+        assert_eq!(d.ttl, Duration::from_secs(24 * 3600));
+    }
+
+    #[test]
     fn bad_dedup_values_name_the_field() {
         assert_eq!(err(r#"{"dedup":{"ttl":"forever"}}"#).field, "dedup.ttl");
         assert_eq!(err(r#"{"dedup":{"max_entries":0}}"#).field, "dedup.max_entries");
