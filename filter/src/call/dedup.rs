@@ -217,7 +217,7 @@ impl Claiming {
 fn release(etcd: &EtcdConfig, held: &EtcdHeld, fx: &mut Effects) {
     let mut request = txn_request(etcd::settle_txn(&held.key, &held.entry, None, 0), true);
     request.timeout = etcd.timeout;
-    fx.push(Effect::Etcd(request));
+    fx.push(Effect::Etcd(Box::new(request)));
 }
 
 /// A `KV.Txn` request (its timeout set when sent).
@@ -516,7 +516,7 @@ impl Call {
         }
         request.timeout = left.map_or(etcd.timeout, |l| l.min(etcd.timeout));
         claiming.last = Some(request.clone());
-        fx.push(Effect::Etcd(request));
+        fx.push(Effect::Etcd(Box::new(request)));
         self.dedup = Some(Box::new(Phase::Claiming(claiming)));
         Next::Pause
     }
@@ -1073,7 +1073,7 @@ impl Call {
                 // The client left while its outcome was being written: the
                 // write is sent again by the worker (harmless if it landed).
                 request.detached = true;
-                fx.push(Effect::Etcd(request));
+                fx.push(Effect::Etcd(Box::new(request)));
                 return;
             }
             _ => return,
@@ -1083,7 +1083,7 @@ impl Call {
                 let mut request = txn_request(txn, true);
                 request.timeout = etcd.timeout;
                 request.fallback = fallback;
-                fx.push(Effect::Etcd(request));
+                fx.push(Effect::Etcd(Box::new(request)));
             }
         }
     }
@@ -1114,7 +1114,7 @@ impl Call {
         let mut request = txn_request(txn, false);
         request.timeout = etcd.timeout;
         request.fallback = fallback;
-        fx.push(Effect::Etcd(request.clone()));
+        fx.push(Effect::Etcd(Box::new(request.clone())));
         self.dedup = Some(Box::new(Phase::Settling { request }));
         Next::Pause
     }
@@ -1130,9 +1130,9 @@ impl Call {
             if let Some(fallback) = request.fallback.take().filter(|_| etcd::too_large(reply.status, &reply.message)) {
                 // Kept as done, without the answer etcd would not take.
                 request.message = fallback;
-                fx.push(Effect::Etcd(request));
+                fx.push(Effect::Etcd(Box::new(request)));
             } else if etcd::resend_write(reply.status, 1) {
-                fx.push(Effect::Etcd(request));
+                fx.push(Effect::Etcd(Box::new(request)));
             } else {
                 // The key stays claimed, then reads as "may have run".
                 fx.push(Effect::CountGuard(guard::DEDUP_SETTLE_LOST));

@@ -110,7 +110,8 @@ pub enum Effect {
     /// the call waits for its answer ([`Call::on_etcd_answer`]); a detached
     /// one (a completion write) belongs to the worker, so the stream's end
     /// does not cancel it, and nobody waits for it.
-    Etcd(EtcdRequest),
+    /// Boxed: it is rare, and every effect moves as big as the largest.
+    Etcd(Box<EtcdRequest>),
 }
 
 /// A request to etcd's gRPC API.

@@ -354,7 +354,7 @@ impl<'w> Stream<'w> {
                 Effect::CountGuard(name) => self.seen.guard_counts.push(name),
                 Effect::Tag(status) => self.seen.tags.push(status),
                 Effect::MarkReplay => self.seen.marked = true,
-                Effect::Etcd(request) => self.seen.etcd.push(request),
+                Effect::Etcd(request) => self.seen.etcd.push(*request),
                 Effect::Log(line) => {
                     assert!(self.seen.log.is_none(), "logged twice");
                     self.seen.log = Some(serde_json::from_str(&line).unwrap());

@@ -228,25 +228,42 @@ impl Stream {
         step: impl FnOnce(&mut Call, &mut Worker, &mut Effects) -> Next,
     ) -> Action {
         let Some(call) = self.call.as_mut() else { return Action::Continue };
-        let next = {
+        let (next, sent) = {
             let mut shell = self.worker.borrow_mut();
             let shell = &mut *shell;
-            step(call, &mut shell.core, &mut shell.fx)
+            let next = step(call, &mut shell.core, &mut shell.fx);
+            (next, shell.apply(body_len))
         };
-        self.carry_out(body_len, direction, next)
+        self.after(body_len, direction, next, sent)
     }
 
-    /// Carries out the effects of the step just run; a request to etcd the
-    /// call waits for is remembered, or, if Envoy would not send it, its
-    /// failure is the call's answer at once.
+    /// Carries out the effects of the step just run, then [`Stream::after`].
     fn carry_out(&mut self, body_len: usize, direction: Direction, next: Next) -> Action {
-        let mut next = next;
-        let mut sent = self.worker.borrow_mut().apply(body_len);
+        let sent = self.worker.borrow_mut().apply(body_len);
+        self.after(body_len, direction, next, sent)
+    }
+
+    /// What a step's request to etcd became: one the call waits for is
+    /// remembered; if Envoy would not send it, its failure is the call's
+    /// answer at once.
+    #[inline]
+    fn after(
+        &mut self,
+        body_len: usize,
+        direction: Direction,
+        mut next: Next,
+        mut sent: Option<Result<u32, Status>>,
+    ) -> Action {
         // Bounded: a claim sends again at most once before it fails for good.
         for _ in 0..4 {
             match sent.take() {
                 Some(Ok(token)) => self.awaiting = Some((token, direction)),
-                Some(Err(reply)) => {
+                Some(Err(status)) => {
+                    let reply = EtcdReply {
+                        status: 14,
+                        message: format!("Envoy could not send the request ({status:?}): is the cluster defined?"),
+                        body: Vec::new(),
+                    };
                     let Some(call) = self.call.as_mut() else { break };
                     let mut shell = self.worker.borrow_mut();
                     let shell = &mut *shell;
@@ -352,7 +369,7 @@ impl Shell {
 
     /// Carries out the effects of the step just run, in order; gives what
     /// became of a request to etcd the call waits for.
-    fn apply(&mut self, body_len: usize) -> Option<Result<u32, EtcdReply>> {
+    fn apply(&mut self, body_len: usize) -> Option<Result<u32, Status>> {
         if self.fx.is_empty() {
             return None;
         }
@@ -363,15 +380,9 @@ impl Shell {
                 Effect::Etcd(request) if request.detached => {
                     // Sent by the root: Envoy cancels a stream's own callouts
                     // when the stream goes, and this one comes as it goes.
-                    self.queue_write(request, 0);
+                    self.queue_write(*request, 0);
                 }
-                Effect::Etcd(request) => {
-                    sent = Some(self.dispatch(&request).map_err(|status| EtcdReply {
-                        status: 14,
-                        message: format!("Envoy could not send the request ({status:?}): is the cluster defined?"),
-                        body: Vec::new(),
-                    }));
-                }
+                Effect::Etcd(request) => sent = Some(self.dispatch(&request)),
                 Effect::SetRequestHeader(name, value) => set_header(MapType::HttpRequestHeaders, &name, &value),
                 Effect::SetResponseHeader(name, value) => set_header(MapType::HttpResponseHeaders, &name, &value),
                 Effect::AddResponseHeader(name, value) => {
@@ -448,19 +459,20 @@ impl Context for Stream {
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let next = {
+        let (next, sent) = {
             let mut shell = self.worker.borrow_mut();
             let shell = &mut *shell;
-            Call::start(
+            let next = Call::start(
                 &mut self.call,
                 &mut shell.core,
                 &mut Envoy::default(),
                 self.context_id,
                 end_of_stream,
                 &mut shell.fx,
-            )
+            );
+            (next, shell.apply(0))
         };
-        self.carry_out(0, Direction::Request, next)
+        self.after(0, Direction::Request, next, sent)
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
