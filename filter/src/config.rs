@@ -716,15 +716,6 @@ fn dedup_config(
         }
         (StoreKind::Etcd, etcd) => DedupStore::Etcd(etcd_config(etcd.unwrap_or_default(), &raw_sizes, ttl)?),
     };
-    if matches!(store, DedupStore::Etcd(_)) {
-        if let Some(name) = key_fields.keys().next() {
-            return Err(ConfigError::new(
-                &format!("dedup.key_fields.{name}"),
-                "a key read from the request message is not yet supported with dedup.store \"etcd\"; send the key \
-                 in the idempotency key header",
-            ));
-        }
-    }
     if methods.is_empty() {
         return Ok(None);
     }
@@ -1237,7 +1228,6 @@ mod tests {
             (r#","etcd":{"fail_open":"yes"}"#, "dedup.etcd.fail_open"),
             (r#","etcd":{"clustr":"x"}"#, "dedup.etcd.clustr"),
             (r#","etcd":{"max_request_bytes":65536}"#, "dedup.max_response_bytes"),
-            (r#","key_fields":{"pkg.Svc/Create":1}"#, "dedup.key_fields.pkg.Svc/Create"),
         ] {
             let e = err(&etcd(extra));
             assert_eq!(e.field, field, "{extra}: {e}");

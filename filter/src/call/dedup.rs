@@ -352,7 +352,7 @@ impl Call {
         let header = host.request_header(&config.header).map(<[u8]>::to_vec);
         // For the refusals only: most calls never spell it out.
         let field = || path.iter().map(u32::to_string).collect::<Vec<_>>().join(".");
-        Some(match read {
+        let next = match read {
             Ok(Some(Some(key))) if !key.is_empty() => match key.len() {
                 n if n > 255 => self.refuse_key(
                     format!(
@@ -391,7 +391,13 @@ impl Call {
                 ),
                 fx,
             ),
-        })
+        };
+        if matches!(self.dedup.as_deref(), Some(Phase::Claiming(_))) {
+            // Claimed on etcd, its answer awaited: the held body is read now
+            // as any chunk during a claim (fingerprinted, framed, held).
+            return Some(Next::Continue);
+        }
+        Some(next)
     }
 
     /// Claims `key` for this call, or answers it from what the key's first

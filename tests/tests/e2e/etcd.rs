@@ -340,3 +340,44 @@ async fn a_slow_claim_counts_once_against_the_calls_deadline() {
     assert!(took >= Duration::from_millis(2500), "claim, call and outcome write each waited: {took:?}");
     assert_eq!(upstream.observed.executions("Echo"), 1);
 }
+
+/// AIP-155 on etcd: Echo takes its key from `request_id` (field 5); calls
+/// with no header, through two Envoys, run once; the same id with another
+/// request is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_in_the_request_message_is_deduplicated_across_envoys_on_etcd() {
+    let etcd = EtcdCluster::start(3, scratch_dir("etcd-key-field-data"));
+    let upstream = Upstream::start().await;
+    let plugin = format!(
+        r#"{{"dedup":{{"methods":["grpcguard.demo.v1.Demo/Echo"],"key_fields":{{"grpcguard.demo.v1.Demo/Echo":5}},
+            "store":"etcd","etcd":{{"prefix":"{PREFIX}"}}}},"log":{{"ok_sample":1}}}}"#
+    );
+    let a = envoy("etcd-key-field-a", upstream.addr, &etcd.clients(), &plugin);
+    let b = envoy("etcd-key-field-b", upstream.addr, &etcd.clients(), &plugin);
+    let call = |envoy: &Envoy, message: &str| {
+        let mut client = grpc_guard_demo::client(grpc_guard_demo::lazy_channel(&envoy.grpc_uri()).unwrap());
+        let mut request = tonic::Request::new(EchoRequest {
+            message: message.into(),
+            request_id: "r-1".into(),
+            ..Default::default()
+        });
+        request.metadata_mut().insert("authorization", CALLER.parse().unwrap());
+        async move {
+            match client.echo(request).await {
+                Ok(r) => (r.metadata().get("grpc-guard-replayed").is_some(), Ok(r.into_inner())),
+                Err(s) => (false, Err(s)),
+            }
+        }
+    };
+    let (replayed, first) = call(&a, "pay 10").await;
+    assert!(!replayed);
+    let first = first.unwrap();
+    let (replayed, again) = call(&b, "pay 10").await;
+    assert!(replayed, "{again:?}");
+    assert_eq!(again.unwrap(), first);
+    let (_, reuse) = call(&b, "pay 99").await;
+    assert_eq!(reuse.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(upstream.observed.executions("Echo"), 1);
+    assert_no_vm_trap(&a);
+    assert_no_vm_trap(&b);
+}

@@ -429,3 +429,35 @@ fn a_keyed_request_too_large_to_hold_during_the_claim_is_refused_and_the_claim_t
     assert_eq!(status, GrpcStatus::ResourceExhausted, "{message}");
     assert!(s.seen.etcd.iter().any(|r| r.detached), "the claim taken back");
 }
+
+#[test]
+fn a_key_read_from_the_request_message_is_claimed_on_etcd_as_a_header_key_is() {
+    let config = r#"{"dedup":{"methods":["pkg.Orders/*"],"key_fields":{"pkg.Orders/Create":1},"store":"etcd"}}"#;
+    let envoy = Envoy::default();
+    let mut worker = envoy.worker(config);
+    let mut model = Model::default();
+    let body = frame(&create_request("req-70", "9"));
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[]);
+    assert_eq!(s.headers(false), Next::Pause, "held for the key in the message");
+    assert_eq!(s.request_body(&body, true), Next::Pause, "the key read, claimed on etcd: held meanwhile");
+    assert_eq!(s.etcd_answers(&mut model), Next::Pause, "the lease");
+    assert_eq!(s.etcd_answers(&mut model), Next::Continue, "claimed: the held request goes on");
+    answers_ok(&mut s);
+    assert_eq!(s.etcd_answers(&mut model), Next::Continue);
+    let seen = s.finish("via_upstream");
+    assert_eq!(seen.log("dedup"), "first");
+    assert_eq!(seen.log("req_msgs"), 1);
+    assert_eq!(model.entries()[0].fingerprint, crate::dedup::Fingerprint::of(&body), "the whole request");
+    // Its retry, no header either, through another worker: replayed.
+    let mut worker = envoy.worker(config);
+    let mut s = Stream::open(&envoy, &mut worker, PATH, &[]);
+    s.headers(false);
+    assert_eq!(s.request_body(&body, true), Next::Pause);
+    s.etcd_answers(&mut model);
+    assert_eq!(s.etcd_answers(&mut model), Next::Continue, "found done, verified at once: on to the replay hop");
+    assert!(s.seen.reply.is_none());
+    assert_sent_to_replay_hop(&s);
+    replay_hop_answers(&mut s, false);
+    assert_eq!(s.host.response_chunk, frame(b"reply"));
+    assert_eq!(s.finish("via_upstream").log("dedup"), "replay");
+}
