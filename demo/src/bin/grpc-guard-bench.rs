@@ -314,13 +314,21 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// The median over rounds of one figure of a variant.
+fn median_of(rounds: &[Round], f: &dyn Fn(&Round) -> f64) -> f64 {
+    median(&mut rounds.iter().map(f).collect::<Vec<_>>())
+}
+
+/// The quantile `q` of a variant's open-loop latencies, every round's pooled.
+fn pooled_quantile(rounds: &[Round], q: f64) -> f64 {
+    let mut all: Vec<u32> = rounds.iter().flat_map(|r| r.fixed.latencies_us.iter().copied()).collect();
+    all.sort_unstable();
+    quantile_us(&all, q)
+}
+
 fn report(args: &Args, variants: &[Variant], results: &[Vec<Round>], rate: f64) -> String {
-    let med = |i: usize, f: &dyn Fn(&Round) -> f64| median(&mut results[i].iter().map(f).collect::<Vec<_>>());
-    let pooled = |i: usize, q: f64| {
-        let mut all: Vec<u32> = results[i].iter().flat_map(|r| r.fixed.latencies_us.iter().copied()).collect();
-        all.sort_unstable();
-        quantile_us(&all, q)
-    };
+    let med = |i: usize, f: &dyn Fn(&Round) -> f64| median_of(&results[i], f);
+    let pooled = |i: usize, q: f64| pooled_quantile(&results[i], q);
     let (bare, floor) = (0, 2);
     // Paired by round: each round's difference to bare in that same round,
     // then the median, so a slow stretch of the machine cancels out.
@@ -429,12 +437,8 @@ fn report(args: &Args, variants: &[Variant], results: &[Vec<Round>], rate: f64) 
 /// The `--stores` report: deduplicated calls (each a first call: a claim
 /// and a completion write) with the table in Envoy against on etcd.
 fn stores_report(args: &Args, variants: &[Variant], results: &[Vec<Round>], rate: f64) -> String {
-    let med = |i: usize, f: &dyn Fn(&Round) -> f64| median(&mut results[i].iter().map(f).collect::<Vec<_>>());
-    let pooled = |i: usize, q: f64| {
-        let mut all: Vec<u32> = results[i].iter().flat_map(|r| r.fixed.latencies_us.iter().copied()).collect();
-        all.sort_unstable();
-        quantile_us(&all, q)
-    };
+    let med = |i: usize, f: &dyn Fn(&Round) -> f64| median_of(&results[i], f);
+    let pooled = |i: usize, q: f64| pooled_quantile(&results[i], q);
     let mut out = String::new();
     let _ = writeln!(
         out,

@@ -202,34 +202,33 @@ impl Claiming {
     /// The claim transaction under `lease`.
     fn claim(&mut self, lease: Lease) -> EtcdRequest {
         self.held.lease = Some(lease);
-        txn_request(etcd::claim_txn(&self.held.key, &self.held.entry, lease.id), false)
+        kv_request(etcd::TXN, etcd::claim_txn(&self.held.key, &self.held.entry, lease.id), Duration::ZERO, false)
     }
 
     /// The claim over an expired entry last written at `mod_revision`.
     fn take_over(&self, mod_revision: i64) -> EtcdRequest {
         let lease = self.held.lease.map_or(0, |l| l.id);
-        txn_request(etcd::take_over_txn(&self.held.key, mod_revision, &self.held.entry, lease), false)
+        let txn = etcd::take_over_txn(&self.held.key, mod_revision, &self.held.entry, lease);
+        kv_request(etcd::TXN, txn, Duration::ZERO, false)
     }
 }
 
 /// Takes a claim back if the key still holds it (a claim whose call never
 /// went on), sent by the worker: it deletes only this claim's own record.
 fn release(etcd: &EtcdConfig, held: &EtcdHeld, fx: &mut Effects) {
-    let mut request = txn_request(etcd::settle_txn(&held.key, &held.entry, None, 0), true);
-    request.timeout = etcd.timeout;
-    fx.push(Effect::Etcd(Box::new(request)));
+    let txn = etcd::settle_txn(&held.key, &held.entry, None, 0);
+    fx.push(Effect::Etcd(Box::new(kv_request(etcd::TXN, txn, etcd.timeout, true))));
 }
 
-/// A `KV.Txn` request (its timeout set when sent).
-fn txn_request(message: Vec<u8>, detached: bool) -> EtcdRequest {
-    EtcdRequest {
-        service: etcd::KV_SERVICE,
-        method: etcd::TXN,
-        message,
-        timeout: Duration::ZERO,
-        detached,
-        fallback: None,
-    }
+/// A request of etcd's KV service (`method`: `Txn` or `Range`).
+fn kv_request(method: &'static str, message: Vec<u8>, timeout: Duration, detached: bool) -> EtcdRequest {
+    EtcdRequest { service: etcd::KV_SERVICE, method, message, timeout, detached, fallback: None }
+}
+
+/// The write of a first call's outcome (`fallback`: the same without its
+/// answer, should etcd find the answer too large).
+fn outcome_request(etcd: &EtcdConfig, txn: Vec<u8>, fallback: Option<Vec<u8>>, detached: bool) -> EtcdRequest {
+    EtcdRequest { fallback, ..kv_request(etcd::TXN, txn, etcd.timeout, detached) }
 }
 
 /// A `Lease.LeaseGrant` request for the store's lease TTL.
@@ -308,8 +307,7 @@ impl Call {
         // Held past its deadline: refused, nothing claimed or sent (Envoy's
         // own timer starts only once the router has the call).
         let now = host.now_ns();
-        let elapsed = Duration::from_nanos(now.saturating_sub(self.start_ns));
-        if self.deadline.is_some_and(|d| elapsed >= d) {
+        if self.deadline_left(now).is_some_and(|l| l.is_zero()) {
             self.dedup = None;
             self.count(Family::DeadlineRejected, Some(GrpcStatus::DeadlineExceeded), 1, fx);
             return Some(self.answer(
@@ -454,8 +452,7 @@ impl Call {
         let key = digest(&parts);
         let owner = worker.owner_id(self.stream, self.start_ns);
         // What is left of its deadline from `now` (all of it at its headers).
-        let elapsed = Duration::from_nanos(now.saturating_sub(self.start_ns));
-        let in_flight_for = self.deadline.map_or(config.ttl, |d| d.saturating_sub(elapsed));
+        let in_flight_for = self.deadline_left(now).unwrap_or(config.ttl);
         let claim_until = now
             .saturating_add(u64::try_from(in_flight_for.as_nanos()).unwrap_or(u64::MAX))
             .saturating_add(CLAIM_GRACE_NS);
@@ -501,6 +498,22 @@ impl Call {
         self.send_claim(etcd, claiming, request, now, fx)
     }
 
+    /// What is left at `now` of the call's deadline, if it has one.
+    fn deadline_left(&self, now: u64) -> Option<Duration> {
+        self.deadline.map(|d| d.saturating_sub(Duration::from_nanos(now.saturating_sub(self.start_ns))))
+    }
+
+    /// The call's deadline passed before its claim was answered: refused,
+    /// not run.
+    fn past_deadline_while_claimed(&mut self, fx: &mut Effects) -> Next {
+        self.count(Family::DeadlineRejected, Some(GrpcStatus::DeadlineExceeded), 1, fx);
+        self.answer(
+            GrpcStatus::DeadlineExceeded,
+            "grpc-guard: the call's deadline passed while its idempotency key was being claimed; it was not run",
+            fx,
+        )
+    }
+
     /// Sends a claim's next request, within its timeout and what is left of
     /// the call's deadline; pauses the call until it is answered.
     fn send_claim(
@@ -511,14 +524,9 @@ impl Call {
         now: u64,
         fx: &mut Effects,
     ) -> Next {
-        let left = self.deadline.map(|d| d.saturating_sub(Duration::from_nanos(now.saturating_sub(self.start_ns))));
+        let left = self.deadline_left(now);
         if left.is_some_and(|l| l.is_zero()) {
-            self.count(Family::DeadlineRejected, Some(GrpcStatus::DeadlineExceeded), 1, fx);
-            return self.answer(
-                GrpcStatus::DeadlineExceeded,
-                "grpc-guard: the call's deadline passed while its idempotency key was being claimed; it was not run",
-                fx,
-            );
+            return self.past_deadline_while_claimed(fx);
         }
         request.timeout = left.map_or(etcd.timeout, |l| l.min(etcd.timeout));
         claiming.last = Some(request.clone());
@@ -551,31 +559,17 @@ impl Call {
         let now = host.now_ns();
         if reply.status != 0 {
             fx.push(Effect::CountGuard(guard::DEDUP_STORE_ERRORS));
-            let left = self.deadline.map(|d| d.saturating_sub(Duration::from_nanos(now.saturating_sub(self.start_ns))));
-            if left.is_some_and(|l| l.is_zero()) {
+            if self.deadline_left(now).is_some_and(|l| l.is_zero()) {
                 // The call's own deadline ended the wait, not etcd.
                 if claiming.awaiting == Awaiting::Claim {
                     release(etcd, &claiming.held, fx);
                 }
-                self.count(Family::DeadlineRejected, Some(GrpcStatus::DeadlineExceeded), 1, fx);
-                return self.answer(
-                    GrpcStatus::DeadlineExceeded,
-                    "grpc-guard: the call's deadline passed while its idempotency key was being claimed; it was not \
-                     run",
-                    fx,
-                );
+                return self.past_deadline_while_claimed(fx);
             }
             if reply.status == ETCD_FULL && claiming.awaiting == Awaiting::Claim {
                 // No write passes, but the key may hold a kept answer: read it.
                 claiming.awaiting = Awaiting::Read;
-                let request = EtcdRequest {
-                    service: etcd::KV_SERVICE,
-                    method: etcd::RANGE,
-                    message: etcd::range(&claiming.held.key),
-                    timeout: etcd.timeout,
-                    detached: false,
-                    fallback: None,
-                };
+                let request = kv_request(etcd::RANGE, etcd::range(&claiming.held.key), etcd.timeout, false);
                 return self.send_claim(etcd, claiming, request, now, fx);
             }
             if reply.status == LEASE_GONE && claiming.awaiting == Awaiting::Claim && !claiming.re_leased {
@@ -1086,10 +1080,7 @@ impl Call {
         };
         if let Some((txn, fallback)) = self.settle_first(config, host, first, status, source, fx) {
             if let Some(etcd) = worker.etcd() {
-                let mut request = txn_request(txn, true);
-                request.timeout = etcd.timeout;
-                request.fallback = fallback;
-                fx.push(Effect::Etcd(Box::new(request)));
+                fx.push(Effect::Etcd(Box::new(outcome_request(etcd, txn, fallback, true))));
             }
         }
     }
@@ -1117,9 +1108,7 @@ impl Call {
         let Some((txn, fallback)) = self.settle_first(config, host, first, status, source, fx) else {
             return Next::Continue;
         };
-        let mut request = txn_request(txn, false);
-        request.timeout = etcd.timeout;
-        request.fallback = fallback;
+        let request = outcome_request(etcd, txn, fallback, false);
         fx.push(Effect::Etcd(Box::new(request.clone())));
         self.dedup = Some(Box::new(Phase::Settling { request }));
         Next::Pause

@@ -337,7 +337,6 @@ async fn a_slow_claim_counts_once_against_the_calls_deadline() {
     let got = client.echo(request).await;
     let took = started.elapsed();
     assert!(got.is_ok(), "{got:?} after {took:?}");
-    assert!(took >= Duration::from_millis(2500), "claim, call and outcome write each waited: {took:?}");
     assert_eq!(upstream.observed.executions("Echo"), 1);
 }
 
