@@ -33,13 +33,17 @@ pub enum Probe {
     SetProperty,
     /// `proxy_get_current_time_nanoseconds`.
     Clock,
+    /// No host call: [`WORK_STEPS`] steps of arithmetic in the VM, about
+    /// 1,000 wasm instructions (fuel on the wasmtime host), so the price of
+    /// the VM's own work can be set beside the host calls'.
+    Work,
     /// No host call: the VM traps when the request carries `x-trap`.
     Trap,
 }
 
 impl Probe {
     /// The probes `make bench BENCH_ARGS=--prices` prices.
-    pub const ALL: [(&'static str, Probe); 7] = [
+    pub const ALL: [(&'static str, Probe); 8] = [
         ("header", Probe::Header),
         ("absent", Probe::Absent),
         ("pairs", Probe::Pairs),
@@ -47,6 +51,7 @@ impl Probe {
         ("histogram", Probe::Histogram),
         ("set_property", Probe::SetProperty),
         ("clock", Probe::Clock),
+        ("work", Probe::Work),
     ];
 
     /// The probe and count a configuration asks for; `None` for the floor.
@@ -62,6 +67,21 @@ impl Probe {
             Probe::ALL.iter().chain(&[("trap", Probe::Trap)]).find(|(name, _)| Some(*name) == value("probe"))?.1;
         Some((probe, value("n")?.parse().ok()?))
     }
+}
+
+/// Steps of [`work`] per `work` probe unit: about 1,000 fuel.
+pub const WORK_STEPS: u32 = 47;
+
+/// One unit of the `work` probe: arithmetic the compiler cannot fold away
+/// (the seed and the result go through `black_box`), no memory, no calls.
+pub fn work(seed: u64) -> u64 {
+    let mut x = std::hint::black_box(seed) | 1;
+    for _ in 0..std::hint::black_box(WORK_STEPS) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+    }
+    std::hint::black_box(x)
 }
 
 #[cfg(target_arch = "wasm32")]
@@ -139,6 +159,7 @@ mod filter {
                     Probe::Histogram => hostcalls::record_metric(w.histogram, 7),
                     Probe::SetProperty => hostcalls::set_property(vec!["probe.tag"], Some(b"OK")),
                     Probe::Clock | Probe::Trap => hostcalls::get_current_time().map(drop),
+                    Probe::Work => Ok(drop(super::work(u64::from(w.n)))),
                 };
             }
             Action::Continue

@@ -2,17 +2,20 @@
 //! hands the stream to one step of [`crate::call::Call`] and carries out the
 //! effects it returns; nothing here decides anything about gRPC.
 //!
-//! The SDK's `hostcalls` panic on host statuses they do not expect (a trap);
-//! each effect is carried out only in the callback where Envoy accepts it,
-//! and header values are read as bytes (the `String` variants unwrap UTF-8
-//! from the network).
+//! The module exports only the callbacks it needs (Envoy enters the VM for
+//! every callback a module exports, and skips the others): no `proxy_on_done`,
+//! no metadata or HTTP-callout callbacks. The host calls are [`abi`]'s, which
+//! never trap on a status; each effect is carried out only in the callback
+//! where Envoy accepts it.
+
+mod abi;
+mod exports;
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 
-use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, GrpcStatusCode, LogLevel, MapType, MetricType, Status};
+use abi::{Action, BufferType, LogLevel, MapType, MetricType, Status, StreamType};
 
 use crate::call::{Call, Effect, Effects, EtcdReply, EtcdRequest, Host, Next, Reply};
 use crate::headers::HeaderBlock;
@@ -20,11 +23,6 @@ use crate::metrics::{guard, stat_name, Family};
 use crate::shared::{SharedStore, StoreError};
 use crate::status::GrpcStatus;
 use crate::worker::Worker;
-
-proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { worker: None, lease: None }) });
-}}
 
 /// Filter-state key (`%FILTER_STATE(wasm.grpc_guard.grpc_code:PLAIN)%` in an
 /// Envoy access log) holding the final status name of the call.
@@ -53,7 +51,7 @@ struct Shell {
     /// family's stat per code, defined on first use.
     ids: Vec<SlotIds>,
     /// `GrpcService` naming the etcd cluster, when the store is etcd.
-    etcd_service: Option<String>,
+    etcd_service: Option<Vec<u8>>,
     /// Completion writes to send from the root at its next tick (a stream's
     /// own callouts end with it, and nobody would see them fail), with how
     /// many times each was sent, and not before when.
@@ -83,32 +81,24 @@ impl Shell {
         if cell.is_none() {
             let labels = self.core.methods.labels(slot)?;
             let kind = if family.is_histogram() { MetricType::Histogram } else { MetricType::Counter };
-            *cell = hostcalls::define_metric(kind, &stat_name(self.core.config.direction, family, labels, code)).ok();
+            *cell = abi::define_metric(kind, &stat_name(self.core.config.direction, family, labels, code));
         }
         *cell
     }
 }
 
-impl RootContext for Root {
-    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let bytes =
-            hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten().unwrap_or_default();
+impl Root {
+    fn on_configure(&mut self) -> bool {
+        let bytes = abi::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).unwrap_or_default();
         // Random (WASI's random_get, as the standard library's hash maps
         // seed themselves), with the clock: tells this worker's claims from
         // every other worker's, on every Envoy.
-        let seed = std::hash::BuildHasher::hash_one(
-            &std::collections::hash_map::RandomState::new(),
-            Envoy::default().now_ns(),
-        );
+        let seed = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), abi::now_ns());
         match Worker::configure(&bytes, &mut Envoy::default(), seed) {
             Ok(core) => {
-                // Written with one-byte lengths (the cluster name is at most
-                // 100 bytes): ASCII, as the SDK's call takes it.
-                let etcd_service = core
-                    .etcd()
-                    .map(|etcd| String::from_utf8_lossy(&crate::etcd::grpc_service(&etcd.cluster)).into_owned());
+                let etcd_service = core.etcd().map(|etcd| crate::etcd::grpc_service(&etcd.cluster));
                 if etcd_service.is_some() {
-                    let _ = hostcalls::set_tick_period(LEASE_TICK);
+                    abi::set_tick_period(LEASE_TICK);
                 }
                 let shell = Shell {
                     core,
@@ -122,20 +112,11 @@ impl RootContext for Root {
                 true
             }
             Err(e) => {
-                let _ = hostcalls::log(LogLevel::Error, &e.to_string());
+                abi::log(LogLevel::Error, &e.to_string());
                 count_guard(guard::CONFIG_REJECTED);
                 false
             }
         }
-    }
-
-    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let worker = self.worker.clone()?;
-        Some(Box::new(Stream { worker, call: None, context_id, awaiting: None }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
     }
 
     /// Sends the completion writes the streams left, and asks etcd for the
@@ -145,7 +126,7 @@ impl RootContext for Root {
         let Some(worker) = self.worker.clone() else { return };
         let mut shell = worker.borrow_mut();
         shell.send_writes();
-        let now = Envoy::default().now_ns();
+        let now = abi::now_ns();
         let Some(etcd) = shell.core.etcd() else { return };
         let asked_recently = self.lease.is_some_and(|(_, at)| now.saturating_sub(at) < nanos(etcd.timeout));
         if asked_recently || !etcd.lease.renew_due(shell.core.etcd_lease.as_ref(), now) {
@@ -157,9 +138,8 @@ impl RootContext for Root {
             Err(_) => count_guard(guard::DEDUP_STORE_ERRORS),
         }
     }
-}
 
-impl Context for Root {
+    /// etcd answered a completion write or a lease grant the root sent.
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
         let Some(worker) = self.worker.clone() else { return };
         let written = worker.borrow_mut().writing.remove(&token_id);
@@ -257,7 +237,10 @@ impl Stream {
         // Bounded: a claim sends again at most once before it fails for good.
         for _ in 0..4 {
             match sent.take() {
-                Some(Ok(token)) => self.awaiting = Some((token, direction)),
+                Some(Ok(token)) => {
+                    self.awaiting = Some((token, direction));
+                    CALLOUTS.with(|c| c.borrow_mut().insert(token, self.context_id));
+                }
                 Some(Err(status)) => {
                     let reply = EtcdReply {
                         status: 14,
@@ -288,46 +271,29 @@ fn nanos(d: std::time::Duration) -> u64 {
 /// its message otherwise.
 fn etcd_reply(status: u32, size: usize) -> EtcdReply {
     if status == 0 {
-        let body = hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, size).ok().flatten().unwrap_or_default();
+        let body = abi::get_buffer(BufferType::GrpcReceiveBuffer, 0, size).unwrap_or_default();
         return EtcdReply { status, message: String::new(), body };
     }
     EtcdReply { status, message: grpc_status_message(), body: Vec::new() }
 }
 
-#[allow(unsafe_code)]
-#[link(wasm_import_module = "env")]
-extern "C" {
-    fn proxy_get_status(return_code: *mut u32, return_data: *mut *mut u8, return_size: *mut usize) -> Status;
-}
-
-/// The message of the gRPC callout's status (the SDK's reader traps on one
-/// that is not UTF-8).
-#[allow(unsafe_code)]
+/// The message of the gRPC callout's status, printable.
 fn grpc_status_message() -> String {
-    let (mut code, mut data, mut size): (u32, *mut u8, usize) = (0, std::ptr::null_mut(), 0);
-    // SAFETY: as for `header_map`: the host allocated `size` bytes through
-    // this module's allocator, taken back here once.
-    let bytes = unsafe {
-        match proxy_get_status(&mut code, &mut data, &mut size) {
-            Status::Ok if !data.is_null() => Vec::from_raw_parts(data, size, size),
-            _ => Vec::new(),
-        }
-    };
-    crate::printable(&bytes)
+    crate::printable(&abi::status_message())
 }
 
 impl Shell {
     /// Queues a completion write for the root, sent `sent` times so far,
     /// and has the root's tick come when it is due.
     fn queue_write(&mut self, request: EtcdRequest, sent: u8) {
-        let due = Envoy::default().now_ns().saturating_add(nanos(crate::etcd::write_backoff(sent)));
+        let due = abi::now_ns().saturating_add(nanos(crate::etcd::write_backoff(sent)));
         let was_empty = self.to_write.is_empty();
         self.to_write.push((request, sent, due));
         // Only when the queue was empty: a change of period re-arms Envoy's
         // timer, and a flood of writes must not keep pushing the tick away.
         // At once for a first write, at the retry pace otherwise.
         if was_empty {
-            let _ = hostcalls::set_tick_period(if sent == 0 { WRITE_TICK } else { RETRY_TICK });
+            abi::set_tick_period(if sent == 0 { WRITE_TICK } else { RETRY_TICK });
         }
     }
 
@@ -337,7 +303,7 @@ impl Shell {
         if self.to_write.is_empty() {
             return;
         }
-        let now = Envoy::default().now_ns();
+        let now = abi::now_ns();
         let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.to_write).into_iter().partition(|w| w.2 <= now);
         self.to_write = later;
         for (request, sent, _) in due {
@@ -351,20 +317,13 @@ impl Shell {
                 }
             }
         }
-        let _ = hostcalls::set_tick_period(if self.to_write.is_empty() { LEASE_TICK } else { RETRY_TICK });
+        abi::set_tick_period(if self.to_write.is_empty() { LEASE_TICK } else { RETRY_TICK });
     }
 
     /// Sends a request to etcd from the context Envoy is running.
     fn dispatch(&self, request: &EtcdRequest) -> Result<u32, Status> {
-        let service = self.etcd_service.as_deref().ok_or(Status::NotFound)?;
-        hostcalls::dispatch_grpc_call(
-            service,
-            request.service,
-            request.method,
-            vec![],
-            Some(&request.message),
-            request.timeout,
-        )
+        let service = self.etcd_service.as_deref().ok_or(Status::NOT_FOUND)?;
+        abi::grpc_call(service, request.service, request.method, &request.message, request.timeout)
     }
 
     /// Carries out the effects of the step just run, in order; gives what
@@ -378,54 +337,43 @@ impl Shell {
         for effect in fx.drain(..) {
             match effect {
                 Effect::Etcd(request) if request.detached => {
-                    // Sent by the root: Envoy cancels a stream's own callouts
-                    // when the stream goes, and this one comes as it goes.
+                    // Left to the root, which outlives the stream: its answer
+                    // (a failure to send again) comes after the stream went.
                     self.queue_write(*request, 0);
                 }
                 Effect::Etcd(request) => sent = Some(self.dispatch(&request)),
-                Effect::SetRequestHeader(name, value) => set_header(MapType::HttpRequestHeaders, &name, &value),
-                Effect::SetResponseHeader(name, value) => set_header(MapType::HttpResponseHeaders, &name, &value),
-                Effect::AddResponseHeader(name, value) => {
-                    let _ = hostcalls::add_map_value_bytes(MapType::HttpResponseHeaders, &name, &value);
-                }
-                Effect::RemoveRequestHeader(name) => remove_header(MapType::HttpRequestHeaders, name),
-                Effect::RemoveResponseHeader(name) => remove_header(MapType::HttpResponseHeaders, name),
-                Effect::ReplaceRequestBody(body) => {
-                    let _ = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_len, &body);
-                }
+                Effect::SetRequestHeader(name, value) => abi::set_header(MapType::RequestHeaders, &name, &value),
+                Effect::SetResponseHeader(name, value) => abi::set_header(MapType::ResponseHeaders, &name, &value),
+                Effect::AddResponseHeader(name, value) => abi::add_header(MapType::ResponseHeaders, &name, &value),
+                Effect::RemoveRequestHeader(name) => abi::remove_header(MapType::RequestHeaders, name),
+                Effect::RemoveResponseHeader(name) => abi::remove_header(MapType::ResponseHeaders, name),
+                Effect::ReplaceRequestBody(body) => abi::set_buffer(BufferType::HttpRequestBody, 0, body_len, &body),
                 Effect::Reply(Reply::Status { status, message }) => {
-                    let _ = hostcalls::send_grpc_response(sdk_code(status), Some(&message), vec![]);
+                    let no_metadata = HeaderBlock::serialize([]);
+                    abi::send_local_response(200, message.as_bytes(), &no_metadata, status.code() as i32);
                 }
                 Effect::Reply(Reply::Http { code, headers, body }) => {
-                    let headers = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-                    let _ = hostcalls::send_http_response(code, headers, body.as_deref().map(str::as_bytes));
+                    let headers = HeaderBlock::serialize(headers.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+                    abi::send_local_response(code, body.as_deref().unwrap_or_default().as_bytes(), &headers, -1);
                 }
-                Effect::ReplaceResponseBody(body) => {
-                    let _ = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_len, &body);
-                }
+                Effect::ReplaceResponseBody(body) => abi::set_buffer(BufferType::HttpResponseBody, 0, body_len, &body),
                 Effect::AddResponseTrailer(name, value) => {
-                    let _ = hostcalls::add_map_value_bytes(MapType::HttpResponseTrailers, &name, &value);
+                    abi::add_header(MapType::ResponseTrailers, &name, &value);
                 }
                 Effect::Count { slot, family, code, by } => {
                     if let Some(id) = self.metric(slot, family, code) {
-                        let _ = hostcalls::increment_metric(id, i64::try_from(by).unwrap_or(i64::MAX));
+                        abi::increment_metric(id, i64::try_from(by).unwrap_or(i64::MAX));
                     }
                 }
                 Effect::Record { slot, family, value } => {
                     if let Some(id) = self.metric(slot, family, None) {
-                        let _ = hostcalls::record_metric(id, value);
+                        abi::record_metric(id, value);
                     }
                 }
                 Effect::CountGuard(name) => count_guard(name),
-                Effect::Tag(status) => {
-                    let _ = hostcalls::set_property(vec![STATUS_PROPERTY], Some(status.go_name().as_bytes()));
-                }
-                Effect::MarkReplay => {
-                    let _ = hostcalls::set_property(vec![crate::dedup::REPLAY_PROPERTY], Some(b"1"));
-                }
-                Effect::Log(line) => {
-                    let _ = hostcalls::log(LogLevel::Info, &line);
-                }
+                Effect::Tag(status) => abi::set_property(STATUS_PROPERTY, status.go_name().as_bytes()),
+                Effect::MarkReplay => abi::set_property(crate::dedup::REPLAY_PROPERTY, b"1"),
+                Effect::Log(line) => abi::log(LogLevel::Info, &line),
             }
         }
         self.fx = fx;
@@ -433,7 +381,7 @@ impl Shell {
     }
 }
 
-impl Context for Stream {
+impl Stream {
     /// etcd answered (or failed) the request the call is paused for.
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
         let Some((token, direction)) = self.awaiting else { return };
@@ -449,16 +397,14 @@ impl Context for Stream {
             call.on_etcd_answer(&mut shell.core, &mut Envoy::default(), reply, &mut shell.fx)
         };
         if self.carry_out(0, direction, next) == Action::Continue {
-            let _ = match direction {
-                Direction::Request => hostcalls::resume_http_request(),
-                Direction::Response => hostcalls::resume_http_response(),
-            };
+            match direction {
+                Direction::Request => abi::resume(StreamType::HttpRequest),
+                Direction::Response => abi::resume(StreamType::HttpResponse),
+            }
         }
     }
-}
 
-impl HttpContext for Stream {
-    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+    fn on_request_headers(&mut self, end_of_stream: bool) -> Action {
         let (next, sent) = {
             let mut shell = self.worker.borrow_mut();
             let shell = &mut *shell;
@@ -475,29 +421,29 @@ impl HttpContext for Stream {
         self.after(0, Direction::Request, next, sent)
     }
 
-    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+    fn on_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         self.step(body_size, Direction::Request, |call, worker, fx| {
             call.on_request_body(worker, &mut Envoy::default(), body_size, end_of_stream, fx)
         })
     }
 
-    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+    fn on_request_trailers(&mut self) -> Action {
         self.step(0, Direction::Request, |call, worker, fx| call.on_request_trailers(worker, &mut Envoy::default(), fx))
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+    fn on_response_headers(&mut self, end_of_stream: bool) -> Action {
         self.step(0, Direction::Response, |call, worker, fx| {
             call.on_response_headers(worker, &mut Envoy::default(), end_of_stream, fx)
         })
     }
 
-    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+    fn on_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         self.step(body_size, Direction::Response, |call, worker, fx| {
             call.on_response_body(worker, &mut Envoy::default(), body_size, end_of_stream, fx)
         })
     }
 
-    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+    fn on_response_trailers(&mut self) -> Action {
         self.step(0, Direction::Response, |call, worker, fx| {
             call.on_response_trailers(worker, &mut Envoy::default(), fx)
         })
@@ -530,7 +476,7 @@ struct Envoy {
 
 impl Envoy {
     fn map(cache: &mut Option<HeaderBlock>, map: MapType) -> &HeaderBlock {
-        cache.get_or_insert_with(|| HeaderBlock::new(header_map(map)))
+        cache.get_or_insert_with(|| HeaderBlock::new(abi::header_map(map)))
     }
 }
 
@@ -541,15 +487,15 @@ fn owned_pairs(block: &HeaderBlock) -> Vec<(String, Vec<u8>)> {
 
 impl Host for Envoy {
     fn request_header(&mut self, name: &str) -> Option<&[u8]> {
-        Envoy::map(&mut self.request, MapType::HttpRequestHeaders).get(name)
+        Envoy::map(&mut self.request, MapType::RequestHeaders).get(name)
     }
 
     fn response_header(&mut self, name: &str) -> Option<&[u8]> {
-        Envoy::map(&mut self.response, MapType::HttpResponseHeaders).get(name)
+        Envoy::map(&mut self.response, MapType::ResponseHeaders).get(name)
     }
 
     fn response_headers(&mut self) -> Vec<(String, Vec<u8>)> {
-        owned_pairs(Envoy::map(&mut self.response, MapType::HttpResponseHeaders))
+        owned_pairs(Envoy::map(&mut self.response, MapType::ResponseHeaders))
     }
 
     fn response_trailer(&mut self, name: &str) -> Option<&[u8]> {
@@ -558,109 +504,111 @@ impl Host for Envoy {
         if self.trailers.is_some() {
             return self.trailers.as_ref().and_then(|block| block.get(name));
         }
-        self.held = hostcalls::get_map_value_bytes(MapType::HttpResponseTrailers, name).ok().flatten();
+        self.held = abi::header_value(MapType::ResponseTrailers, name);
         self.held.as_deref()
     }
 
     fn response_trailers(&mut self) -> Vec<(String, Vec<u8>)> {
-        owned_pairs(Envoy::map(&mut self.trailers, MapType::HttpResponseTrailers))
+        owned_pairs(Envoy::map(&mut self.trailers, MapType::ResponseTrailers))
     }
 
     fn request_body(&mut self, offset: usize, len: usize) -> Option<Vec<u8>> {
-        hostcalls::get_buffer(BufferType::HttpRequestBody, offset, len).ok().flatten()
+        abi::get_buffer(BufferType::HttpRequestBody, offset, len)
     }
 
     fn response_body(&mut self, offset: usize, len: usize) -> Option<Vec<u8>> {
-        hostcalls::get_buffer(BufferType::HttpResponseBody, offset, len).ok().flatten()
+        abi::get_buffer(BufferType::HttpResponseBody, offset, len)
     }
 
     fn property(&mut self, path: &[&str]) -> Option<Vec<u8>> {
-        hostcalls::get_property(path.to_vec()).ok().flatten()
+        abi::get_property(path)
     }
 
     fn now_ns(&mut self) -> u64 {
-        hostcalls::get_current_time()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-    }
-}
-
-#[allow(unsafe_code)]
-#[link(wasm_import_module = "env")]
-extern "C" {
-    fn proxy_get_header_map_pairs(
-        map_type: MapType,
-        return_map_data: *mut *mut u8,
-        return_map_size: *mut usize,
-    ) -> Status;
-}
-
-/// A whole header map in its serialized form; empty where the host has none
-/// (the SDK's own reader traps on a status it does not expect, and turns every
-/// pair into two allocations).
-#[allow(unsafe_code)]
-fn header_map(map: MapType) -> Vec<u8> {
-    let mut data: *mut u8 = std::ptr::null_mut();
-    let mut size: usize = 0;
-    // SAFETY: the host writes a pointer to `size` bytes it allocated through
-    // this module's `proxy_on_memory_allocate` (the SDK's: a `Vec<u8>` of
-    // that capacity, leaked), which is taken back here exactly once.
-    unsafe {
-        match proxy_get_header_map_pairs(map, &mut data, &mut size) {
-            Status::Ok if !data.is_null() => Vec::from_raw_parts(data, size, size),
-            _ => Vec::new(),
-        }
+        abi::now_ns()
     }
 }
 
 impl SharedStore for Envoy {
     fn get(&mut self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        hostcalls::get_shared_data(key).unwrap_or((None, None))
+        abi::get_shared_data(key)
     }
 
     fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
-        match hostcalls::set_shared_data(key, Some(value), cas) {
+        match abi::set_shared_data(key, value, cas) {
             Ok(()) => Ok(()),
-            Err(Status::CasMismatch) => Err(StoreError::CasMismatch),
+            Err(Status::CAS_MISMATCH) => Err(StoreError::CasMismatch),
             Err(_) => Err(StoreError::Failed),
         }
     }
 }
 
-fn set_header(map: MapType, name: &str, value: &[u8]) {
-    let _ = hostcalls::set_map_value_bytes(map, name, Some(value));
-}
-
-fn remove_header(map: MapType, name: &str) {
-    let _ = hostcalls::remove_map_value(map, name);
-}
-
 fn count_guard(name: &str) {
-    if let Ok(id) = hostcalls::define_metric(MetricType::Counter, name) {
-        let _ = hostcalls::increment_metric(id, 1);
+    if let Some(id) = abi::define_metric(MetricType::Counter, name) {
+        abi::increment_metric(id, 1);
     }
 }
 
-/// The SDK's code for a status.
-fn sdk_code(status: GrpcStatus) -> GrpcStatusCode {
-    match status {
-        GrpcStatus::Ok => GrpcStatusCode::Ok,
-        GrpcStatus::Cancelled => GrpcStatusCode::Cancelled,
-        GrpcStatus::Unknown => GrpcStatusCode::Unknown,
-        GrpcStatus::InvalidArgument => GrpcStatusCode::InvalidArgument,
-        GrpcStatus::DeadlineExceeded => GrpcStatusCode::DeadlineExceeded,
-        GrpcStatus::NotFound => GrpcStatusCode::NotFound,
-        GrpcStatus::AlreadyExists => GrpcStatusCode::AlreadyExists,
-        GrpcStatus::PermissionDenied => GrpcStatusCode::PermissionDenied,
-        GrpcStatus::ResourceExhausted => GrpcStatusCode::ResourceExhausted,
-        GrpcStatus::FailedPrecondition => GrpcStatusCode::FailedPrecondition,
-        GrpcStatus::Aborted => GrpcStatusCode::Aborted,
-        GrpcStatus::OutOfRange => GrpcStatusCode::OutOfRange,
-        GrpcStatus::Unimplemented => GrpcStatusCode::Unimplemented,
-        GrpcStatus::Internal => GrpcStatusCode::Internal,
-        GrpcStatus::Unavailable => GrpcStatusCode::Unavailable,
-        GrpcStatus::DataLoss => GrpcStatusCode::DataLoss,
-        GrpcStatus::Unauthenticated => GrpcStatusCode::Unauthenticated,
+/// The contexts Envoy has created in this VM: the roots (one per plugin
+/// sharing the VM) and the streams, found by the id Envoy passes to every
+/// callback. Context ids are small integers the host hands out in turn, so
+/// they are their own hash.
+#[derive(Default)]
+struct Contexts {
+    roots: HashMap<u32, Root, IdHash>,
+    streams: HashMap<u32, Stream, IdHash>,
+}
+
+type IdHash = std::hash::BuildHasherDefault<IdHasher>;
+
+/// A context id as its own hash.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
     }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_u32(&mut self, id: u32) {
+        // Spread over the top bits too, which hashbrown's control bytes use.
+        self.0 = u64::from(id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+thread_local! {
+    static CONTEXTS: RefCell<Contexts> = RefCell::new(Contexts::default());
+    /// The stream waiting for each callout it sent. Envoy sends every
+    /// callout from the root context (whichever context asked) and answers
+    /// it there, however the stream ended: an entry goes with its answer, or
+    /// with its stream.
+    static CALLOUTS: RefCell<HashMap<u32, u32, IdHash>> = RefCell::new(HashMap::default());
+}
+
+/// Runs `f` on stream `id`; `None` if there is no such stream (a stream of
+/// a root that refused its configuration, or a callback while another runs).
+fn with_stream<R>(id: u32, f: impl FnOnce(&mut Stream) -> R) -> Option<R> {
+    CONTEXTS.with(|c| {
+        let mut c = c.try_borrow_mut().ok()?;
+        c.streams.get_mut(&id).map(f)
+    })
+}
+
+fn with_root<R>(id: u32, f: impl FnOnce(&mut Root) -> R) -> Option<R> {
+    CONTEXTS.with(|c| {
+        let mut c = c.try_borrow_mut().ok()?;
+        c.roots.get_mut(&id).map(f)
+    })
+}
+
+/// A stream callback's answer: what a stream that is not a call (or not
+/// there) gets is to go on.
+fn action(a: Option<Action>) -> u32 {
+    a.unwrap_or(Action::Continue) as u32
 }

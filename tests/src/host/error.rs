@@ -11,7 +11,7 @@ pub enum HostError {
     #[error("cannot compile {} as a wasm module: {message}", path.display())]
     Compile { path: PathBuf, message: String },
     #[error(
-        "{} does not export `proxy_abi_version_0_2_1`: build it with the proxy-wasm Rust SDK 0.2.x",
+        "{} does not export `proxy_abi_version_0_2_1`: build it against the proxy-wasm ABI 0.2.1",
         path.display()
     )]
     AbiVersion { path: PathBuf },

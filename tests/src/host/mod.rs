@@ -3,7 +3,8 @@
 //! # Model
 //!
 //! A [`Host`] compiles one filter module (`.wasm` built for `wasm32-wasip1`
-//! with the proxy-wasm Rust SDK 0.2.x, ABI `proxy_abi_version_0_2_1`) and owns
+//! against ABI `proxy_abi_version_0_2_1`: grpc-guard's own bindings, or the
+//! proxy-wasm Rust SDK 0.2.x as the floor filter uses) and owns
 //! what an Envoy process shares between its workers: shared data, custom
 //! metrics and the clock. Each [`Vm`] is one worker: its own wasm instance,
 //! root context and streams. A test drives a [`Stream`] through the callbacks
@@ -13,8 +14,8 @@
 //! Envoy is the reference for every answer (its `Context` in
 //! source/extensions/common/wasm/context.cc and proxy-wasm-cpp-host's
 //! exports.cc), including the unfriendly ones: a header map the filter reads
-//! outside its callback is `BadArgument`, which the SDK turns into a panic and
-//! so a trap, exactly as in Envoy. A trap poisons the VM: every later call on
+//! outside its callback is `BadArgument`, which the Rust SDK's wrappers turn
+//! into a panic and so a trap, exactly as in Envoy. A trap poisons the VM: every later call on
 //! it is a no-op returning [`Action::Trapped`].
 //!
 //! What it is not: a network proxy. There are no upstreams, no HTTP or gRPC
@@ -123,6 +124,15 @@ impl Host {
         let path = wasm_path.as_ref().to_path_buf();
         let bytes = std::fs::read(&path).map_err(|source| HostError::Read { path: path.clone(), source })?;
         Self::compile(path, bytes)
+    }
+
+    /// The names of the functions the module exports: for a filter, the
+    /// callbacks Envoy enters its VM through (it skips the others).
+    pub fn exported_functions(&self) -> Vec<String> {
+        let mut names: Vec<String> =
+            self.module.exports().filter(|e| e.ty().func().is_some()).map(|e| e.name().to_owned()).collect();
+        names.sort();
+        names
     }
 
     /// [`Host::load`] for a module already in memory (binary wasm).
@@ -279,7 +289,7 @@ impl Vm {
         match result {
             Ok(value) => Outcome::Returned(value),
             Err(error) => {
-                // The SDK's panic hook logs the panic message at critical
+                // The filter's panic hook (and the SDK's) logs the panic message at critical
                 // level just before the trap: it says more than the trap.
                 let panic = state
                     .logs
