@@ -159,7 +159,10 @@ mod filter {
                     Probe::Histogram => hostcalls::record_metric(w.histogram, 7),
                     Probe::SetProperty => hostcalls::set_property(vec!["probe.tag"], Some(b"OK")),
                     Probe::Clock | Probe::Trap => hostcalls::get_current_time().map(drop),
-                    Probe::Work => Ok(drop(super::work(u64::from(w.n)))),
+                    Probe::Work => {
+                        super::work(u64::from(w.n));
+                        Ok(())
+                    }
                 };
             }
             Action::Continue

@@ -232,11 +232,16 @@ pub fn header_map(map: MapType) -> Vec<u8> {
     returned(status, data, size).unwrap_or_default()
 }
 
+/// The first value of header `name`; an empty value is `Some` (the host
+/// hands over no memory for it).
 pub fn header_value(map: MapType, name: &str) -> Option<Vec<u8>> {
     let (mut data, mut size) = (std::ptr::null_mut(), 0);
     // SAFETY: as `get_buffer`; `name` is read for the call only.
     let status = unsafe { proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut data, &mut size) };
-    returned(status, data, size)
+    match returned(status, data, size) {
+        None if status == Status::OK => Some(Vec::new()),
+        value => value,
+    }
 }
 
 pub fn set_header(map: MapType, name: &str, value: &[u8]) {

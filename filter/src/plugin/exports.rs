@@ -52,7 +52,7 @@ pub extern "C" fn proxy_on_context_create(id: u32, root_id: u32) {
         }
         // A stream of a root that refused its configuration is not a call.
         let Some(worker) = c.roots.get(&root_id).and_then(|r| r.worker.clone()) else { return };
-        c.streams.insert(id, Stream { worker, call: None, context_id: id, awaiting: None });
+        c.streams.insert(id, Box::new(Stream { worker, call: None, context_id: id, awaiting: None }));
     });
 }
 
@@ -96,30 +96,40 @@ pub extern "C" fn proxy_on_response_trailers(id: u32, _trailers: usize) -> u32 {
     action(with_stream(id, Stream::on_response_trailers))
 }
 
-/// The stream's end, however it ended: its record is written now.
+/// The stream's end, however it ended: its record is written now and its
+/// state goes. (A stream Envoy created only to log it, one refused before
+/// this filter saw it, goes too: no `proxy_on_delete` follows for it.)
 #[no_mangle]
 pub extern "C" fn proxy_on_log(id: u32) {
-    with_stream(id, Stream::on_log);
+    if let Some(mut stream) = take_stream(id) {
+        stream.on_log();
+    }
 }
 
-/// Envoy is done with a context: a stream (after its log), or a root whose
-/// plugin was removed or replaced.
+/// Envoy is done with a context: a stream, or a root whose plugin was
+/// removed or replaced. A stream still here was not logged yet (HTTP/3 logs
+/// after the stream is destroyed, once the client acknowledged the answer):
+/// its call ends now, while Envoy still shows it; the log that comes later
+/// finds nothing.
 #[no_mangle]
 pub extern "C" fn proxy_on_delete(id: u32) {
-    CONTEXTS.with(|c| {
-        if let Ok(mut c) = c.try_borrow_mut() {
-            match c.streams.remove(&id) {
-                Some(stream) => {
-                    if let Some((token, _)) = stream.awaiting {
-                        CALLOUTS.with(|c| c.borrow_mut().remove(&token));
-                    }
-                }
-                None => {
-                    c.roots.remove(&id);
-                }
-            }
-        }
-    });
+    if let Some(mut stream) = take_stream(id) {
+        stream.on_log();
+        return;
+    }
+    let root = CONTEXTS.with(|c| c.try_borrow_mut().ok()?.roots.remove(&id));
+    if let Some(root) = root {
+        root.on_delete();
+    }
+}
+
+/// Removes stream `id` from the registry, and the callout it waits for.
+fn take_stream(id: u32) -> Option<Box<Stream>> {
+    let stream = CONTEXTS.with(|c| c.try_borrow_mut().ok()?.streams.remove(&id))?;
+    if let Some((token, _)) = stream.awaiting {
+        CALLOUTS.with(|c| c.borrow_mut().remove(&token));
+    }
+    Some(stream)
 }
 
 /// A callout's answer, to the context that sent it.

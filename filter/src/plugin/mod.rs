@@ -52,9 +52,10 @@ struct Shell {
     ids: Vec<SlotIds>,
     /// `GrpcService` naming the etcd cluster, when the store is etcd.
     etcd_service: Option<Vec<u8>>,
-    /// Completion writes to send from the root at its next tick (a stream's
-    /// own callouts end with it, and nobody would see them fail), with how
-    /// many times each was sent, and not before when.
+    /// Completion writes to send from the root at its next tick (the stream
+    /// that left one has gone, and a write that fails is sent again by the
+    /// root, which outlives it), with how many times each was sent, and not
+    /// before when.
     to_write: Vec<(EtcdRequest, u8, u64)>,
     /// Completion writes in flight, by token.
     writing: std::collections::HashMap<u32, (EtcdRequest, u8)>,
@@ -136,6 +137,19 @@ impl Root {
         match shell.dispatch(&request) {
             Ok(token) => self.lease = Some((token, now)),
             Err(_) => count_guard(guard::DEDUP_STORE_ERRORS),
+        }
+    }
+
+    /// Envoy deleted the root (its plugin was removed or replaced): the
+    /// completion writes it still held are lost, and counted so (Envoy
+    /// cancels the root's callouts in flight with it). Envoy would wait for
+    /// them only if the module exported `proxy_on_done`, which it would
+    /// then enter on every stream too.
+    fn on_delete(self) {
+        let Some(worker) = self.worker else { return };
+        let shell = worker.borrow();
+        for _ in 0..shell.to_write.len().saturating_add(shell.writing.len()) {
+            count_guard(guard::DEDUP_SETTLE_LOST);
         }
     }
 
@@ -556,7 +570,9 @@ fn count_guard(name: &str) {
 #[derive(Default)]
 struct Contexts {
     roots: HashMap<u32, Root, IdHash>,
-    streams: HashMap<u32, Stream, IdHash>,
+    // Boxed: a call's state is large, and moved in and out of the map
+    // it would be copied byte by byte.
+    streams: HashMap<u32, Box<Stream>, IdHash>,
 }
 
 type IdHash = std::hash::BuildHasherDefault<IdHasher>;
@@ -596,7 +612,7 @@ thread_local! {
 fn with_stream<R>(id: u32, f: impl FnOnce(&mut Stream) -> R) -> Option<R> {
     CONTEXTS.with(|c| {
         let mut c = c.try_borrow_mut().ok()?;
-        c.streams.get_mut(&id).map(f)
+        c.streams.get_mut(&id).map(|s| f(s))
     })
 }
 

@@ -500,6 +500,20 @@ impl Vm {
         self.store.data_mut().streams.remove(&id);
     }
 
+    /// Ends the stream the way Envoy ends an HTTP/3 stream whose access log
+    /// waits for the client's acknowledgements (`quic_defer_logging_to_ack_listener`,
+    /// on by default): the filter is destroyed (`proxy_on_done`, then
+    /// `proxy_on_delete`) before the access log runs (`proxy_on_log`).
+    pub fn finish_deleted_before_log(&mut self, s: Stream) {
+        let id = s.id;
+        let _ = self.call::<(u32,), u32>(id, "proxy_on_done", (id,));
+        let _ = self.call::<(u32,), ()>(id, "proxy_on_delete", (id,));
+        self.stream_state(&s).in_access_log = true;
+        let _ = self.call::<(u32,), ()>(id, "proxy_on_log", (id,));
+        self.stream_state(&s).in_access_log = false;
+        self.store.data_mut().streams.remove(&id);
+    }
+
     /// What `proxy_get_property(path)` returns on this stream from now on
     /// (e.g. `["response", "code_details"]`). Paths nobody set are
     /// `NotFound`.

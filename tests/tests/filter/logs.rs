@@ -123,3 +123,43 @@ fn duration_is_measured_on_the_proxy_clock_from_request_headers_to_the_end() {
     assert_eq!(one_call_log(&mut vm)["duration_ms"], 250);
     assert_eq!(host.metrics().histogram(&stat("grpc_server_handling_milliseconds", GET, None)), Some(vec![250]));
 }
+
+/// HTTP/3: Envoy destroys the filter before the access log runs (it waits
+/// for the client's acknowledgement of the answer). The call still ends
+/// once, with its metrics and its line, when the stream is deleted; the log
+/// callback that comes after finds nothing left and does nothing.
+#[test]
+fn a_stream_deleted_before_its_log_still_ends_its_call_once() {
+    let (host, mut vm) = vm_with("{}");
+    let s = open(&mut vm, PATH, &[]);
+    send(&mut vm, &s, &frames(&[8]));
+    respond_headers(&mut vm, &s);
+    let action = vm.response_body(&s, &frames(&[8]), false);
+    cont(&vm, action);
+    respond_trailers(&mut vm, &s, 5);
+    vm.finish_deleted_before_log(s);
+    assert_eq!(vm.trapped(), None);
+    let metrics = host.metrics();
+    assert_eq!(metrics.counter(&handled(GET, "NotFound")), Some(1));
+    let logs = call_logs(&mut vm);
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    assert_eq!(logs[0]["grpc_code"], "NotFound");
+}
+
+/// A stream Envoy creates only to log it (another filter answered it before
+/// this one saw its headers): nothing is counted, nothing logged, nothing
+/// trapped, and, over many, nothing kept.
+#[test]
+fn streams_created_only_to_be_logged_are_not_calls() {
+    let (host, mut vm) = vm_with("{}");
+    for _ in 0..1_000 {
+        let s = vm.new_stream();
+        vm.finish(s);
+    }
+    assert_eq!(vm.trapped(), None);
+    assert!(call_logs(&mut vm).is_empty());
+    assert_eq!(host.metrics().counter(&handled(GET, "OK")), None);
+    // One call after them runs as any other.
+    unary(&mut vm, PATH, &[], 8, 8, 0);
+    assert_eq!(host.metrics().counter(&handled(GET, "OK")), Some(1));
+}
