@@ -70,6 +70,10 @@ struct Args {
     /// --results says otherwise.
     #[arg(long)]
     stores: bool,
+    /// Another build of grpc-guard's .wasm, run beside this one with `{}`
+    /// (a variant of its own): what a change did, measured in one run.
+    #[arg(long)]
+    against: Option<PathBuf>,
 }
 
 /// One way of running Envoy.
@@ -123,15 +127,22 @@ fn variants(args: &Args) -> Vec<Variant> {
     }
     let mut dedup = variant("grpc-guard dedup", HttpFilter::GrpcGuard, Some((&args.wasm, DEDUP_CONFIG)));
     dedup.set_headers = unique_keys;
-    vec![
+    let mut out = vec![
         variant("bare", HttpFilter::None, None),
         variant("grpc_stats", HttpFilter::GrpcStats, None),
         variant("floor", HttpFilter::GrpcGuard, Some((&args.floor_wasm, "{}"))),
         variant("grpc-guard {}", HttpFilter::GrpcGuard, Some((&args.wasm, "{}"))),
         variant("grpc-guard deadline", HttpFilter::GrpcGuard, Some((&args.wasm, DEADLINE_CONFIG))),
         dedup,
-    ]
+    ];
+    if let Some(other) = &args.against {
+        out.push(variant(AGAINST, HttpFilter::GrpcGuard, Some((other, "{}"))));
+    }
+    out
 }
+
+/// The name of the `--against` variant.
+const AGAINST: &str = "grpc-guard {}, the other build";
 
 const RESULTS: &str = "bench/results.md";
 const PRICES: &str = "bench/prices.md";
@@ -404,6 +415,18 @@ fn report(args: &Args, variants: &[Variant], results: &[Vec<Round>], rate: f64) 
             mark(rss <= 10.0)
         );
     }
+    if let (Some(this), Some(other)) = (
+        variants.iter().position(|v| v.name == "grpc-guard {}"),
+        variants.iter().position(|v| v.name == AGAINST),
+    ) {
+        let _ = writeln!(
+            out,
+            "\nThis build against the other ({}), both `{{}}`: {:+.1} µs of Envoy CPU per call (the median of each \
+             round's difference).",
+            args.against.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+            paired_cpu(results, this, other),
+        );
+    }
     let failed: u64 = results.iter().flatten().map(|r| r.failed).sum();
     let not_run: i64 = results.iter().flatten().map(|r| r.not_run).sum();
     let _ = writeln!(out, "\nCalls without a 2xx: {failed}; calls the upstream did not run: {not_run}.");
@@ -534,11 +557,15 @@ fn paired_cpu(results: &[Vec<Round>], i: usize, base: usize) -> f64 {
 /// The report's first words: the command and where Envoy ran.
 fn command_line(args: &Args) -> String {
     format!(
-        "Command: `make bench BENCH_ARGS='{}--rounds {} --seconds {}'` ({}), Envoy `--concurrency 1` on CPU {}",
+        "Command: `make bench BENCH_ARGS='{}{}--rounds {} --seconds {}'` ({}), Envoy `--concurrency 1` on CPU {}",
         match (args.prices, args.stores) {
             (true, _) => "--prices ",
             (_, true) => "--stores ",
             _ => "",
+        },
+        match &args.against {
+            Some(other) => format!("--against {} --results {} ", other.display(), args.results.display()),
+            None => String::new(),
         },
         args.rounds,
         args.seconds,
