@@ -415,10 +415,9 @@ fn report(args: &Args, variants: &[Variant], results: &[Vec<Round>], rate: f64) 
             mark(rss <= 10.0)
         );
     }
-    if let (Some(this), Some(other)) = (
-        variants.iter().position(|v| v.name == "grpc-guard {}"),
-        variants.iter().position(|v| v.name == AGAINST),
-    ) {
+    if let (Some(this), Some(other)) =
+        (variants.iter().position(|v| v.name == "grpc-guard {}"), variants.iter().position(|v| v.name == AGAINST))
+    {
         let _ = writeln!(
             out,
             "\nThis build against the other ({}), both `{{}}`: {:+.1} µs of Envoy CPU per call (the median of each \
