@@ -148,8 +148,9 @@ impl Root {
     fn on_delete(self) {
         let Some(worker) = self.worker else { return };
         let shell = worker.borrow();
-        for _ in 0..shell.to_write.len().saturating_add(shell.writing.len()) {
-            count_guard(guard::DEDUP_SETTLE_LOST);
+        let lost = shell.to_write.len().saturating_add(shell.writing.len());
+        if lost > 0 {
+            count_guard_by(guard::DEDUP_SETTLE_LOST, i64::try_from(lost).unwrap_or(i64::MAX));
         }
     }
 
@@ -558,8 +559,12 @@ impl SharedStore for Envoy {
 }
 
 fn count_guard(name: &str) {
+    count_guard_by(name, 1);
+}
+
+fn count_guard_by(name: &str, by: i64) {
     if let Some(id) = abi::define_metric(MetricType::Counter, name) {
-        abi::increment_metric(id, 1);
+        abi::increment_metric(id, by);
     }
 }
 

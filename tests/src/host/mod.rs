@@ -514,6 +514,18 @@ impl Vm {
         self.store.data_mut().streams.remove(&id);
     }
 
+    /// Ends a stream the filter never saw (another filter answered it), the
+    /// way Envoy ends one over HTTP/3: its destroy skips the context (not
+    /// created yet), the access log creates it (here, [`Vm::new_stream`] did)
+    /// and logs it (`proxy_on_log`), and nothing deletes it.
+    pub fn finish_logged_only(&mut self, s: Stream) {
+        let id = s.id;
+        self.stream_state(&s).in_access_log = true;
+        let _ = self.call::<(u32,), ()>(id, "proxy_on_log", (id,));
+        self.stream_state(&s).in_access_log = false;
+        self.store.data_mut().streams.remove(&id);
+    }
+
     /// What `proxy_get_property(path)` returns on this stream from now on
     /// (e.g. `["response", "code_details"]`). Paths nobody set are
     /// `NotFound`.
@@ -569,6 +581,12 @@ impl Vm {
     /// The logs so far, leaving none behind.
     pub fn take_logs(&mut self) -> Vec<LogLine> {
         std::mem::take(&mut self.store.data_mut().logs)
+    }
+
+    /// The size of the VM's linear memory, in bytes: it only grows, so a
+    /// filter that keeps something per stream shows here over many streams.
+    pub fn memory_bytes(&mut self) -> usize {
+        self.instance.get_memory(&mut self.store, "memory").map_or(0, |m| m.data_size(&self.store))
     }
 
     /// Wasm fuel (about one unit per instruction) burnt by this VM so far,
